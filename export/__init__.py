@@ -1,0 +1,1 @@
+"""ONNX export of trained components and a torch-free onnxruntime sampler."""

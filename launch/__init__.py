@@ -1,0 +1,1 @@
+"""Entrypoints, Accelerate/DeepSpeed configs and cluster scripts."""

@@ -1,0 +1,1 @@
+"""Generative models of single cells: count VAE, latent DiT, set transformer, baselines."""

@@ -1,0 +1,1 @@
+"""The one training loop on Accelerate/DeepSpeed with MLflow tracking (see the *Trainer* issue)."""
