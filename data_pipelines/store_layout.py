@@ -7,6 +7,8 @@ Zarr v3 store (a directory, ``<out>``; built in ``<out>.tmp-<hex>`` then renamed
     X/indptr                   int64 (n_cells + 1,)      CSR row pointers into data/indices
     X/data                     float32 (nnz,)            counts (exact integers for count data)
     X/indices                  int32 (nnz,)              gene index in the store vocabulary
+                                                         (uint16 if built with index_dtype=uint16;
+                                                         readers always return int32)
     library_size               float32 (n_cells,)        sum of X over the stored genes
     obs/<col>/codes            int32 (n_cells,)          categorical column; attrs["categories"]
     obs/<col>                  numeric (n_cells,)        numeric column (float64/int64/bool)
@@ -34,6 +36,8 @@ MANIFEST (both formats, JSON)::
 
     {"format": "zarr"|"webdataset", "version": 1, "created": ISO time, "latentcell_version",
      "n_cells", "n_genes", "nnz", "chunk_cells" | "block_cells",
+     "nnz_chunk", "codec", "index_dtype",         # zarr only: X/data chunking and compression
+     "n_group_ranges", "category_counts": {col: [cells per category]},
      "var": {"gene_key": [...], "gene_id": [...], "gene_symbol": [...]},   # the vocabulary
      "obs": {"categorical": {col: [categories]}, "numeric": {col: dtype}},
      "roles": {"cell_type": col|None, "perturbation": col|None, "batch": col|None},
@@ -42,6 +46,8 @@ MANIFEST (both formats, JSON)::
                 "stop": [...]},                   # webdataset only; zarr keeps it in groups/
      "inputs": [{"path", "n_cells", "schema"}], "build": {...options used...},
      "checksums": {relative file path or array name: sha256}}
+                   # zarr: one per array, over the array directory's files in sorted order
+                   # (atomic.sha256_tree); webdataset: one per shard file
 """
 
 from __future__ import annotations

@@ -1,19 +1,46 @@
-"""The ``latentcell`` command: one parser, one subcommand per stage."""
+"""The ``latentcell`` command: one parser, one subcommand per stage.
+
+Each package registers its own subcommands, so this file only dispatches. Bad input
+(DataValidationError) prints one ``error:`` line and exits 2, with nothing written.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from latentcell.data_pipelines.errors import DataValidationError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from latentcell.data_pipelines.cli import add_data_commands
+    from latentcell.launch.demo import add_demo_command
+
+    parser = argparse.ArgumentParser(
+        prog="latentcell", description="Generative models of single cells."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_data_commands(sub)
+    add_demo_command(sub)
+    version = sub.add_parser("version", help="print the installed version")
+    version.set_defaults(func=_print_version)
+    return parser
+
+
+def _print_version(_args: argparse.Namespace) -> int:
+    from importlib.metadata import version
+
+    print(f"latentcell {version('latentcell')}")
+    return 0
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="latentcell")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("version")
-    args = parser.parse_args(argv)
-    if args.command == "version":
-        print("latentcell 0.1.0")
-    return 0
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except DataValidationError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,138 @@
+"""Publish a store directory all at once, and hash the files in it.
+
+A store is built in ``<out>.tmp-<hex>`` beside ``<out>`` and renamed into place only when
+complete, so a reader never sees a half-written store under the real name and an interrupted
+build leaves nothing at ``<out>`` (the temporary directory is removed on any exception; a
+killed process may leave one behind, which ``open_store`` rejects because it has no
+manifest). Renaming a directory is atomic on one POSIX file system; that is why the
+temporary path is a sibling and not somewhere under ``/tmp``.
+
+With ``overwrite=True`` the old store is first renamed aside and deleted only after the new
+one is in place, so a failure at any step leaves either the old or the new store readable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import shutil
+from pathlib import Path
+
+from .errors import DataValidationError
+
+_HASH_BLOCK = 1 << 20
+
+
+class AtomicDir:
+    """A temporary directory that becomes ``out`` on :meth:`commit`.
+
+    Usage::
+
+        with AtomicDir(out, overwrite=False) as build:
+            ...write files under build.tmp...
+            final = build.commit()                  # before leaving the block
+
+    Leaving the ``with`` block without ``commit`` (by an exception or otherwise) removes the
+    temporary directory and leaves ``out`` untouched.
+    """
+
+    def __init__(self, out: str | os.PathLike, overwrite: bool = False):
+        self.out = Path(out).absolute()
+        self.overwrite = overwrite
+        self._check_destination()
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.out.parent / f"{self.out.name}.tmp-{secrets.token_hex(6)}"
+        self.tmp.mkdir()
+        self.committed = False
+
+    def _check_destination(self) -> None:
+        if self.out.exists() or self.out.is_symlink():
+            if not self.overwrite:
+                raise DataValidationError(
+                    self.out,
+                    "--out",
+                    "the output path already exists",
+                    "choose another --out or pass --overwrite",
+                )
+            if not self.out.is_dir() or self.out.is_symlink():
+                raise DataValidationError(
+                    self.out,
+                    "--out",
+                    "the output path exists and is not a directory, refusing to replace it",
+                    "choose another --out or remove that file",
+                )
+
+    def commit(self) -> Path:
+        """Rename the temporary directory to ``out``; returns ``out``."""
+        if self.committed:
+            return self.out
+        self._check_destination()
+        old = None
+        if self.out.exists():
+            old = self.out.parent / f"{self.out.name}.old-{secrets.token_hex(6)}"
+            os.rename(self.out, old)
+        try:
+            os.rename(self.tmp, self.out)
+        except BaseException:
+            if old is not None:
+                os.rename(old, self.out)
+            raise
+        self.committed = True
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        _fsync_dir(self.out.parent)
+        return self.out
+
+    def abort(self) -> None:
+        """Remove the temporary directory (idempotent; a no-op after commit)."""
+        if not self.committed:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self) -> AtomicDir:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.abort()
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make the rename durable (best effort: not every file system allows it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of one file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_HASH_BLOCK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_tree(root: str | os.PathLike) -> str:
+    """Hex sha256 over every file under ``root``, in sorted relative-path order.
+
+    Each file contributes its relative POSIX path, a NUL byte, its size and its bytes, so a
+    renamed, missing, truncated or altered file all change the digest. Used for Zarr arrays,
+    which are a directory of chunk files each.
+    """
+    root = Path(root)
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    h = hashlib.sha256()
+    for rel in files:
+        path = root / rel
+        h.update(rel.encode() + b"\0" + str(path.stat().st_size).encode() + b"\0")
+        with open(path, "rb") as f:
+            while block := f.read(_HASH_BLOCK):
+                h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,552 @@
+"""Shuffled, sharded batches of cells from any ``StoreReader``, with exact mid-epoch resume.
+
+Chunked stores are only fast when read a whole unit (Zarr chunk, WebDataset shard) at a time,
+so shuffling happens at two levels: the order of units, then rows inside a buffer of a few
+units. Which cell lands in which batch is a pure function of (seed, epoch, world_size,
+num_workers) and the store's unit sizes; that is what makes the every-cell-once,
+equal-batch-count and exact-resume guarantees below hold and testable.
+
+Semantics
+---------
+Epoch order
+    The units are permuted by (seed, epoch) (kept in row order when ``shuffle=False``).
+    Concatenated in that order they form one virtual sequence of all ``n_cells`` cells.
+Slots
+    ``world_size * K`` slots, ``K = max(1, num_workers)``; slot ``s = rank * K + worker``.
+    Slot ``s`` takes virtual positions ``[s*n // S, (s+1)*n // S)``: every cell goes to exactly
+    one slot and slot sizes differ by at most one. A unit cut by a slot boundary is read by
+    both slots, each keeping its part. The cells of a rank (the union of its slots) are the
+    virtual positions ``[rank*n // W, (rank+1)*n // W)`` whatever ``num_workers`` is.
+Pools
+    Within a slot, cells are grouped in sequence order into pools of ``pool_cells`` cells
+    (``buffer_cells``, or ``buffer_units`` times the mean unit size). Each pool's rows are
+    permuted by (seed, epoch, slot, pool) (not when ``shuffle=False``). The slot's stream is
+    the concatenation of the permuted pools, cut into batches of ``batch_size`` (a batch may
+    straddle two pools). Resuming at stream position c loads only the pool holding c.
+Tails
+    ``partial`` (evaluation): the exact split; a slot's last batch may be short and slots may
+    differ by one batch. ``pad`` (training default): every slot is extended to the same number
+    of cells, a multiple of ``batch_size``, by repeating its own stream from the start; the
+    repeats carry ``is_pad=True`` so losses and metrics can drop them, and every rank gets the
+    same number of full batches (no DDP hang). Needs at least one cell per slot.
+    ``drop``: every slot is cut to the same multiple of ``batch_size``; the cut cells are not
+    seen that epoch (a different set each epoch when shuffling).
+Topology
+    ``rank``/``world_size`` are explicit or taken from ``torch.distributed`` (if initialized),
+    else the ``RANK``/``WORLD_SIZE`` environment variables, else 0/1. ``num_workers`` must
+    equal the DataLoader's (checked in each worker): the stream yields whole batches, so use
+    ``DataLoader(stream, batch_size=None, num_workers=stream.num_workers)`` or
+    ``stream.loader()``. Do not use ``persistent_workers`` (workers would keep a stale
+    epoch) and do not pass the loader through ``accelerator.prepare`` (it would shard again);
+    move batches with ``accelerate.utils.send_to_device``.
+Determinism
+    Same (seed, epoch, world_size, num_workers) gives identical batches. Per-rank cell sets
+    (before tails) do not depend on ``num_workers``.
+Resume
+    The DataLoader hands out batches round-robin over workers (batch j from worker j % K while
+    all have data, skipping workers that ran out). Batch counts per slot are known in advance,
+    so ``resume(epoch, batches_consumed)`` computes each slot's offset and which slot comes
+    next; the new loader's worker i then serves slot ``(i + next) % K`` from its offset, and
+    the concatenation of the batches before and after equals one uninterrupted epoch. A
+    resume holds for that epoch until ``set_epoch`` moves to another epoch.
+
+``SetSampler`` (set_sampler.py) reuses the slot, tail and resume machinery in
+``ShardedIterable``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch.distributed as dist
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .batches import OUTPUTS, BatchSpec, make_batch
+from .blocks import CellBlock, StoreReader
+
+TAILS = ("pad", "drop", "partial")
+
+# Tags that keep the random streams of different decisions independent.
+_UNIT_ORDER, _POOL_ORDER = 0, 1
+
+
+# -- sharding helpers (shared with set_sampler) ---------------------------------------------
+
+
+def resolve_rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """Explicit values, else torch.distributed, else RANK/WORLD_SIZE, else 0/1."""
+    if rank is None or world_size is None:
+        if dist.is_available() and dist.is_initialized():
+            env_rank, env_world = dist.get_rank(), dist.get_world_size()
+        else:
+            env_rank = int(os.environ.get("RANK", 0))
+            env_world = int(os.environ.get("WORLD_SIZE", 1))
+        rank = env_rank if rank is None else rank
+        world_size = env_world if world_size is None else world_size
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    return int(rank), int(world_size)
+
+
+def current_worker(num_workers: int, owner: str) -> int:
+    """This process's DataLoader worker id, checking the loader matches the planned layout."""
+    info = get_worker_info()
+    actual = 0 if info is None else info.num_workers
+    if max(actual, 1) != max(num_workers, 1):
+        raise RuntimeError(
+            f"{owner} was built for num_workers={num_workers} but is iterated with "
+            f"{actual} DataLoader workers; pass the same num_workers to both (or use .loader())"
+        )
+    return 0 if info is None else info.id
+
+
+def even_bounds(n: int, parts: int) -> np.ndarray:
+    """``parts + 1`` boundaries splitting ``n`` items into contiguous parts differing by <= 1."""
+    return (np.arange(parts + 1, dtype=np.int64) * n) // parts
+
+
+def tail_lengths(sizes: np.ndarray, batch_size: int, tail: str) -> np.ndarray:
+    """Items each slot emits after applying the tail rule to its ``sizes`` real items."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    if tail == "partial":
+        return sizes.copy()
+    if tail == "pad":
+        longest = int(sizes.max()) if len(sizes) else 0
+        return np.full(len(sizes), -(-longest // batch_size) * batch_size, dtype=np.int64)
+    if tail == "drop":
+        shortest = int(sizes.min()) if len(sizes) else 0
+        return np.full(len(sizes), (shortest // batch_size) * batch_size, dtype=np.int64)
+    raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
+
+
+def round_robin_resume(counts: np.ndarray, consumed: int) -> tuple[np.ndarray, int]:
+    """Per-worker offsets after ``consumed`` round-robin batches, and the worker due next.
+
+    Order: round t yields batch t of every worker that has more than t batches, in worker
+    order (what the DataLoader does, skipping exhausted workers).
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    total = int(counts.sum())
+    if not 0 <= consumed <= total:
+        raise ValueError(f"batches_consumed={consumed} outside [0, {total}] for this epoch")
+    if consumed == total:
+        return counts.copy(), 0
+    lo, hi = 0, int(counts.max())  # largest full-round count t with f(t) <= consumed
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if np.minimum(counts, mid).sum() <= consumed:
+            lo = mid
+        else:
+            hi = mid - 1
+    offsets = np.minimum(counts, lo)
+    remainder = consumed - int(offsets.sum())
+    active = np.flatnonzero(counts > lo)
+    offsets[active[:remainder]] += 1
+    return offsets, int(active[remainder])
+
+
+def open_source(source) -> tuple[Callable[[], StoreReader] | None, StoreReader]:
+    """A reader and, if ``source`` was a factory, the factory (so workers reopen their own)."""
+    if hasattr(source, "meta") and hasattr(source, "read_unit"):
+        return None, source
+    if callable(source):
+        return source, source()
+    raise TypeError("source must be a StoreReader or a callable returning one")
+
+
+class ShardedIterable(IterableDataset):
+    """Rank/worker slots, epochs, tails and exact resume for datasets that yield whole items.
+
+    Subclasses set ``_slot_counts`` (items each slot yields, all slots) and implement
+    ``_iter_slot(slot, start_item)`` and ``_layout()``.
+    A source is a picklable StoreReader or a factory returning one; with a factory, each
+    DataLoader worker opens its own reader on first use (file handles are not shared across
+    processes), while a reader given directly is pickled into the workers.
+    """
+
+    _slot_counts: np.ndarray
+
+    def _init_source(self, source: StoreReader | Callable[[], StoreReader]) -> None:
+        self._factory, self._reader = open_source(source)
+        self.meta = self._reader.meta
+
+    def _get_reader(self) -> StoreReader:
+        if self._reader is None:
+            self._reader = self._factory()
+        return self._reader
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        if self._factory is not None:
+            state["_reader"] = None  # each worker opens its own handle
+        return state
+
+    def _init_topology(self, rank: int | None, world_size: int | None, num_workers: int) -> None:
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.rank, self.world_size = resolve_rank_world(rank, world_size)
+        self.num_workers = int(num_workers)
+        self.epoch = 0
+        self._resume: tuple[int, int] | None = None
+
+    @property
+    def workers_per_rank(self) -> int:
+        return max(self.num_workers, 1)
+
+    @property
+    def n_slots(self) -> int:
+        return self.world_size * self.workers_per_rank
+
+    def rank_counts(self) -> np.ndarray:
+        """Items each of this rank's workers yields in a full epoch."""
+        k = self.workers_per_rank
+        return self._slot_counts[self.rank * k : (self.rank + 1) * k]
+
+    def __len__(self) -> int:
+        """Items this rank yields in a full epoch (the same on every rank unless tail=partial)."""
+        return int(self.rank_counts().sum())
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's order; a pending resume survives only for its own epoch."""
+        if self._resume is not None and self._resume[0] != epoch:
+            self._resume = None
+        self.epoch = int(epoch)
+
+    def resume(self, epoch: int, batches_consumed: int) -> None:
+        """Make iteration of ``epoch`` start right after its first ``batches_consumed`` items."""
+        round_robin_resume(self.rank_counts(), batches_consumed)  # validates the count
+        self.epoch = int(epoch)
+        self._resume = (self.epoch, int(batches_consumed)) if batches_consumed else None
+
+    def resume_offset(self) -> int:
+        """Items of the current epoch skipped by a pending resume (0 if none)."""
+        if self._resume is not None and self._resume[0] == self.epoch:
+            return self._resume[1]
+        return 0
+
+    def state_dict(self, batches_consumed: int | None = None) -> dict:
+        """Checkpoint state; pass the items consumed so far this epoch (default: resume point)."""
+        consumed = self.resume_offset() if batches_consumed is None else int(batches_consumed)
+        return {"epoch": self.epoch, "batches_consumed": consumed, "layout": self._layout()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from ``state_dict()``; the layout must match or the order would differ."""
+        layout = self._layout()
+        if dict(state["layout"]) != layout:
+            diff = {
+                k: (state["layout"].get(k), v)
+                for k, v in layout.items()
+                if state["layout"].get(k) != v
+            }
+            raise ValueError(
+                f"cannot resume exactly: layout differs (saved, now): {diff}; resume with the "
+                "same store, seed, batch size, tail, world size and num_workers"
+            )
+        self.resume(state["epoch"], state["batches_consumed"])
+
+    def loader(self, **dataloader_kwargs) -> StreamLoader:
+        """A counting DataLoader wrapper with matching ``num_workers`` (see ``StreamLoader``)."""
+        return StreamLoader(self, **dataloader_kwargs)
+
+    def __iter__(self) -> Iterator[dict]:
+        # Reads the state eagerly (not in a generator body), so the state at iter() counts.
+        worker = current_worker(self.num_workers, type(self).__name__)
+        k = self.workers_per_rank
+        counts = self.rank_counts()
+        offsets, first = round_robin_resume(counts, self.resume_offset())
+        local = (worker + first) % k
+        return self._iter_slot(self.rank * k + local, int(offsets[local]))
+
+    def _iter_slot(self, slot: int, start_item: int) -> Iterator[dict]:
+        raise NotImplementedError
+
+    def _layout(self) -> dict:
+        raise NotImplementedError
+
+
+class StreamLoader:
+    """A DataLoader over a ``ShardedIterable`` that counts the items it delivered this epoch.
+
+    ``state_dict()`` records that count, so a checkpoint resumes exactly after the last item
+    the training loop received. Builds a fresh DataLoader per epoch (non-persistent workers,
+    so each epoch's workers see the current epoch and resume point).
+    """
+
+    def __init__(self, dataset: ShardedIterable, **dataloader_kwargs):
+        for key in ("batch_size", "num_workers", "shuffle", "sampler", "batch_sampler"):
+            if key in dataloader_kwargs:
+                raise ValueError(f"{key} is set by the stream; do not pass it to the loader")
+        if dataloader_kwargs.get("persistent_workers"):
+            raise ValueError("persistent_workers would keep a stale epoch in the workers")
+        self.dataset = dataset
+        self.dataloader_kwargs = dataloader_kwargs
+        self.batches_consumed = dataset.resume_offset()
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self) -> Iterator[dict]:
+        self.batches_consumed = self.dataset.resume_offset()
+        loader = DataLoader(
+            self.dataset,
+            batch_size=None,
+            num_workers=self.dataset.num_workers,
+            **self.dataloader_kwargs,
+        )
+        for item in loader:
+            self.batches_consumed += 1
+            yield item
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+        self.batches_consumed = self.dataset.resume_offset()
+
+    def state_dict(self) -> dict:
+        return self.dataset.state_dict(self.batches_consumed)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.dataset.load_state_dict(state)
+        self.batches_consumed = self.dataset.resume_offset()
+
+
+# -- CellStream -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CellStreamConfig:
+    """What a cell stream yields; see the module docstring for the exact semantics.
+
+    buffer_cells, when set, overrides buffer_units as the pool size in cells.
+    columns: categorical obs columns in ``obs`` (None: all but ``_``-prefixed ones; the role
+    columns are always added under their role names). numeric_columns: numeric obs columns.
+    """
+
+    batch_size: int = 256
+    shuffle: bool = True
+    seed: int = 0
+    buffer_units: int = 8
+    buffer_cells: int | None = None
+    tail: str = "pad"
+    output: str = "csr"
+    columns: tuple[str, ...] | None = None
+    numeric_columns: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.buffer_units < 1 or (self.buffer_cells is not None and self.buffer_cells < 1):
+            raise ValueError("buffer_units and buffer_cells must be >= 1")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if self.tail not in TAILS:
+            raise ValueError(f"tail must be one of {TAILS}, got {self.tail!r}")
+        if self.output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {self.output!r}")
+        if self.columns is not None:
+            object.__setattr__(self, "columns", tuple(self.columns))
+        object.__setattr__(self, "numeric_columns", tuple(self.numeric_columns))
+
+
+class CellStream(ShardedIterable):
+    """Batches of cells from ``source`` (a picklable StoreReader or a factory returning one)."""
+
+    def __init__(
+        self,
+        source: StoreReader | Callable[[], StoreReader],
+        config: CellStreamConfig | None = None,
+        *,
+        rank: int | None = None,
+        world_size: int | None = None,
+        num_workers: int = 0,
+    ):
+        self.config = config or CellStreamConfig()
+        self._init_source(source)
+        self.spec = BatchSpec.from_meta(
+            self.meta, self.config.output, self.config.columns, self.config.numeric_columns
+        )
+        self._init_topology(rank, world_size, num_workers)
+        self._unit_sizes = np.asarray(self.meta.unit_sizes, dtype=np.int64)
+        self.pool_cells = self._pool_cells()
+        self._slot_bounds = even_bounds(self.meta.n_cells, self.n_slots)
+        self._slot_cells = np.diff(self._slot_bounds)
+        if self.config.tail == "pad" and self.meta.n_cells and self._slot_cells.min() == 0:
+            raise ValueError(
+                f"tail='pad' needs at least one cell per slot, but {self.meta.n_cells} cells "
+                f"are split over {self.n_slots} slots (world_size x num_workers); use fewer "
+                "workers or tail='partial'"
+            )
+        self._slot_out = tail_lengths(self._slot_cells, self.config.batch_size, self.config.tail)
+        self._slot_counts = -(-self._slot_out // self.config.batch_size)
+
+    def unit_order(self, epoch: int | None = None) -> np.ndarray:
+        """Units in the order they form the epoch's virtual sequence."""
+        n_units = len(self._unit_sizes)
+        if not self.config.shuffle:
+            return np.arange(n_units)
+        epoch = self.epoch if epoch is None else epoch
+        return np.random.default_rng([self.config.seed, epoch, _UNIT_ORDER]).permutation(n_units)
+
+    def slot_cells(self) -> np.ndarray:
+        """Real (unpadded) cells per slot, all slots."""
+        return self._slot_cells.copy()
+
+    def _pool_cells(self) -> int:
+        if self.config.buffer_cells is not None:
+            return int(self.config.buffer_cells)
+        n_units = max(len(self._unit_sizes), 1)
+        mean_unit = max(1, round(self.meta.n_cells / n_units))
+        return int(self.config.buffer_units * mean_unit)
+
+    def _layout(self) -> dict:
+        cfg = self.config
+        return {
+            "n_cells": int(self.meta.n_cells),
+            "n_units": len(self._unit_sizes),
+            "seed": cfg.seed,
+            "shuffle": cfg.shuffle,
+            "batch_size": cfg.batch_size,
+            "tail": cfg.tail,
+            "pool_cells": self.pool_cells,
+            "world_size": self.world_size,
+            "workers_per_rank": self.workers_per_rank,
+        }
+
+    def _iter_slot(self, slot: int, start_batch: int) -> Iterator[dict]:
+        order = self.unit_order()
+        cells = _SlotCells(
+            reader=self._get_reader(),
+            unit_order=order,
+            unit_vstart=np.concatenate([[0], np.cumsum(self._unit_sizes[order])]),
+            start=int(self._slot_bounds[slot]),
+            n=int(self._slot_cells[slot]),
+            pool_cells=self.pool_cells,
+            pool_seed=(self.config.seed, self.epoch, _POOL_ORDER, slot)
+            if self.config.shuffle
+            else None,
+            head_cells=int(self._slot_out[slot] - self._slot_cells[slot]),
+        )
+        return self._batches(cells, start_batch, int(self._slot_out[slot]))
+
+    def _batches(self, cells: _SlotCells, start_batch: int, n_out: int) -> Iterator[dict]:
+        size = self.config.batch_size
+        for a in range(start_batch * size, n_out, size):
+            b = min(a + size, n_out)
+            block = cells.positions(a, b)
+            yield make_batch(block, self.spec, is_pad=np.arange(a, b) >= cells.n)
+
+
+def slice_block(block: CellBlock, a: int, b: int) -> CellBlock:
+    """Rows [a, b) of a block (names dropped: batches never carry them)."""
+    if a == 0 and b == block.n_cells:
+        return replace(block, names=None)
+    return CellBlock(
+        X=block.X[a:b],
+        rows=block.rows[a:b],
+        library_size=block.library_size[a:b],
+        codes={k: v[a:b] for k, v in block.codes.items()},
+        numeric={k: v[a:b] for k, v in block.numeric.items()},
+    )
+
+
+@dataclass
+class _Pool:
+    """A pool's cells in sequence order plus its permutation (stream order = cells[order])."""
+
+    cells: CellBlock
+    order: np.ndarray
+
+
+class _SlotCells:
+    """One slot's stream of cells: reads units, builds shuffled pools, serves position ranges.
+
+    A pool is stored unpermuted with its permutation, so a batch costs one sparse row gather
+    (``take``) straight from the pool, not a permuted copy of the pool and then a slice.
+    Keeps the last unit read (a unit cut by a pool boundary is read once), the last two pools
+    (a batch may straddle them) and the first ``head_cells`` of the stream (the pad tail
+    repeats them; keeping them avoids re-reading the first pool at the end of the epoch).
+    """
+
+    def __init__(
+        self,
+        reader: StoreReader,
+        unit_order: np.ndarray,
+        unit_vstart: np.ndarray,
+        start: int,
+        n: int,
+        pool_cells: int,
+        pool_seed: tuple | None,
+        head_cells: int,
+    ):
+        self.reader = reader
+        self.order = unit_order
+        self.vstart = unit_vstart
+        self.start, self.n, self.pool_cells = start, n, pool_cells
+        self.pool_seed = pool_seed
+        self.head_cells = min(head_cells, n)
+        self.head: CellBlock | None = None
+        self._unit: tuple[int, CellBlock] | None = None
+        self._pools: OrderedDict[int, _Pool] = OrderedDict()
+
+    def positions(self, a: int, b: int) -> CellBlock:
+        """Stream positions [a, b); positions >= n wrap to the stream start (padding)."""
+        runs = []
+        if a < self.n:
+            runs.append((a, min(b, self.n)))
+        q, left = (max(a, self.n) - self.n), b - max(a, self.n)
+        while left > 0:
+            q %= self.n
+            take = min(left, self.n - q)
+            runs.append((q, q + take))
+            q, left = q + take, left - take
+        parts = [part for q0, q1 in runs for part in self._run(q0, q1)]
+        return CellBlock.concat(parts)
+
+    def _run(self, q0: int, q1: int) -> list[CellBlock]:
+        if self.head is not None and q1 <= self.head.n_cells:
+            return [slice_block(self.head, q0, q1)]
+        parts = []
+        while q0 < q1:
+            index, offset = divmod(q0, self.pool_cells)
+            pool = self._pool(index)
+            stop = min(q1 - index * self.pool_cells, len(pool.order))
+            parts.append(pool.cells.take(pool.order[offset:stop]))
+            q0 = index * self.pool_cells + stop
+        return parts
+
+    def _pool(self, index: int) -> _Pool:
+        if index in self._pools:
+            self._pools.move_to_end(index)
+            return self._pools[index]
+        pool = self._build_pool(index)
+        if index == 0 and self.head_cells and self.head is None:
+            self.head = pool.cells.take(pool.order[: self.head_cells])
+        self._pools[index] = pool
+        while len(self._pools) > 2:
+            self._pools.popitem(last=False)
+        return pool
+
+    def _build_pool(self, index: int) -> _Pool:
+        v0 = self.start + index * self.pool_cells
+        v1 = self.start + min((index + 1) * self.pool_cells, self.n)
+        k0 = int(np.searchsorted(self.vstart, v0, side="right")) - 1
+        k1 = int(np.searchsorted(self.vstart, v1, side="left"))
+        pieces = []
+        for k in range(k0, k1):
+            lo = max(v0, self.vstart[k]) - self.vstart[k]
+            hi = min(v1, self.vstart[k + 1]) - self.vstart[k]
+            if hi > lo:
+                pieces.append(slice_block(self._read_unit(int(self.order[k])), int(lo), int(hi)))
+        cells = CellBlock.concat(pieces)
+        if self.pool_seed is None:
+            return _Pool(cells, np.arange(cells.n_cells))
+        rng = np.random.default_rng([*self.pool_seed, index])
+        return _Pool(cells, rng.permutation(cells.n_cells))
+
+    def _read_unit(self, unit: int) -> CellBlock:
+        if self._unit is None or self._unit[0] != unit:
+            self._unit = (unit, self.reader.read_unit(unit))
+        return self._unit[1]

@@ -1,0 +1,64 @@
+"""Choose a store format by name, open a store by its manifest, verify its checksums.
+
+The rest of the project (build, loaders, inspect) goes through these three functions and
+never imports a format module directly.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .atomic import sha256_file, sha256_tree
+from .blocks import StoreReader, StoreSpec, StoreWriter
+from .errors import DataValidationError
+from .store_common import read_manifest
+from .webdataset_store import WebDatasetStoreReader, WebDatasetStoreWriter
+from .zarr_store import ZarrStoreReader, ZarrStoreWriter
+
+FORMATS = ("zarr", "webdataset")
+
+
+def make_writer(format: str, out: str | os.PathLike, spec: StoreSpec, **opts) -> StoreWriter:
+    """A writer for ``format``. opts: overwrite, and for zarr chunk_cells, codec, nnz_chunk,
+    index_dtype; for webdataset block_cells, cells_per_shard (see each writer)."""
+    if format == "zarr":
+        return ZarrStoreWriter(out, spec, **opts)
+    if format == "webdataset":
+        return WebDatasetStoreWriter(out, spec, **opts)
+    raise DataValidationError(
+        out, "--format", f"unknown store format {format!r}", f"use one of {', '.join(FORMATS)}"
+    )
+
+
+def open_store(path: str | os.PathLike, **opts) -> StoreReader:
+    """The reader for the store at ``path`` (format from its manifest). opts: ``names``
+    (bool), and for zarr ``cache_bytes``. Raises DataValidationError when ``path`` is missing,
+    is not a store, or has no manifest (an interrupted build never writes one)."""
+    manifest = read_manifest(path)
+    if manifest["format"] == "zarr":
+        return ZarrStoreReader(path, **opts)
+    return WebDatasetStoreReader(path, **opts)
+
+
+def verify_store(path: str | os.PathLike) -> list[str]:
+    """Recompute every checksum in the manifest; returns the problems (empty: intact)."""
+    root = Path(path)
+    manifest = read_manifest(root)
+    if not isinstance(manifest.get("checksums"), dict):
+        return [f"{root}: manifest has no checksums"]
+    checksums = manifest["checksums"]
+    problems = []
+    for name, expected in sorted(checksums.items()):
+        target = root / name
+        if not target.exists():
+            problems.append(f"{name}: missing")
+            continue
+        actual = sha256_tree(target) if target.is_dir() else sha256_file(target)
+        if actual != expected:
+            problems.append(f"{name}: checksum mismatch (expected {expected}, got {actual})")
+    if manifest["format"] == "webdataset":
+        listed = {s["name"] for s in manifest.get("shards", [])}
+        extra = sorted(p.name for p in root.glob("*.tar") if p.name not in listed)
+        problems += [f"{name}: shard not listed in the manifest" for name in extra]
+    return problems

@@ -1,0 +1,318 @@
+"""The WebDataset store: tar shards of ``<key>.cells.npz`` samples, one block of cells each.
+
+A sample is a block of ``block_cells`` consecutive cells, never one cell: per-sample Python
+costs about 170 us (stack-on-cpu notes), which caps one-cell samples at ~5k cells/s. Shards
+hold consecutive rows; the loaders shuffle. Shards are written with ``webdataset.TarWriter``
+so any WebDataset pipeline can stream them (``wds.WebDataset(urls).decode()`` yields the
+npz as a dict of arrays).
+
+Reading: a shard is read whole (it is the read unit). ``tarfile`` lists the members, the
+file is read into one buffer, and each sample's npz is parsed in place by ``npz_reader``.
+Measured (codec_benchmark, 16k-cell shards, 2000 genes, 10% non-zero): this reader 778k
+cells/s; webdataset's ``tariterators.tar_file_iterator`` with the same npz parser 523k and with
+``np.load`` 204k. So the reader does not iterate with webdataset; any WebDataset pipeline still
+reads the shards (the tests stream one through ``wds.WebDataset``).
+
+Sample npz (``np.savez``, no pickle): data float32, indices int32, indptr int64 (local,
+from 0), rows int64, library_size float32, names fixed-width unicode, ``code.<col>`` int32,
+``num.<col>`` in the column's dtype.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import webdataset as wds
+
+from .atomic import AtomicDir, sha256_file
+from .blocks import ROLES, CellBlock, StoreSpec
+from .errors import DataValidationError
+from .npz_reader import read_npz
+from .store_common import (
+    GroupRanges,
+    base_manifest,
+    category_counts,
+    check_block,
+    check_row_range,
+    check_spec,
+    meta_from_manifest,
+    read_manifest,
+    write_manifest,
+)
+from .store_layout import DEFAULT_BLOCK_CELLS
+
+DEFAULT_CELLS_PER_SHARD = 16384
+SAMPLE_SUFFIX = ".cells.npz"
+
+
+def _slice(block: CellBlock, a: int, b: int) -> CellBlock:
+    return CellBlock(
+        X=block.X[a:b],
+        rows=block.rows[a:b],
+        library_size=block.library_size[a:b],
+        codes={k: v[a:b] for k, v in block.codes.items()},
+        numeric={k: v[a:b] for k, v in block.numeric.items()},
+        names=block.names[a:b],
+    )
+
+
+def encode_sample(block: CellBlock) -> bytes:
+    """One block as npz bytes (the ``cells.npz`` member of a sample)."""
+    X = block.X
+    arrays = {
+        "data": X.data.astype(np.float32, copy=False),
+        "indices": X.indices.astype(np.int32, copy=False),
+        "indptr": X.indptr.astype(np.int64, copy=False),
+        "rows": block.rows.astype(np.int64, copy=False),
+        "library_size": block.library_size.astype(np.float32, copy=False),
+        "names": np.asarray(block.names).astype(str),
+    }
+    arrays.update({f"code.{k}": v for k, v in block.codes.items()})
+    arrays.update({f"num.{k}": v for k, v in block.numeric.items()})
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def decode_sample(raw, n_genes: int, names: bool = True) -> CellBlock:
+    """The inverse of :func:`encode_sample` (arrays are views into ``raw`` when possible)."""
+    z = read_npz(raw)
+    if z is None:  # not the plain np.savez layout: let numpy parse it
+        with np.load(io.BytesIO(bytes(raw)), allow_pickle=False) as f:
+            z = {k: f[k] for k in f.files}
+    indptr = z["indptr"]
+    X = sp.csr_matrix(
+        (z["data"], z["indices"], indptr.astype(np.int32)), shape=(len(indptr) - 1, n_genes)
+    )
+    return CellBlock(
+        X=X,
+        rows=z["rows"],
+        library_size=z["library_size"],
+        codes={k[5:]: v for k, v in z.items() if k.startswith("code.")},
+        numeric={k[4:]: v for k, v in z.items() if k.startswith("num.")},
+        names=z["names"] if names else None,
+    )
+
+
+class WebDatasetStoreWriter:
+    """Writes a WebDataset store at ``out`` (``StoreWriter``); see the module docstring."""
+
+    def __init__(
+        self,
+        out: str | os.PathLike,
+        spec: StoreSpec,
+        block_cells: int = DEFAULT_BLOCK_CELLS,
+        cells_per_shard: int = DEFAULT_CELLS_PER_SHARD,
+        overwrite: bool = False,
+    ):
+        check_spec(spec)
+        if block_cells < 1 or cells_per_shard < 1:
+            raise ValueError("block_cells and cells_per_shard must be >= 1")
+        self.spec, self.block_cells = spec, int(block_cells)
+        self.samples_per_shard = max(1, round(cells_per_shard / block_cells))
+        self._atomic = AtomicDir(out, overwrite=overwrite)
+        self.out = str(self._atomic.out)
+        self.n_cells = 0  # rows assigned so far (appended)
+        self.nnz = 0
+        self._written = 0  # rows already in samples
+        self._buffer: list[CellBlock] = []
+        self._buffered = 0
+        self._shards: list[dict] = []
+        self._file = None
+        self._tar = None
+        self._groups = GroupRanges(spec.roles)
+        self._cat_counts = {c: np.zeros(len(v), np.int64) for c, v in spec.categories.items()}
+        self._done = False
+
+    def append(self, block: CellBlock) -> None:
+        """Add ``block`` as the next rows (its ``rows`` are ignored: rows are assigned here).
+
+        The writer buffers the block's arrays without copying: do not modify them afterwards.
+        """
+        if self._done:
+            raise RuntimeError("append after finish/abort")
+        try:
+            block = check_block(block, self.spec)
+            n = block.n_cells
+            block.rows = np.arange(self.n_cells, self.n_cells + n, dtype=np.int64)
+            self._groups.add(block.codes, n)
+            category_counts(self.spec, self._cat_counts, block.codes)
+            self.n_cells += n
+            self.nnz += block.X.nnz
+            if n:
+                self._buffer.append(block)
+                self._buffered += n
+            if self._buffered >= self.block_cells:
+                self._emit(final=False)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _emit(self, final: bool) -> None:
+        if not self._buffer:
+            return
+        whole = CellBlock.concat(self._buffer)
+        k = self.block_cells
+        m = whole.n_cells if final else (whole.n_cells // k) * k
+        for a in range(0, m, k):
+            self._write_sample(_slice(whole, a, min(a + k, m)))
+        rest = whole.n_cells - m
+        self._buffer = [_slice(whole, m, whole.n_cells)] if rest else []
+        self._buffered = rest
+
+    def _write_sample(self, block: CellBlock) -> None:
+        if self._tar is None or self._shards[-1]["n_samples"] >= self.samples_per_shard:
+            self._close_shard()
+            name = f"shard-{len(self._shards):06d}.tar"
+            # Stays open across appends; closed in _close_shard / abort.
+            self._file = open(self._atomic.tmp / name, "wb")  # noqa: SIM115
+            self._tar = wds.TarWriter(self._file, mtime=0, format=tarfile.USTAR_FORMAT)
+            self._shards.append(
+                {"name": name, "n_cells": 0, "n_samples": 0, "first_row": self._written}
+            )
+        self._tar.write({"__key__": f"{self._written:012d}", "cells.npz": encode_sample(block)})
+        shard = self._shards[-1]
+        shard["n_cells"] += block.n_cells
+        shard["n_samples"] += 1
+        self._written += block.n_cells
+
+    def _close_shard(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+            self._file.close()
+            self._shards[-1]["sha256"] = sha256_file(self._atomic.tmp / self._shards[-1]["name"])
+            self._tar = self._file = None
+
+    def finish(self) -> str:
+        """Write the last sample and shard, the manifest, and rename into place."""
+        if self._done:
+            raise RuntimeError("finish after finish/abort")
+        try:
+            self._emit(final=True)
+            self._close_shard()
+            groups = self._groups.frame()
+            manifest = base_manifest(
+                "webdataset", self.spec, self.n_cells, self.nnz, self._cat_counts
+            )
+            manifest.update(
+                block_cells=self.block_cells,
+                n_group_ranges=len(groups),
+                groups={c: groups[c].astype(int).tolist() for c in (*ROLES, "start", "stop")},
+                shards=self._shards,
+                checksums={s["name"]: s["sha256"] for s in self._shards},
+            )
+            write_manifest(self._atomic.tmp, manifest)
+            path = self._atomic.commit()
+        except BaseException:
+            self.abort()
+            raise
+        self._done = True
+        return str(path)
+
+    def abort(self) -> None:
+        self._done = True
+        if self._tar is not None:
+            try:
+                self._tar.close()
+                self._file.close()
+            except Exception:  # noqa: BLE001 - best effort while discarding the build
+                pass
+            self._tar = self._file = None
+        self._atomic.abort()
+
+    def __enter__(self) -> WebDatasetStoreWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self._done:
+            self.abort()
+
+
+class WebDatasetStoreReader:
+    """Reads a WebDataset store (``StoreReader``); units are shards. Picklable (no handles).
+
+    names: include obs names in the blocks (pass False on a hot path that does not need them).
+    """
+
+    def __init__(self, path: str | os.PathLike, names: bool = True):
+        self.path = Path(path).absolute()
+        manifest = read_manifest(self.path)
+        if manifest["format"] != "webdataset":
+            raise DataValidationError(
+                self.path,
+                "format",
+                f"a {manifest['format']} store, not webdataset",
+                "use open_store",
+            )
+        self.shards = manifest["shards"]
+        sizes = np.array([s["n_cells"] for s in self.shards], dtype=np.int64)
+        self.meta = meta_from_manifest(manifest, str(self.path), sizes)
+        self.first_rows = np.array([s["first_row"] for s in self.shards], dtype=np.int64)
+        self.block_cells = int(manifest["block_cells"])
+        self.names = names
+
+    def shard_path(self, unit: int) -> Path:
+        return self.path / self.shards[unit]["name"]
+
+    def _samples(self, unit: int) -> Iterator[tuple[int, memoryview]]:
+        if not 0 <= unit < len(self.shards):
+            raise IndexError(f"unit {unit} outside [0, {len(self.shards)})")
+        path = self.shard_path(unit)
+        with tarfile.open(path, "r:") as tf:
+            members = [m for m in tf.getmembers() if m.isfile() and m.name.endswith(SAMPLE_SUFFIX)]
+        raw = np.empty(path.stat().st_size, np.uint8)  # writable (so are the arrays); no zero-fill
+        with open(path, "rb", buffering=0) as f:
+            f.readinto(raw)
+        view = memoryview(raw)
+        for m in members:
+            yield int(m.name[: -len(SAMPLE_SUFFIX)]), view[m.offset_data : m.offset_data + m.size]
+
+    def iter_unit_blocks(self, unit: int) -> Iterator[CellBlock]:
+        """The samples of shard ``unit`` as blocks, in row order."""
+        for _, raw in self._samples(unit):
+            yield decode_sample(raw, self.meta.n_genes, self.names)
+
+    def read_unit(self, unit: int) -> CellBlock:
+        """The whole shard ``unit`` as one block."""
+        return CellBlock.concat(list(self.iter_unit_blocks(unit)))
+
+    def read_rows(self, start: int, stop: int) -> CellBlock:
+        """Rows [start, stop): decodes only the samples that hold them."""
+        check_row_range(start, stop, self.meta.n_cells)
+        if start == stop:
+            return self._empty()
+        first = int(np.searchsorted(self.first_rows, start, side="right")) - 1
+        last = int(np.searchsorted(self.first_rows, stop - 1, side="right")) - 1
+        parts = []
+        for unit in range(first, last + 1):
+            for row0, raw in self._samples(unit):
+                if row0 < stop and row0 + self.block_cells > start:
+                    block = decode_sample(raw, self.meta.n_genes, self.names)
+                    a, b = max(start - row0, 0), min(stop - row0, block.n_cells)
+                    parts.append(_slice(block, a, b) if (a, b) != (0, block.n_cells) else block)
+        return CellBlock.concat(parts)
+
+    def _empty(self) -> CellBlock:
+        m = self.meta
+        numeric = m.manifest["obs"]["numeric"]
+        return CellBlock(
+            X=sp.csr_matrix((0, m.n_genes), dtype=np.float32),
+            rows=np.zeros(0, np.int64),
+            library_size=np.zeros(0, np.float32),
+            codes={c: np.zeros(0, np.int32) for c in m.categories},
+            numeric={c: np.zeros(0, numeric[c]) for c in m.numeric_columns},
+            names=np.zeros(0, str) if self.names else None,
+        )
+
+    def group_index(self) -> pd.DataFrame:
+        g = self.meta.manifest["groups"]
+        out = {role: np.asarray(g[role], dtype=np.int32) for role in ROLES}
+        out.update(start=np.asarray(g["start"], np.int64), stop=np.asarray(g["stop"], np.int64))
+        return pd.DataFrame(out)

@@ -1,0 +1,424 @@
+"""The Zarr v3 store: cell-chunked CSR counts plus obs, var and group ranges (``store_layout``).
+
+Writing goes through zarr; blocks arrive in arbitrary sizes, so each array is fed through an
+append buffer that only ever writes whole chunks (the last, partial chunk once at the end):
+no chunk is written twice, so zarr never reads a chunk back to merge a partial write.
+Arrays grow by ``resize`` because the number of cells and non-zeros is unknown until the end.
+
+Reading bypasses zarr's synchronous API on the hot path (see ``zarr_chunks`` for why and
+what is measured) and keeps the small per-cell columns (``X/indptr``, library size, obs codes
+and numeric columns) in memory when the store is modest, so reading one cell chunk costs two
+chunk-file reads plus decompression (``X/data``, ``X/indices``) and, optionally, the names.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import zarr
+from zarr.codecs import BloscCodec, ZstdCodec
+
+from .atomic import AtomicDir, sha256_tree
+from .blocks import ROLES, CellBlock, StoreSpec
+from .errors import DataValidationError
+from .store_common import (
+    GroupRanges,
+    base_manifest,
+    category_counts,
+    check_block,
+    check_row_range,
+    check_spec,
+    meta_from_manifest,
+    read_manifest,
+    write_manifest,
+)
+from .store_layout import DEFAULT_CHUNK_CELLS, FORMAT_VERSION, NAMES_COLUMN
+from .zarr_chunks import chunk_reader
+
+
+def _lz4():
+    from zarr.codecs import LZ4
+
+    with warnings.catch_warnings():  # "numcodecs codecs are not in the Zarr v3 spec"
+        warnings.simplefilter("ignore")
+        return LZ4()
+
+
+# Codec presets (compressor of every numeric array). The default is chosen by measurement:
+# see codec_benchmark's docstring for the table.
+CODECS = {
+    "none": lambda: None,
+    "zstd-1": lambda: ZstdCodec(level=1),
+    "zstd-3": lambda: ZstdCodec(level=3),
+    "lz4": _lz4,
+    "blosc-lz4": lambda: BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),
+    "blosc-zstd": lambda: BloscCodec(cname="zstd", clevel=1, shuffle="shuffle"),
+}
+DEFAULT_CODEC = "blosc-lz4"
+# X/data and X/indices chunks hold about 1/NNZ_SPLIT of an average cell chunk's non-zeros:
+# a cell chunk's range then decodes at most ~2/NNZ_SPLIT more than it needs.
+NNZ_SPLIT = 4
+# Write to zarr in batches of at least this many elements (fewer, larger zarr calls).
+_FLUSH_ELEMENTS = 1 << 18
+# Keep per-cell columns in memory when they take at most this many bytes.
+DEFAULT_CACHE_BYTES = 256 << 20
+
+
+def _auto_nnz_chunk(nnz: int, n_cells: int, chunk_cells: int) -> int:
+    if nnz == 0 or n_cells == 0:
+        return 1 << 16
+    per_chunk = nnz / n_cells * chunk_cells / NNZ_SPLIT
+    return int(min(max(1 << int(np.ceil(np.log2(max(per_chunk, 1)))), 1 << 12), 1 << 22))
+
+
+class _Appender:
+    """Buffers values for one 1-D array and writes them in whole chunks."""
+
+    def __init__(self, array: zarr.Array, chunk: int):
+        self.array, self.chunk = array, chunk
+        self.flush_at = chunk * max(1, _FLUSH_ELEMENTS // chunk)
+        self.parts: list[np.ndarray] = []
+        self.buffered = 0
+        self.written = 0
+
+    def append(self, values: np.ndarray) -> None:
+        if len(values):
+            self.parts.append(values)
+            self.buffered += len(values)
+        if self.buffered >= self.flush_at:
+            self.flush(final=False)
+
+    def flush(self, final: bool) -> None:
+        m = self.buffered if final else (self.buffered // self.chunk) * self.chunk
+        if m == 0:
+            return
+        values = np.concatenate(self.parts) if len(self.parts) > 1 else self.parts[0]
+        self.array.resize((self.written + m,))
+        self.array[self.written : self.written + m] = values[:m]
+        self.written += m
+        rest = values[m:]
+        self.parts = [rest] if len(rest) else []
+        self.buffered = len(rest)
+
+
+class ZarrStoreWriter:
+    """Writes a Zarr v3 store at ``out`` (``StoreWriter``); see the module docstring.
+
+    chunk_cells: cells per chunk of every per-cell array (the read unit).
+    codec: a key of ``CODECS``. nnz_chunk: entries per ``X/data`` chunk (None: from the
+    density of the first chunk of cells). index_dtype: ``X/indices`` dtype ("int32", or
+    "uint16" when n_genes <= 65536, which halves the index bytes; readers return int32).
+    """
+
+    def __init__(
+        self,
+        out: str | os.PathLike,
+        spec: StoreSpec,
+        chunk_cells: int = DEFAULT_CHUNK_CELLS,
+        overwrite: bool = False,
+        codec: str = DEFAULT_CODEC,
+        nnz_chunk: int | None = None,
+        index_dtype: str = "int32",
+    ):
+        check_spec(spec)
+        if codec not in CODECS:
+            raise ValueError(f"unknown codec {codec!r}; expected one of {sorted(CODECS)}")
+        if np.dtype(index_dtype) not in (np.dtype("int32"), np.dtype("uint16")):
+            raise ValueError("index_dtype must be int32 or uint16")
+        if np.dtype(index_dtype) == np.uint16 and len(spec.var) > 1 << 16:
+            raise ValueError("index_dtype uint16 needs at most 65536 genes")
+        if chunk_cells < 1:
+            raise ValueError("chunk_cells must be >= 1")
+        self.spec, self.chunk_cells, self.codec = spec, int(chunk_cells), codec
+        self.index_dtype = str(np.dtype(index_dtype))
+        self.nnz_chunk = nnz_chunk
+        self._atomic = AtomicDir(out, overwrite=overwrite)
+        self.out = str(self._atomic.out)
+        self.n_cells = 0
+        self.nnz = 0
+        self._done = False
+        self._pending_x: list[tuple[np.ndarray, np.ndarray]] = []
+        self._groups = GroupRanges(spec.roles)
+        self._cat_counts = {c: np.zeros(len(v), np.int64) for c, v in spec.categories.items()}
+        try:
+            self._create()
+        except BaseException:
+            self._atomic.abort()
+            raise
+
+    # -- layout ------------------------------------------------------------------------
+    def _array(self, name: str, shape: int, chunk: int, dtype) -> zarr.Array:
+        """A 1-D array; strings keep zarr's default (vlen-utf8 + zstd), numbers get the codec."""
+        is_str = dtype is str
+        kwargs = {} if is_str else {"compressors": CODECS[self.codec]()}
+        arr = self.root.create_array(
+            name,
+            shape=(shape,),
+            chunks=(chunk,),
+            dtype=dtype,
+            fill_value="" if is_str else 0,
+            **kwargs,
+        )
+        self._array_names.append(name)
+        return arr
+
+    def _create(self) -> None:
+        self.root = zarr.open_group(self._atomic.tmp, mode="w", zarr_format=3)
+        self.root.attrs["latentcell"] = {"format": "zarr", "version": FORMAT_VERSION}
+        self._array_names: list[str] = []
+        c = self.chunk_cells
+        self._cells: dict[str, _Appender] = {}
+        self._cells["X/indptr"] = _Appender(self._array("X/indptr", 0, c, np.int64), c)
+        self._cells["X/indptr"].append(np.zeros(1, np.int64))
+        self._cells["library_size"] = _Appender(self._array("library_size", 0, c, np.float32), c)
+        for col, cats in self.spec.categories.items():
+            arr = self._array(f"obs/{col}/codes", 0, c, np.int32)
+            arr.attrs["categories"] = [str(x) for x in cats]
+            self._cells[f"obs/{col}/codes"] = _Appender(arr, c)
+        for col, dt in self.spec.numeric_dtypes.items():
+            self._cells[f"obs/{col}"] = _Appender(self._array(f"obs/{col}", 0, c, np.dtype(dt)), c)
+        self._cells[f"obs/{NAMES_COLUMN}"] = _Appender(
+            self._array(f"obs/{NAMES_COLUMN}", 0, c, str), c
+        )
+        var = self.spec.var
+        n_genes = len(var)
+        for name, values in (
+            ("gene_key", var.index),
+            ("gene_id", var["gene_id"]),
+            ("gene_symbol", var["gene_symbol"]),
+        ):
+            arr = self._array(f"var/{name}", n_genes, max(n_genes, 1), str)
+            if n_genes:
+                arr[:] = np.asarray([str(v) for v in values], dtype=str)
+        self._x: dict[str, _Appender] | None = None
+
+    def _create_x(self) -> None:
+        if self.nnz_chunk is None:
+            self.nnz_chunk = _auto_nnz_chunk(self.nnz, self.n_cells, self.chunk_cells)
+        k = int(self.nnz_chunk)
+        self._x = {
+            "X/data": _Appender(self._array("X/data", 0, k, np.float32), k),
+            "X/indices": _Appender(self._array("X/indices", 0, k, np.dtype(self.index_dtype)), k),
+        }
+        for data, indices in self._pending_x:
+            self._append_x(data, indices)
+        self._pending_x = []
+
+    def _append_x(self, data: np.ndarray, indices: np.ndarray) -> None:
+        self._x["X/data"].append(data)
+        self._x["X/indices"].append(indices.astype(self.index_dtype, copy=False))
+
+    # -- StoreWriter ---------------------------------------------------------------------
+    def append(self, block: CellBlock) -> None:
+        """Add ``block`` as the next rows (its ``rows`` are ignored: rows are assigned here).
+
+        The writer buffers the block's arrays without copying: do not modify them afterwards.
+        """
+        if self._done:
+            raise RuntimeError("append after finish/abort")
+        try:
+            self._append(block)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _append(self, block: CellBlock) -> None:
+        block = check_block(block, self.spec)
+        n = block.n_cells
+        X = block.X
+        self._cells["X/indptr"].append(X.indptr[1:].astype(np.int64) + self.nnz)
+        self._cells["library_size"].append(block.library_size)
+        for col in self.spec.categories:
+            self._cells[f"obs/{col}/codes"].append(block.codes[col])
+        for col in self.spec.numeric_dtypes:
+            self._cells[f"obs/{col}"].append(block.numeric[col])
+        self._cells[f"obs/{NAMES_COLUMN}"].append(np.asarray(block.names).astype(str))
+        self._groups.add(block.codes, n)
+        category_counts(self.spec, self._cat_counts, block.codes)
+        self.n_cells += n
+        self.nnz += X.nnz
+        if self._x is not None:
+            self._append_x(X.data, X.indices)
+        else:
+            self._pending_x.append((X.data, X.indices))
+            if self.n_cells >= self.chunk_cells:
+                self._create_x()
+
+    def finish(self) -> str:
+        """Flush, write groups/ and manifest.json, rename into place; returns the path."""
+        if self._done:
+            raise RuntimeError("finish after finish/abort")
+        try:
+            if self._x is None:
+                self._create_x()
+            for app in (*self._cells.values(), *self._x.values()):
+                app.flush(final=True)
+            groups = self._groups.frame()
+            for col in (*ROLES, "start", "stop"):
+                values = groups[col].to_numpy()
+                arr = self._array(f"groups/{col}", len(values), max(len(values), 1), values.dtype)
+                if len(values):
+                    arr[:] = values
+            tmp = self._atomic.tmp
+            manifest = base_manifest("zarr", self.spec, self.n_cells, self.nnz, self._cat_counts)
+            manifest.update(
+                chunk_cells=self.chunk_cells,
+                nnz_chunk=int(self.nnz_chunk),
+                codec=self.codec,
+                index_dtype=self.index_dtype,
+                n_group_ranges=len(groups),
+                checksums={name: sha256_tree(tmp / name) for name in sorted(self._array_names)},
+            )
+            write_manifest(tmp, manifest)
+            path = self._atomic.commit()
+        except BaseException:
+            self.abort()
+            raise
+        self._done = True
+        return str(path)
+
+    def abort(self) -> None:
+        self._done = True
+        self._atomic.abort()
+
+    def __enter__(self) -> ZarrStoreWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self._done:
+            self.abort()
+
+
+class _ZarrRange:
+    """Fallback range reader through zarr itself (codec chains zarr_chunks does not decode)."""
+
+    def __init__(self, array: zarr.Array):
+        self.array = array
+        self.n = int(array.shape[0])
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        out = self.array[start:stop]
+        return out.astype(object) if out.dtype.kind == "T" else out
+
+
+class _Opened:
+    """Per-process handles and caches (never pickled; see ZarrStoreReader.__getstate__)."""
+
+    def __init__(self, path: Path, meta, cache_bytes: int, direct: bool):
+        self.pid = os.getpid()
+        self.group = zarr.open_group(path, mode="r", zarr_format=3)
+        per_cell = ["X/indptr", "library_size"]
+        per_cell += [f"obs/{c}/codes" for c in meta.categories]
+        per_cell += [f"obs/{c}" for c in meta.numeric_columns]
+        self.readers = {}
+        for name in [*per_cell, "X/data", "X/indices", f"obs/{NAMES_COLUMN}"]:
+            arr = self.group[name]
+            fast = chunk_reader(arr, path) if direct else None
+            self.readers[name] = fast or _ZarrRange(arr)
+        row_bytes = 12 + 4 * len(meta.categories) + 8 * len(meta.numeric_columns)
+        self.cached = meta.n_cells * row_bytes <= cache_bytes
+        self.cache = {}
+        if self.cached:
+            self.cache = {n: self.readers[n].read(0, self.readers[n].n) for n in per_cell}
+
+
+class ZarrStoreReader:
+    """Reads a Zarr v3 store (``StoreReader``); picklable, reopens lazily in each process.
+
+    names: include obs names in the blocks (about 15% of a chunk read; pass False on a
+    training hot path that does not need them). cache_bytes: keep the per-cell columns in
+    memory when they fit in this many bytes (read once per process, then sliced).
+    direct: read chunk files directly (``zarr_chunks``); False reads through zarr's API
+    (slower; for comparison and for layouts the direct path does not decode, which fall back
+    to zarr anyway).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        names: bool = True,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        direct: bool = True,
+    ):
+        self.path = Path(path).absolute()
+        manifest = read_manifest(self.path)
+        if manifest["format"] != "zarr":
+            raise DataValidationError(
+                self.path, "format", f"a {manifest['format']} store, not zarr", "use open_store"
+            )
+        n, c = int(manifest["n_cells"]), int(manifest["chunk_cells"])
+        sizes = np.full(-(-n // c), c, dtype=np.int64)
+        if n % c:
+            sizes[-1] = n % c
+        self.meta = meta_from_manifest(manifest, str(self.path), sizes)
+        self.chunk_cells = c
+        self.names = names
+        self.cache_bytes = cache_bytes
+        self.direct = direct
+        self._opened: _Opened | None = None
+        self._groups: pd.DataFrame | None = None
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_opened"] = None
+        return state
+
+    def _o(self) -> _Opened:
+        o = self._opened
+        if o is None or o.pid != os.getpid():
+            o = self._opened = _Opened(self.path, self.meta, self.cache_bytes, self.direct)
+        return o
+
+    def _per_cell(self, o: _Opened, name: str, start: int, stop: int) -> np.ndarray:
+        if o.cached:
+            return o.cache[name][start:stop].copy()
+        return o.readers[name].read(start, stop)
+
+    def read_unit(self, unit: int) -> CellBlock:
+        """Cell chunk ``unit``: rows [unit*chunk_cells, min(... + chunk_cells, n_cells))."""
+        if not 0 <= unit < len(self.meta.unit_sizes):
+            raise IndexError(f"unit {unit} outside [0, {len(self.meta.unit_sizes)})")
+        start = unit * self.chunk_cells
+        return self.read_rows(start, start + int(self.meta.unit_sizes[unit]))
+
+    def read_rows(self, start: int, stop: int) -> CellBlock:
+        """Rows [start, stop) as one block (reads only the chunks that hold them)."""
+        check_row_range(start, stop, self.meta.n_cells)
+        o = self._o()
+        indptr = self._per_cell(o, "X/indptr", start, stop + 1)
+        a, b = int(indptr[0]), int(indptr[-1])
+        data = o.readers["X/data"].read(a, b)
+        indices = o.readers["X/indices"].read(a, b).astype(np.int32, copy=False)
+        index_dtype = np.int32 if b - a < 2**31 else np.int64
+        X = sp.csr_matrix(
+            (data, indices, (indptr - a).astype(index_dtype)),
+            shape=(stop - start, self.meta.n_genes),
+        )
+        names = None
+        if self.names:
+            names = np.asarray(o.readers[f"obs/{NAMES_COLUMN}"].read(start, stop), dtype=str)
+        return CellBlock(
+            X=X,
+            rows=np.arange(start, stop, dtype=np.int64),
+            library_size=self._per_cell(o, "library_size", start, stop),
+            codes={
+                c: self._per_cell(o, f"obs/{c}/codes", start, stop) for c in self.meta.categories
+            },
+            numeric={
+                c: self._per_cell(o, f"obs/{c}", start, stop) for c in self.meta.numeric_columns
+            },
+            names=names,
+        )
+
+    def group_index(self) -> pd.DataFrame:
+        if self._groups is None:
+            group = self._o().group
+            self._groups = pd.DataFrame(
+                {col: group[f"groups/{col}"][:] for col in (*ROLES, "start", "stop")}
+            )
+        return self._groups.copy()
