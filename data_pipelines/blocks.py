@@ -39,8 +39,11 @@ class CellBlock:
 
     def take(self, idx: np.ndarray) -> CellBlock:
         """Rows ``idx`` (any order, repeats allowed) as a new block."""
+        X = self.X[idx]
+        if self.X.has_sorted_indices:  # whole rows keep their order; spares a rescan per batch
+            X.has_sorted_indices = True
         return CellBlock(
-            X=self.X[idx],
+            X=X,
             rows=self.rows[idx],
             library_size=self.library_size[idx],
             codes={k: v[idx] for k, v in self.codes.items()},

@@ -68,6 +68,7 @@ from latentcell.data_pipelines.vocabulary import (
     resolve_keys,
     vocabulary_from_list,
 )
+from latentcell.data_pipelines.zarr_store import CODECS, DEFAULT_CODEC
 
 log = logging.getLogger(__name__)
 
@@ -510,6 +511,7 @@ def build_store(
     chunk_cells: int | None = None,
     block_cells: int | None = None,
     cells_per_shard: int | None = None,
+    codec: str | None = None,
     read_cells: int = DEFAULT_READ_CELLS,
     overwrite: bool = False,
     hvg_sample_cells: int | None = None,
@@ -526,7 +528,7 @@ def build_store(
     from latentcell.data_pipelines.stores import make_writer
 
     paths = _input_paths(inputs)
-    writer_opts = _writer_options(format, chunk_cells, block_cells, cells_per_shard)
+    writer_opts = _writer_options(format, chunk_cells, block_cells, cells_per_shard, codec)
     _check_options(hvg, combine_targets, genes_file, gene_join, read_cells)
     _check_out(out, overwrite)
     schema_obj = get_schema(
@@ -611,9 +613,9 @@ def _input_paths(inputs) -> list[str]:
     return paths
 
 
-def _writer_options(format, chunk_cells, block_cells, cells_per_shard) -> dict:
+def _writer_options(format, chunk_cells, block_cells, cells_per_shard, codec=None) -> dict:
     """Writer keyword options for ``format``; options of the other format are an error."""
-    zarr_opts = {"chunk_cells": chunk_cells}
+    zarr_opts = {"chunk_cells": chunk_cells, "codec": codec}
     wds_opts = {"block_cells": block_cells, "cells_per_shard": cells_per_shard}
     mine, other = (zarr_opts, wds_opts) if format == "zarr" else (wds_opts, zarr_opts)
     wrong = [k for k, v in other.items() if v is not None]
@@ -695,6 +697,12 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cell-type-col", help="obs column of the cell type")
     parser.add_argument("--guide-col", help="obs column of the guide")
     parser.add_argument("--chunk-cells", type=int, help="zarr: cells per chunk")
+    parser.add_argument(
+        "--codec",
+        choices=sorted(CODECS),
+        help=f"zarr: compression of X (default {DEFAULT_CODEC}; 'none' streams ~1.3x faster "
+        "from a ~2.3x larger store)",
+    )
     parser.add_argument("--block-cells", type=int, help="webdataset: cells per sample")
     parser.add_argument("--cells-per-shard", type=int, help="webdataset: cells per shard")
     parser.add_argument(
@@ -731,6 +739,7 @@ def run_build(args: argparse.Namespace) -> int:
             guide_col=args.guide_col,
             gene_join=args.gene_join,
             chunk_cells=args.chunk_cells,
+            codec=args.codec,
             block_cells=args.block_cells,
             cells_per_shard=args.cells_per_shard,
             read_cells=args.read_cells,

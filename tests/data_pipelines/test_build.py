@@ -22,7 +22,7 @@ E = [f"ENSG{i:011d}" for i in range(40)]
 
 def read_back(out: str) -> tuple:
     """(meta, block of every row, obs labels DataFrame) of a built store."""
-    reader = open_store(out)
+    reader = open_store(out, names=True)
     meta = reader.meta
     block = reader.read_rows(0, meta.n_cells)
     labels = pd.DataFrame(
@@ -308,7 +308,7 @@ def test_cli(tmp_path, capsys):
 def test_papalexi_builds(shared_file, tmp_path, fmt):
     path = str(shared_file("papalexi2021_thp1_sceptre_lowmoi.h5ad"))
     out = build_store([path], tmp_path / "store", format=fmt, schema="vcc", batch_col="bio_rep")
-    reader = open_store(out)
+    reader = open_store(out, names=True)
     meta = reader.meta
     assert (meta.n_cells, meta.n_genes) == (20729, 299)
     assert meta.roles["batch"] == "bio_rep" and meta.control_label == "non-targeting"

@@ -131,7 +131,7 @@ def store(tmp_path_factory):
 
 def test_round_trip_shards_samples_and_ranges(store):
     path, spec, full = store
-    r = open_store(path)
+    r = open_store(path, names=True)
     assert isinstance(r, WebDatasetStoreReader)
     m = r.meta
     assert (m.format, m.n_cells, m.n_genes) == ("webdataset", 210, N_GENES)
@@ -194,7 +194,7 @@ def test_npz_parser_matches_numpy_and_falls_back():
     with np.load(io.BytesIO(raw)) as ref:
         np.savez_compressed(buf, **{k: ref[k] for k in ref.files})
     assert read_npz(buf.getvalue()) is None  # compressed members: not ours to parse
-    assert_blocks_equal(decode_sample(buf.getvalue(), N_GENES), block, np.arange(20))
+    assert_blocks_equal(decode_sample(buf.getvalue(), N_GENES, names=True), block, np.arange(20))
 
 
 def test_error_mid_build_leaves_nothing(tmp_path):

@@ -132,7 +132,7 @@ def store(tmp_path_factory):
 
 def test_round_trip_every_unit_and_range(store):
     path, spec, full = store
-    r = open_store(path)
+    r = open_store(path, names=True)
     assert isinstance(r, ZarrStoreReader)
     m = r.meta
     assert (m.format, m.n_cells, m.n_genes) == ("zarr", 485, N_GENES)
@@ -188,7 +188,7 @@ def test_codecs_and_readers_agree(tmp_path, opts):
     path = write(tmp_path / "s", spec, blocks, chunk_cells=32, **opts)
     rows = np.arange(20, 120)
     for direct in (True, False):  # the chunk-file fast path and zarr's own API
-        r = ZarrStoreReader(path, direct=direct)
+        r = ZarrStoreReader(path, names=True, direct=direct)
         assert_blocks_equal(r.read_rows(20, 120), full.take(rows), rows)
     cold = ZarrStoreReader(path, names=False, cache_bytes=0)  # no in-memory obs columns
     assert_blocks_equal(cold.read_rows(20, 120), full.take(rows), rows, names=False)
@@ -200,7 +200,7 @@ def _sum_unit(reader):
 
 def test_reader_pickles_and_reopens_in_a_forked_worker(store):
     path, _, full = store
-    r = open_store(path)
+    r = open_store(path, names=True)
     r.read_unit(0)  # open handles in this process first
     clone = pickle.loads(pickle.dumps(r))
     assert clone._opened is None
