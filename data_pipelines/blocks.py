@@ -51,6 +51,19 @@ class CellBlock:
             names=None if self.names is None else self.names[idx],
         )
 
+    def slice(self, a: int, b: int) -> CellBlock:
+        """Rows [a, b) as a new block (views of this block's arrays; no gather)."""
+        if a == 0 and b == self.n_cells:
+            return self
+        return CellBlock(
+            X=self.X[a:b],
+            rows=self.rows[a:b],
+            library_size=self.library_size[a:b],
+            codes={k: v[a:b] for k, v in self.codes.items()},
+            numeric={k: v[a:b] for k, v in self.numeric.items()},
+            names=None if self.names is None else self.names[a:b],
+        )
+
     @staticmethod
     def concat(blocks: list[CellBlock]) -> CellBlock:
         first = blocks[0]

@@ -60,7 +60,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch.distributed as dist
@@ -171,9 +171,15 @@ class ShardedIterable(IterableDataset):
 
     _slot_counts: np.ndarray
 
-    def _init_source(self, source: StoreReader | Callable[[], StoreReader]) -> None:
+    def __init__(self, source, config, rank: int | None, world_size: int | None, num_workers: int):
+        """Common set-up: ``config`` carries ``output``, ``columns`` and ``numeric_columns``."""
+        self.config = config
         self._factory, self._reader = open_source(source)
         self.meta = self._reader.meta
+        self.spec = BatchSpec.from_meta(
+            self.meta, config.output, config.columns, config.numeric_columns
+        )
+        self._init_topology(rank, world_size, num_workers)
 
     def _get_reader(self) -> StoreReader:
         if self._reader is None:
@@ -376,12 +382,7 @@ class CellStream(ShardedIterable):
         world_size: int | None = None,
         num_workers: int = 0,
     ):
-        self.config = config or CellStreamConfig()
-        self._init_source(source)
-        self.spec = BatchSpec.from_meta(
-            self.meta, self.config.output, self.config.columns, self.config.numeric_columns
-        )
-        self._init_topology(rank, world_size, num_workers)
+        super().__init__(source, config or CellStreamConfig(), rank, world_size, num_workers)
         self._unit_sizes = np.asarray(self.meta.unit_sizes, dtype=np.int64)
         self.pool_cells = self._pool_cells()
         self._slot_bounds = even_bounds(self.meta.n_cells, self.n_slots)
@@ -450,19 +451,6 @@ class CellStream(ShardedIterable):
             b = min(a + size, n_out)
             block = cells.positions(a, b)
             yield make_batch(block, self.spec, is_pad=np.arange(a, b) >= cells.n)
-
-
-def slice_block(block: CellBlock, a: int, b: int) -> CellBlock:
-    """Rows [a, b) of a block (names dropped: batches never carry them)."""
-    if a == 0 and b == block.n_cells:
-        return replace(block, names=None)
-    return CellBlock(
-        X=block.X[a:b],
-        rows=block.rows[a:b],
-        library_size=block.library_size[a:b],
-        codes={k: v[a:b] for k, v in block.codes.items()},
-        numeric={k: v[a:b] for k, v in block.numeric.items()},
-    )
 
 
 class _Background:
@@ -543,13 +531,13 @@ class _SlotCells:
 
     def _run(self, q0: int, q1: int) -> list[CellBlock]:
         if self.head is not None and q1 <= self.head.n_cells:
-            return [slice_block(self.head, q0, q1)]
+            return [self.head.slice(q0, q1)]
         parts = []
         while q0 < q1:
             index, offset = divmod(q0, self.pool_cells)
             pool = self._pool(index)
             stop = min(q1 - index * self.pool_cells, pool.cells.n_cells)
-            parts.append(slice_block(pool.cells, offset, stop))
+            parts.append(pool.cells.slice(offset, stop))
             q0 = index * self.pool_cells + stop
         return parts
 
@@ -559,7 +547,7 @@ class _SlotCells:
             return self._pools[index]
         pool = self._prefetched(index) or self._build_pool(index)
         if index == 0 and self.head_cells and self.head is None:
-            self.head = slice_block(pool.cells, 0, self.head_cells)
+            self.head = pool.cells.slice(0, self.head_cells)
         self._pools[index] = pool
         while len(self._pools) > 2:
             self._pools.popitem(last=False)
@@ -589,7 +577,7 @@ class _SlotCells:
             lo = max(v0, self.vstart[k]) - self.vstart[k]
             hi = min(v1, self.vstart[k + 1]) - self.vstart[k]
             if hi > lo:
-                pieces.append(slice_block(self._read_unit(int(self.order[k])), int(lo), int(hi)))
+                pieces.append(self._read_unit(int(self.order[k])).slice(int(lo), int(hi)))
         cells = CellBlock.concat(pieces)
         if self.pool_seed is None:
             return _Pool(cells)

@@ -48,7 +48,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .batches import OUTPUTS, BatchSpec, make_batch
+from .batches import OUTPUTS, make_batch
 from .blocks import CellBlock, StoreReader
 from .cell_stream import TAILS, ShardedIterable, even_bounds, tail_lengths
 
@@ -171,12 +171,7 @@ class SetSampler(ShardedIterable):
         world_size: int | None = None,
         num_workers: int = 0,
     ):
-        self.config = config or SetSamplerConfig()
-        self._init_source(source)
-        self.spec = BatchSpec.from_meta(
-            self.meta, self.config.output, self.config.columns, self.config.numeric_columns
-        )
-        self._init_topology(rank, world_size, num_workers)
+        super().__init__(source, config or SetSamplerConfig(), rank, world_size, num_workers)
         index = self._reader.group_index().sort_values("start", kind="stable")
         self.control_code = self._control_code()
         self._build_groups(index)

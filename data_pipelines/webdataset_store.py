@@ -55,17 +55,6 @@ DEFAULT_CELLS_PER_SHARD = 4096
 SAMPLE_SUFFIX = ".cells.npz"
 
 
-def _slice(block: CellBlock, a: int, b: int) -> CellBlock:
-    return CellBlock(
-        X=block.X[a:b],
-        rows=block.rows[a:b],
-        library_size=block.library_size[a:b],
-        codes={k: v[a:b] for k, v in block.codes.items()},
-        numeric={k: v[a:b] for k, v in block.numeric.items()},
-        names=block.names[a:b],
-    )
-
-
 def encode_sample(block: CellBlock) -> bytes:
     """One block as npz bytes (the ``cells.npz`` member of a sample)."""
     X = block.X
@@ -165,9 +154,9 @@ class WebDatasetStoreWriter:
         k = self.block_cells
         m = whole.n_cells if final else (whole.n_cells // k) * k
         for a in range(0, m, k):
-            self._write_sample(_slice(whole, a, min(a + k, m)))
+            self._write_sample(whole.slice(a, min(a + k, m)))
         rest = whole.n_cells - m
-        self._buffer = [_slice(whole, m, whole.n_cells)] if rest else []
+        self._buffer = [whole.slice(m, whole.n_cells)] if rest else []
         self._buffered = rest
 
     def _write_sample(self, block: CellBlock) -> None:
@@ -299,7 +288,7 @@ class WebDatasetStoreReader:
                 if row0 < stop and row0 + self.block_cells > start:
                     block = decode_sample(raw, self.meta.n_genes, self.names)
                     a, b = max(start - row0, 0), min(stop - row0, block.n_cells)
-                    parts.append(_slice(block, a, b) if (a, b) != (0, block.n_cells) else block)
+                    parts.append(block.slice(a, b))
         return CellBlock.concat(parts)
 
     def _empty(self) -> CellBlock:
