@@ -41,7 +41,8 @@ def run_demo(args: argparse.Namespace) -> int:
     h5ad, store = out / "synthetic_vcc.h5ad", out / "store.zarr"
 
     step = _Step()
-    if not h5ad.exists():
+    reused = h5ad.exists()
+    if not reused:
         config = SynthConfig(
             schema="vcc",
             n_cells=args.cells,
@@ -52,11 +53,12 @@ def run_demo(args: argparse.Namespace) -> int:
             seed=args.seed,
         )
         synthesize(config, h5ad)
-    step.done(f"synthesized {h5ad}")
+    step.done(f"{'reused' if reused else 'synthesized'} {h5ad}")
 
-    if not store.exists():
+    reused = store.exists()
+    if not reused:
         build_store([h5ad], store, format="zarr", schema="vcc", hvg=args.hvg, combine_targets=True)
-    step.done(f"built {store}")
+    step.done(f"{'reused' if reused else 'built'} {store}")
     summary = summarize_store(str(store))
     print(json.dumps({k: summary[k] for k in ("n_cells", "n_genes", "n_groups", "roles")}))
 
