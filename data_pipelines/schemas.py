@@ -13,6 +13,7 @@ lacking a perturbation or batch column that another input has get the same label
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
 
 import pandas as pd
@@ -32,7 +33,7 @@ GENE_SYMBOL_FIELDS = ("gene_symbols", "gene_symbol", "gene_name", "gene_names", 
 # Column names ``auto`` recognises per role (STATE / cell-load conventions, VCC, scBaseCount).
 AUTO_CANDIDATES = {
     "perturbation": ("target_gene", "perturbation", "gene", "pert"),
-    "batch": ("batch", "gem_group", "batch_var", "SRX_accession"),
+    "batch": ("batch", "gem_group", "batch_var", "SRX_accession", "bio_rep", "replicate"),
     "cell_type": ("cell_type", "celltype"),
     "guide": ("guide_id", "guide", "sgRNA"),
 }
@@ -155,6 +156,14 @@ def resolve_roles(schema: Schema, obs: pd.DataFrame, path: str) -> Roles:
     control = None
     if columns["perturbation"] is not None:
         control = _resolve_control(schema, obs[columns["perturbation"]], columns, path)
+        if schema.auto and columns["batch"] is None:
+            warnings.warn(
+                f"{path}: schema 'auto' found no batch column (looked for "
+                f"{', '.join(AUTO_CANDIDATES['batch'])}); the store gets no batch role, so "
+                "controls are matched by cell type only. Pass --batch-col COLUMN if the data "
+                "has batches",
+                stacklevel=2,
+            )
     return Roles(schema=schema.name, control=control, **columns)
 
 

@@ -110,3 +110,12 @@ def test_auto_is_clear_when_ambiguous():
 def test_unknown_schema():
     with pytest.raises(ValueError, match="unknown schema"):
         get_schema("nope")
+
+
+def test_auto_finds_replicate_batches_and_warns_when_there_are_none():
+    with_rep = VCC_OBS.drop(columns="batch").assign(bio_rep=["r1", "r2", "r1"])
+    assert resolve_roles(get_schema("auto"), with_rep, "f.h5ad").batch == "bio_rep"
+    without = VCC_OBS.drop(columns="batch")
+    with pytest.warns(UserWarning, match="no batch column"):
+        roles = resolve_roles(get_schema("auto"), without, "f.h5ad")
+    assert roles.batch is None and roles.perturbation == "target_gene"
