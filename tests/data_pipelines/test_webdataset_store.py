@@ -14,13 +14,15 @@ import webdataset as wds
 from latentcell.data_pipelines.blocks import CellBlock, StoreSpec
 from latentcell.data_pipelines.errors import DataValidationError
 from latentcell.data_pipelines.npz_reader import read_npz
-from latentcell.data_pipelines.stores import make_writer, open_store, verify_store
+from latentcell.data_pipelines.stores import open_store, verify_store
 from latentcell.data_pipelines.webdataset_store import (
     WebDatasetStoreReader,
     WebDatasetStoreWriter,
     decode_sample,
     encode_sample,
 )
+from tests.data_pipelines import store_checks
+from tests.data_pipelines.store_checks import assert_blocks_equal
 
 N_GENES = 29
 SIZES = [0, 5, 61, 1, 40, 100, 3]  # uneven, with an empty block; 210 cells
@@ -95,29 +97,8 @@ def expected_groups(full: CellBlock, spec: StoreSpec) -> pd.DataFrame:
     return out
 
 
-def assert_blocks_equal(got: CellBlock, want: CellBlock, rows: np.ndarray, names=True) -> None:
-    assert got.X.shape == want.X.shape and got.X.dtype == np.float32
-    assert (got.X != want.X).nnz == 0
-    np.testing.assert_array_equal(got.X.indptr, want.X.indptr)
-    np.testing.assert_array_equal(got.rows, rows)
-    np.testing.assert_array_equal(got.library_size, want.library_size)
-    assert got.codes.keys() == want.codes.keys() and got.numeric.keys() == want.numeric.keys()
-    for k in want.codes:
-        np.testing.assert_array_equal(got.codes[k], want.codes[k])
-    for k in want.numeric:
-        np.testing.assert_array_equal(got.numeric[k], want.numeric[k])
-        assert got.numeric[k].dtype == want.numeric[k].dtype
-    if names:
-        assert list(got.names) == list(want.names)
-    else:
-        assert got.names is None
-
-
 def write(path, spec, blocks, **opts) -> str:
-    with make_writer("webdataset", path, spec, **opts) as w:
-        for b in blocks:
-            w.append(b)
-        return w.finish()
+    return store_checks.write("webdataset", path, spec, blocks, **opts)
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,8 @@ from latentcell.data_pipelines.blocks import CellBlock, StoreSpec
 from latentcell.data_pipelines.errors import DataValidationError
 from latentcell.data_pipelines.stores import make_writer, open_store, verify_store
 from latentcell.data_pipelines.zarr_store import ZarrStoreReader, ZarrStoreWriter
+from tests.data_pipelines import store_checks
+from tests.data_pipelines.store_checks import assert_blocks_equal
 
 N_GENES = 37
 SIZES = [0, 7, 130, 1, 45, 300, 2]  # uneven, with an empty block; 485 cells
@@ -95,31 +97,8 @@ def expected_groups(full: CellBlock, spec: StoreSpec) -> pd.DataFrame:
     return out
 
 
-def assert_blocks_equal(got: CellBlock, want: CellBlock, rows: np.ndarray, names=True) -> None:
-    assert got.X.shape == want.X.shape
-    assert got.X.dtype == np.float32 and got.X.indices.dtype == np.int32
-    assert (got.X != want.X).nnz == 0
-    np.testing.assert_array_equal(got.X.indptr, want.X.indptr)
-    np.testing.assert_array_equal(got.rows, rows)
-    np.testing.assert_array_equal(got.library_size, want.library_size)
-    assert got.codes.keys() == want.codes.keys() and got.numeric.keys() == want.numeric.keys()
-    for k in want.codes:
-        np.testing.assert_array_equal(got.codes[k], want.codes[k])
-        assert got.codes[k].dtype == np.int32
-    for k in want.numeric:
-        np.testing.assert_array_equal(got.numeric[k], want.numeric[k])
-        assert got.numeric[k].dtype == want.numeric[k].dtype
-    if names:
-        assert list(got.names) == list(want.names)
-    else:
-        assert got.names is None
-
-
 def write(path, spec, blocks, **opts) -> str:
-    with ZarrStoreWriter(path, spec, **opts) as w:
-        for b in blocks:
-            w.append(b)
-        return w.finish()
+    return store_checks.write("zarr", path, spec, blocks, **opts)
 
 
 @pytest.fixture(scope="module")
