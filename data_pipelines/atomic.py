@@ -136,3 +136,47 @@ def sha256_tree(root: str | os.PathLike) -> str:
             while block := f.read(_HASH_BLOCK):
                 h.update(block)
     return h.hexdigest()
+
+
+class AtomicWriter:
+    """The StoreWriter lifecycle both store formats share.
+
+    ``append`` and ``finish`` refuse to run after the writer ended; any exception inside them
+    aborts (the temporary build is removed, the destination untouched); leaving a ``with``
+    block without ``finish`` aborts. Subclasses implement ``_append(block)``, ``_finish() ->
+    path`` (publishes) and ``_discard()`` (drops the temporary build).
+    """
+
+    _done = False
+
+    def append(self, block) -> None:
+        """Add ``block`` as the next rows (its ``rows`` are ignored: rows are assigned here).
+
+        The writer buffers the block's arrays without copying: do not modify them afterwards.
+        """
+        self._guarded("append", self._append, block)
+
+    def finish(self) -> str:
+        path = self._guarded("finish", self._finish)
+        self._done = True
+        return str(path)
+
+    def abort(self) -> None:
+        self._done = True
+        self._discard()
+
+    def _guarded(self, action: str, fn, *args):
+        if self._done:
+            raise RuntimeError(f"{action} after finish/abort")
+        try:
+            return fn(*args)
+        except BaseException:
+            self.abort()
+            raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self._done:
+            self.abort()

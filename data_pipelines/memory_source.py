@@ -291,17 +291,18 @@ class InMemoryStore:
         )
 
     def _validate_obs(self, n_cells: int, categories: dict[str, list[str]]) -> None:
+        for col, values in {**self.codes, **self.numeric}.items():
+            if len(values) != n_cells:
+                raise DataValidationError(
+                    self.path,
+                    f"obs/{col}",
+                    f"{len(values)} values for {n_cells} cells",
+                    "give one value per cell",
+                )
         for col, codes in self.codes.items():
             if col not in categories:
                 raise DataValidationError(
                     self.path, f"obs/{col}", "codes given without categories", "pass categories"
-                )
-            if len(codes) != n_cells:
-                raise DataValidationError(
-                    self.path,
-                    f"obs/{col}",
-                    f"{len(codes)} values for {n_cells} cells",
-                    "give one value per cell",
                 )
             if len(codes) and (codes.min() < -1 or codes.max() >= len(categories[col])):
                 raise DataValidationError(
@@ -315,14 +316,6 @@ class InMemoryStore:
             raise DataValidationError(
                 self.path, f"obs/{missing[0]}", "categories given without codes", "pass codes"
             )
-        for col, values in self.numeric.items():
-            if len(values) != n_cells:
-                raise DataValidationError(
-                    self.path,
-                    f"obs/{col}",
-                    f"{len(values)} values for {n_cells} cells",
-                    "give one value per cell",
-                )
         if self.names is not None and len(self.names) != n_cells:
             raise DataValidationError(
                 self.path, "obs/_names", "wrong length", "give one name per cell"

@@ -31,7 +31,7 @@ import pandas as pd
 import scipy.sparse as sp
 import webdataset as wds
 
-from .atomic import AtomicDir, sha256_file
+from .atomic import AtomicDir, AtomicWriter, sha256_file
 from .blocks import ROLES, CellBlock, StoreSpec
 from .errors import DataValidationError
 from .npz_reader import read_npz
@@ -93,7 +93,7 @@ def decode_sample(raw, n_genes: int, names: bool = False) -> CellBlock:
     )
 
 
-class WebDatasetStoreWriter:
+class WebDatasetStoreWriter(AtomicWriter):
     """Writes a WebDataset store at ``out`` (``StoreWriter``); see the module docstring."""
 
     def __init__(
@@ -121,31 +121,20 @@ class WebDatasetStoreWriter:
         self._tar = None
         self._groups = GroupRanges(spec.roles)
         self._cat_counts = {c: np.zeros(len(v), np.int64) for c, v in spec.categories.items()}
-        self._done = False
 
-    def append(self, block: CellBlock) -> None:
-        """Add ``block`` as the next rows (its ``rows`` are ignored: rows are assigned here).
-
-        The writer buffers the block's arrays without copying: do not modify them afterwards.
-        """
-        if self._done:
-            raise RuntimeError("append after finish/abort")
-        try:
-            block = check_block(block, self.spec)
-            n = block.n_cells
-            block.rows = np.arange(self.n_cells, self.n_cells + n, dtype=np.int64)
-            self._groups.add(block.codes, n)
-            category_counts(self.spec, self._cat_counts, block.codes)
-            self.n_cells += n
-            self.nnz += block.X.nnz
-            if n:
-                self._buffer.append(block)
-                self._buffered += n
-            if self._buffered >= self.block_cells:
-                self._emit(final=False)
-        except BaseException:
-            self.abort()
-            raise
+    def _append(self, block: CellBlock) -> None:
+        block = check_block(block, self.spec)
+        n = block.n_cells
+        block.rows = np.arange(self.n_cells, self.n_cells + n, dtype=np.int64)
+        self._groups.add(block.codes, n)
+        category_counts(self.spec, self._cat_counts, block.codes)
+        self.n_cells += n
+        self.nnz += block.X.nnz
+        if n:
+            self._buffer.append(block)
+            self._buffered += n
+        if self._buffered >= self.block_cells:
+            self._emit(final=False)
 
     def _emit(self, final: bool) -> None:
         if not self._buffer:
@@ -182,34 +171,23 @@ class WebDatasetStoreWriter:
             self._shards[-1]["sha256"] = sha256_file(self._atomic.tmp / self._shards[-1]["name"])
             self._tar = self._file = None
 
-    def finish(self) -> str:
+    def _finish(self) -> Path:
         """Write the last sample and shard, the manifest, and rename into place."""
-        if self._done:
-            raise RuntimeError("finish after finish/abort")
-        try:
-            self._emit(final=True)
-            self._close_shard()
-            groups = self._groups.frame()
-            manifest = base_manifest(
-                "webdataset", self.spec, self.n_cells, self.nnz, self._cat_counts
-            )
-            manifest.update(
-                block_cells=self.block_cells,
-                n_group_ranges=len(groups),
-                groups={c: groups[c].astype(int).tolist() for c in (*ROLES, "start", "stop")},
-                shards=self._shards,
-                checksums={s["name"]: s["sha256"] for s in self._shards},
-            )
-            write_manifest(self._atomic.tmp, manifest)
-            path = self._atomic.commit()
-        except BaseException:
-            self.abort()
-            raise
-        self._done = True
-        return str(path)
+        self._emit(final=True)
+        self._close_shard()
+        groups = self._groups.frame()
+        manifest = base_manifest("webdataset", self.spec, self.n_cells, self.nnz, self._cat_counts)
+        manifest.update(
+            block_cells=self.block_cells,
+            n_group_ranges=len(groups),
+            groups={c: groups[c].astype(int).tolist() for c in (*ROLES, "start", "stop")},
+            shards=self._shards,
+            checksums={s["name"]: s["sha256"] for s in self._shards},
+        )
+        write_manifest(self._atomic.tmp, manifest)
+        return self._atomic.commit()
 
-    def abort(self) -> None:
-        self._done = True
+    def _discard(self) -> None:
         if self._tar is not None:
             try:
                 self._tar.close()
@@ -218,13 +196,6 @@ class WebDatasetStoreWriter:
                 pass
             self._tar = self._file = None
         self._atomic.abort()
-
-    def __enter__(self) -> WebDatasetStoreWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if not self._done:
-            self.abort()
 
 
 class WebDatasetStoreReader:

@@ -23,7 +23,7 @@ import scipy.sparse as sp
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
-from .atomic import AtomicDir, sha256_tree
+from .atomic import AtomicDir, AtomicWriter, sha256_tree
 from .blocks import ROLES, CellBlock, StoreSpec
 from .errors import DataValidationError
 from .store_common import (
@@ -106,7 +106,7 @@ class _Appender:
         self.buffered = len(rest)
 
 
-class ZarrStoreWriter:
+class ZarrStoreWriter(AtomicWriter):
     """Writes a Zarr v3 store at ``out`` (``StoreWriter``); see the module docstring.
 
     chunk_cells: cells per chunk of every per-cell array (the read unit).
@@ -141,7 +141,6 @@ class ZarrStoreWriter:
         self.out = str(self._atomic.out)
         self.n_cells = 0
         self.nnz = 0
-        self._done = False
         self._pending_x: list[tuple[np.ndarray, np.ndarray]] = []
         self._groups = GroupRanges(spec.roles)
         self._cat_counts = {c: np.zeros(len(v), np.int64) for c, v in spec.categories.items()}
@@ -214,19 +213,6 @@ class ZarrStoreWriter:
         self._x["X/indices"].append(indices.astype(self.index_dtype, copy=False))
 
     # -- StoreWriter ---------------------------------------------------------------------
-    def append(self, block: CellBlock) -> None:
-        """Add ``block`` as the next rows (its ``rows`` are ignored: rows are assigned here).
-
-        The writer buffers the block's arrays without copying: do not modify them afterwards.
-        """
-        if self._done:
-            raise RuntimeError("append after finish/abort")
-        try:
-            self._append(block)
-        except BaseException:
-            self.abort()
-            raise
-
     def _append(self, block: CellBlock) -> None:
         block = check_block(block, self.spec)
         n = block.n_cells
@@ -249,49 +235,33 @@ class ZarrStoreWriter:
             if self.n_cells >= self.chunk_cells:
                 self._create_x()
 
-    def finish(self) -> str:
+    def _finish(self) -> Path:
         """Flush, write groups/ and manifest.json, rename into place; returns the path."""
-        if self._done:
-            raise RuntimeError("finish after finish/abort")
-        try:
-            if self._x is None:
-                self._create_x()
-            for app in (*self._cells.values(), *self._x.values()):
-                app.flush(final=True)
-            groups = self._groups.frame()
-            for col in (*ROLES, "start", "stop"):
-                values = groups[col].to_numpy()
-                arr = self._array(f"groups/{col}", len(values), max(len(values), 1), values.dtype)
-                if len(values):
-                    arr[:] = values
-            tmp = self._atomic.tmp
-            manifest = base_manifest("zarr", self.spec, self.n_cells, self.nnz, self._cat_counts)
-            manifest.update(
-                chunk_cells=self.chunk_cells,
-                nnz_chunk=int(self.nnz_chunk),
-                codec=self.codec,
-                index_dtype=self.index_dtype,
-                n_group_ranges=len(groups),
-                checksums={name: sha256_tree(tmp / name) for name in sorted(self._array_names)},
-            )
-            write_manifest(tmp, manifest)
-            path = self._atomic.commit()
-        except BaseException:
-            self.abort()
-            raise
-        self._done = True
-        return str(path)
+        if self._x is None:
+            self._create_x()
+        for app in (*self._cells.values(), *self._x.values()):
+            app.flush(final=True)
+        groups = self._groups.frame()
+        for col in (*ROLES, "start", "stop"):
+            values = groups[col].to_numpy()
+            arr = self._array(f"groups/{col}", len(values), max(len(values), 1), values.dtype)
+            if len(values):
+                arr[:] = values
+        tmp = self._atomic.tmp
+        manifest = base_manifest("zarr", self.spec, self.n_cells, self.nnz, self._cat_counts)
+        manifest.update(
+            chunk_cells=self.chunk_cells,
+            nnz_chunk=int(self.nnz_chunk),
+            codec=self.codec,
+            index_dtype=self.index_dtype,
+            n_group_ranges=len(groups),
+            checksums={name: sha256_tree(tmp / name) for name in sorted(self._array_names)},
+        )
+        write_manifest(tmp, manifest)
+        return self._atomic.commit()
 
-    def abort(self) -> None:
-        self._done = True
+    def _discard(self) -> None:
         self._atomic.abort()
-
-    def __enter__(self) -> ZarrStoreWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if not self._done:
-            self.abort()
 
 
 class _ZarrRange:
