@@ -10,17 +10,20 @@ import argparse
 import sys
 
 from latentcell.data_pipelines.errors import DataValidationError
+from latentcell.trainer.config import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
     from latentcell.data_pipelines.cli import add_data_commands
     from latentcell.launch.demo import add_demo_command
+    from latentcell.launch.train import add_train_command
 
     parser = argparse.ArgumentParser(
         prog="latentcell", description="Generative models of single cells."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_data_commands(sub)
+    add_train_command(sub)
     add_demo_command(sub)
     version = sub.add_parser("version", help="print the installed version")
     version.set_defaults(func=_print_version)
@@ -38,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except DataValidationError as err:
+    except (DataValidationError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -23,13 +23,13 @@ from torch import nn
 
 from latentcell.models.likelihoods import (
     gaussian_log_prob,
-    nb_log_prob,
+    nb_log_prob_rows,
     sample_nb,
     sample_zinb,
-    zinb_log_prob,
+    zinb_log_prob_rows,
 )
 
-__all__ = ["CountVAE", "CountVAEConfig", "VAEOutput"]
+__all__ = ["CountVAE", "CountVAEConfig", "LatentMeanEncoder", "VAEOutput"]
 
 LIKELIHOODS = ("nb", "zinb", "gaussian")
 DISPERSIONS = ("gene",)
@@ -47,6 +47,9 @@ class CountVAEConfig:
         ``n_batches`` is then the number of codes (one-hot width).
     covariate_keys / n_covariate_categories: further categorical ``obs`` keys conditioned on
         exactly like the batch (one-hot into encoder and decoder).
+    encode_covariates: also feed the batch/covariate one-hots to the encoder. Off by default
+        (as in scVI): then ``encode`` needs only counts, so the latent space can be computed
+        for cells of unseen batches and the encoder serves from a single input.
     kl_warmup_steps: the KL weight rises linearly from 0 at step 0 to 1 at this step (0: no
         warm-up), which stops the posterior from collapsing to the prior early in training.
     dispersion: only ``"gene"`` (one learned inverse dispersion per gene) for now.
@@ -62,6 +65,7 @@ class CountVAEConfig:
     n_batches: int = 0
     covariate_keys: tuple[str, ...] = ()
     n_covariate_categories: tuple[int, ...] = ()
+    encode_covariates: bool = False
     kl_warmup_steps: int = 0
     dispersion: str = "gene"
 
@@ -109,6 +113,30 @@ class VAEOutput:
     kl_weight: float
     n_cells: torch.Tensor
 
+    def metrics(self) -> dict[str, torch.Tensor | float]:
+        """Per-cell means the trainer logs (averaged over processes, weighted by n_cells)."""
+        return {
+            "loss": self.loss.detach(),
+            "reconstruction": self.reconstruction,
+            "kl": self.kl,
+            "elbo": -(self.reconstruction + self.kl),
+            "kl_weight": self.kl_weight,
+        }
+
+
+class LatentMeanEncoder(nn.Module):
+    """counts ``(n, n_genes)`` -> posterior mean ``(n, n_latent)``: the VAE's serving entry
+    point (MLflow model, ONNX encoder). Needs ``encode_covariates=False`` (the default)."""
+
+    def __init__(self, vae: CountVAE) -> None:
+        super().__init__()
+        if vae.config.encode_covariates:
+            raise ValueError("a covariate-conditioned encoder needs more than counts to serve")
+        self.vae = vae
+
+    def forward(self, counts: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(counts)[0]
+
 
 def _mlp(n_in: int, n_cond: int, n_hidden: int, n_layers: int, dropout: float) -> nn.ModuleList:
     # Each layer sees the conditioning one-hot again (scVI's "deep injection"), so covariates
@@ -128,7 +156,17 @@ def _mlp(n_in: int, n_cond: int, n_hidden: int, n_layers: int, dropout: float) -
 
 
 def _run_mlp(layers: nn.ModuleList, h: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
-    for layer in layers:
+    for i, layer in enumerate(layers):
+        if i == 0 and h.layout == torch.sparse_csr and cond is None:
+            # Sparse input: the first matmul touches only the non-zeros (~10% of a count
+            # matrix) and the dense (n, n_genes) matrix is never built.
+            linear = layer[0]
+            h = torch.sparse.mm(h, linear.weight.t()) + linear.bias
+            for module in layer[1:]:
+                h = module(h)
+            continue
+        if h.layout != torch.strided:
+            h = h.to_dense()
         h = layer(h if cond is None else torch.cat([h, cond], dim=-1))
     return h
 
@@ -140,8 +178,27 @@ def _dense(X: torch.Tensor) -> torch.Tensor:
     return X.float() if not X.is_floating_point() else X
 
 
+def _row_sums(X: torch.Tensor) -> torch.Tensor:
+    if X.layout == torch.sparse_csr:
+        crow = X.crow_indices()
+        rows = torch.repeat_interleave(
+            torch.arange(X.shape[0], device=X.device), crow[1:] - crow[:-1]
+        )
+        return torch.zeros(X.shape[0], device=X.device).index_add(0, rows, X.values().float())
+    return _dense(X).sum(-1)
+
+
 def normalize_log1p(X: torch.Tensor, library_size: torch.Tensor) -> torch.Tensor:
-    """``log1p(X / library * 1e4)``; empty cells (library 0) map to zeros instead of nan."""
+    """``log1p(X / library * 1e4)``; empty cells (library 0) map to zeros instead of nan.
+    A sparse CSR ``X`` stays sparse (log1p(0) = 0, so only stored values change)."""
+    if X.layout == torch.sparse_csr:
+        crow, cols, values = X.crow_indices(), X.col_indices(), X.values().float()
+        lib = library_size.float().clamp_min(1.0)
+        rows = torch.repeat_interleave(
+            torch.arange(X.shape[0], device=X.device), crow[1:] - crow[:-1]
+        )
+        normalized = torch.log1p(values / lib[rows] * TARGET_SUM)
+        return torch.sparse_csr_tensor(crow, cols, normalized, X.shape)
     lib = library_size.to(X.dtype).clamp_min(1.0).unsqueeze(-1)
     return torch.log1p(X / lib * TARGET_SUM)
 
@@ -153,7 +210,8 @@ class CountVAE(nn.Module):
         super().__init__()
         self.config = config
         c = config
-        self.encoder = _mlp(c.n_genes, c.n_conditions, c.n_hidden, c.n_layers, c.dropout)
+        n_enc_cond = c.n_conditions if c.encode_covariates else 0
+        self.encoder = _mlp(c.n_genes, n_enc_cond, c.n_hidden, c.n_layers, c.dropout)
         self.z_mean = nn.Linear(c.n_hidden, c.n_latent)
         self.z_var = nn.Linear(c.n_hidden, c.n_latent)
         self.decoder = _mlp(c.n_latent, c.n_conditions, c.n_hidden, c.n_layers, 0.0)
@@ -218,14 +276,20 @@ class CountVAE(nn.Module):
         ``library_size`` defaults to the row sums of ``X`` (the loader's value when the store
         holds every gene).
         """
-        X = _dense(X)
+        dtype = self.z_mean.weight.dtype  # bf16 under DeepSpeed's bf16 mode
+        if X.layout != torch.sparse_csr or dtype != torch.float32:
+            X = _dense(X)
         if library_size is None:
-            library_size = X.sum(-1)
+            library_size = _row_sums(X)
         h = normalize_log1p(X, library_size)
-        cond = self._condition(X.shape[0], X.device, batch_index, covariates)
+        h = h.to(dtype) if h.layout == torch.strided else h
+        cond = None
+        if self.config.encode_covariates:
+            cond = self._condition(X.shape[0], X.device, batch_index, covariates)
+            cond = None if cond is None else cond.to(dtype)
         h = _run_mlp(self.encoder, h, cond)
-        mean = self.z_mean(h)
-        log_var = torch.log(F.softplus(self.z_var(h)) + _MIN_VAR)
+        mean = self.z_mean(h).float()
+        log_var = torch.log(F.softplus(self.z_var(h).float()) + _MIN_VAR)
         return mean, log_var
 
     def decode(
@@ -242,36 +306,43 @@ class CountVAE(nn.Module):
         log1p-normalized expression.
         """
         c = self.config
+        dtype = self.px_mean.weight.dtype
         cond = self._condition(z.shape[0], z.device, batch_index, covariates)
-        h = _run_mlp(self.decoder, z, cond)
+        h = _run_mlp(self.decoder, z.to(dtype), None if cond is None else cond.to(dtype))
+        # Likelihood parameters in fp32 whatever the weights' precision: lgamma and softmax
+        # over thousands of genes lose too much in bf16.
         if c.likelihood == "gaussian":
-            return {"mean": self.px_mean(h), "log_var": self.px_log_var.expand(z.shape[0], -1)}
-        scale = torch.softmax(self.px_mean(h), dim=-1)
+            log_var = self.px_log_var.float().expand(z.shape[0], -1)
+            return {"mean": self.px_mean(h).float(), "log_var": log_var}
+        log_scale = torch.log_softmax(self.px_mean(h).float(), dim=-1)
+        scale = torch.exp(log_scale)
         lib = torch.as_tensor(library_size, dtype=scale.dtype, device=scale.device)
         lib = lib.reshape(-1, 1) if lib.ndim else lib
+        log_theta = self.px_log_theta.float().expand(z.shape[0], -1)
         params = {
             "scale": scale,
             "mu": scale * lib,
-            "theta": torch.exp(self.px_log_theta).expand(z.shape[0], -1),
+            "theta": torch.exp(log_theta),
+            # log-space forms for the likelihood: log_softmax is exact where softmax underflows
+            "log_mu": log_scale + torch.log(lib.clamp_min(torch.finfo(scale.dtype).tiny)),
+            "log_theta": log_theta,
         }
         if c.likelihood == "zinb":
-            params["zi_logits"] = self.px_zi_logits(h)
+            params["zi_logits"] = self.px_zi_logits(h).float()
         return params
 
     def log_likelihood(
         self, X: torch.Tensor, library_size: torch.Tensor, params: Mapping[str, torch.Tensor]
     ) -> torch.Tensor:
-        """Per-cell ``log p(x | z)`` summed over genes, ``(n,)``."""
+        """Per-cell ``log p(x | z)`` summed over genes, ``(n,)``. ``X`` may stay sparse CSR
+        for NB/ZINB (the lgamma terms are then evaluated at the non-zeros only)."""
         c = self.config
-        X = _dense(X)
         if c.likelihood == "nb":
-            lp = nb_log_prob(X, params["mu"], params["theta"])
-        elif c.likelihood == "zinb":
-            lp = zinb_log_prob(X, params["mu"], params["theta"], params["zi_logits"])
-        else:
-            lp = gaussian_log_prob(
-                normalize_log1p(X, library_size), params["mean"], params["log_var"]
-            )
+            return nb_log_prob_rows(X, params["log_mu"], params["log_theta"])
+        if c.likelihood == "zinb":
+            return zinb_log_prob_rows(X, params["log_mu"], params["log_theta"], params["zi_logits"])
+        X = _dense(X)
+        lp = gaussian_log_prob(normalize_log1p(X, library_size), params["mean"], params["log_var"])
         return lp.sum(-1)
 
     def kl_weight(self, step: int | torch.Tensor = 0) -> float:
@@ -284,11 +355,13 @@ class CountVAE(nn.Module):
         self, batch: Mapping, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # (-log p(x|z), KL(q(z|x) || N(0, I))) per cell, single reparameterized sample.
-        X = _dense(batch["X"])
+        X = batch["X"]
+        if X.layout not in (torch.strided, torch.sparse_csr):
+            X = _dense(X)
         library_size = batch.get("library_size")
         if library_size is None:
-            library_size = X.sum(-1)
-        library_size = library_size.to(device=X.device, dtype=X.dtype)
+            library_size = _row_sums(X)
+        library_size = library_size.to(device=X.device, dtype=torch.float32)
         batch_index, covariates = self._batch_conditions(batch)
         mean, log_var = self.encode(X, library_size, batch_index, covariates)
         eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)

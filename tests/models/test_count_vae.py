@@ -52,14 +52,16 @@ def test_shapes_and_output(likelihood):
     assert mean.shape == log_var.shape == (7, 3)
     params = model.decode(mean, X.sum(-1))
     expected = {
-        "nb": {"scale", "mu", "theta"},
-        "zinb": {"scale", "mu", "theta", "zi_logits"},
+        "nb": {"scale", "mu", "theta", "log_mu", "log_theta"},
+        "zinb": {"scale", "mu", "theta", "log_mu", "log_theta", "zi_logits"},
         "gaussian": {"mean", "log_var"},
     }[likelihood]
     assert set(params) == expected
     assert all(v.shape == (7, N_GENES) for v in params.values())
     if likelihood != "gaussian":
         torch.testing.assert_close(params["scale"].sum(-1), torch.ones(7))
+        torch.testing.assert_close(params["log_mu"].exp(), params["mu"])
+        torch.testing.assert_close(params["log_theta"].exp(), params["theta"])
         torch.testing.assert_close(params["mu"].sum(-1), X.sum(-1))
     assert model.elbo_per_cell(_batch(X)).shape == (7,)
 
@@ -75,14 +77,21 @@ def test_sample_gives_counts(likelihood):
     assert s2.shape == (4, N_GENES)
 
 
-def test_sparse_and_dense_give_same_loss():
-    model = _model("zinb").eval()
+@pytest.mark.parametrize("likelihood", ["nb", "zinb"])
+def test_sparse_and_dense_give_same_loss_and_gradients(likelihood):
+    # Sparse batches take another path (sparse first matmul, lgamma at non-zeros only).
+    model = _model(likelihood).eval()
     X = _counts(9)
-    torch.manual_seed(3)
-    dense = model(_batch(X)).loss
-    torch.manual_seed(3)
-    sparse = model(_batch(X, sparse=True)).loss
-    torch.testing.assert_close(sparse, dense)
+    grads = []
+    for sparse in (False, True):
+        torch.manual_seed(3)
+        model.zero_grad()
+        out = model(_batch(X, sparse=sparse))
+        out.loss.backward()
+        grads.append((out.loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    for dense_grad, sparse_grad in zip(grads[0][1], grads[1][1], strict=True):
+        torch.testing.assert_close(dense_grad, sparse_grad, rtol=1e-4, atol=1e-5)
 
 
 def test_pad_cells_do_not_change_loss():

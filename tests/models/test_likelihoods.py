@@ -10,9 +10,11 @@ from scipy import stats
 from latentcell.models.likelihoods import (
     gaussian_log_prob,
     nb_log_prob,
+    nb_log_prob_rows,
     sample_nb,
     sample_zinb,
     zinb_log_prob,
+    zinb_log_prob_rows,
 )
 
 XS = np.array([0, 1, 2, 5, 17, 100, 1000, 100_000], dtype=np.float64)
@@ -126,3 +128,37 @@ def test_sample_zinb_moments():
     assert s.mean().item() == pytest.approx(mean, rel=0.02)
     assert s.var().item() == pytest.approx(var, rel=0.05)
     assert (s == 0).double().mean().item() == pytest.approx(p0, abs=0.01)
+
+
+@pytest.mark.parametrize("layout", ["dense", "csr"])
+def test_row_sums_equal_elementwise_sums(layout):
+    # The sparse-aware per-cell sums must equal summing the (scipy-checked) elementwise
+    # log-probabilities, for every count pattern: zeros, small and large counts.
+    gen = torch.Generator().manual_seed(0)
+    n, g = 6, 40
+    mu = torch.rand(n, g, generator=gen, dtype=torch.float64) * 20 + 0.01
+    theta = torch.rand(g, generator=gen, dtype=torch.float64) * 50 + 0.05
+    zi = torch.randn(n, g, generator=gen, dtype=torch.float64)
+    x = sample_nb(mu, theta.expand(n, g), generator=gen)
+    x[0] = 0.0  # an empty cell
+    assert 0 < (x == 0).double().mean() < 1
+    xs = x.to_sparse_csr() if layout == "csr" else x
+    torch.testing.assert_close(
+        nb_log_prob_rows(xs, mu.log(), theta.log()), nb_log_prob(x, mu, theta).sum(-1)
+    )
+    torch.testing.assert_close(
+        zinb_log_prob_rows(xs, mu.log(), theta.log(), zi), zinb_log_prob(x, mu, theta, zi).sum(-1)
+    )
+
+
+def test_row_sums_gradients_match_elementwise():
+    gen = torch.Generator().manual_seed(1)
+    x = sample_nb(torch.full((5, 30), 2.0), torch.tensor(3.0), generator=gen).double()
+    log_mu = torch.randn(5, 30, generator=gen, dtype=torch.float64, requires_grad=True)
+    log_theta = torch.randn(30, generator=gen, dtype=torch.float64, requires_grad=True)
+    nb_log_prob_rows(x.to_sparse_csr(), log_mu, log_theta).sum().backward()
+    sparse_grads = (log_mu.grad.clone(), log_theta.grad.clone())
+    log_mu.grad = log_theta.grad = None
+    nb_log_prob(x, log_mu.exp(), log_theta.exp()).sum().backward()
+    torch.testing.assert_close(sparse_grads[0], log_mu.grad)
+    torch.testing.assert_close(sparse_grads[1], log_theta.grad)

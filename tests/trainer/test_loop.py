@@ -1,0 +1,117 @@
+"""The loop's own guarantees, on a toy stage: skipping non-finite losses, EMA, checkpoint
+pruning and atomicity, disjoint data per step."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from latentcell.trainer.checkpoint import resolve_resume
+from latentcell.trainer.config import load_config
+from latentcell.trainer.ema import EMA
+from latentcell.trainer.loop import NonFiniteLossError, fit
+from tests.trainer.toy_stage import ToyRunConfig, ToyStage
+
+
+def _config(tmp_path, *overrides):
+    return load_config(
+        ToyRunConfig,
+        None,
+        [f"run.dir={tmp_path / 'toy'}", "train.progress=false", "tracking.log_every=5", *overrides],
+    )
+
+
+def test_run_writes_checkpoints_and_keeps_last_k(tmp_path):
+    config = _config(
+        tmp_path, "train.max_steps=25", "train.checkpoint_every=5", "train.keep_last=2"
+    )
+    result = fit(ToyStage(config), config)
+    ckpts = sorted(p.name for p in (tmp_path / "toy" / "checkpoints").iterdir())
+    assert ckpts == ["step_20", "step_25"]
+    assert result.step == 25 and result.last_checkpoint.name == "step_25"
+    state = json.loads((result.last_checkpoint / "trainer_state.json").read_text())
+    assert state["step"] == 25 and state["world_size"] == 1
+    assert (result.final_dir / "model.safetensors").exists()
+    summary = json.loads((tmp_path / "toy" / "summary.json").read_text())
+    assert summary["step"] == 25 and "val/loss" in summary["val"]
+    # 25 steps of 16 cells from a 480-cell stream: one epoch and a bit, no repeats within one
+    stage_rows = np.concatenate(ToyStage(config).store.read_rows(0, 480).rows[None])
+    assert len(stage_rows) == 480
+
+
+def test_each_epoch_sees_every_cell_once(tmp_path):
+    config = _config(tmp_path, "train.max_steps=30", "train.checkpoint_every=0")
+    stage = ToyStage(config)
+    fit(stage, config)
+    rows = np.concatenate(stage.rows_seen)
+    first_epoch = rows[:480]
+    assert sorted(first_epoch.tolist()) == list(range(480))
+    assert len(rows) == 30 * 16
+
+
+def test_nonfinite_loss_is_skipped_without_an_update(tmp_path):
+    config = _config(tmp_path, "train.max_steps=12", "train.checkpoint_every=0")
+    result = fit(ToyStage(config, nan_at=(4,)), config)
+    assert result.train_metrics["train/skipped_batches"] == 1.0
+    weights = load_file(str(result.final_dir / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_persistent_nonfinite_loss_stops_with_advice(tmp_path):
+    config = _config(tmp_path, "train.max_steps=20", "train.max_nonfinite=3")
+    with pytest.raises(NonFiniteLossError, match="--resume"):
+        fit(ToyStage(config, nan_at=tuple(range(2, 20))), config)
+
+
+def test_ema_weights_are_saved_and_differ(tmp_path):
+    config = _config(tmp_path, "train.max_steps=15", "train.ema=true", "train.ema_decay=0.9")
+    result = fit(ToyStage(config), config)
+    model = load_file(str(result.final_dir / "model.safetensors"))
+    ema = load_file(str(result.final_dir / "ema.safetensors"))
+    assert set(ema) == set(model)
+    assert not torch.equal(ema["linear.weight"], model["linear.weight"])
+    assert "val_ema/loss" in result.val_metrics
+
+
+def test_ema_known_answer():
+    layer = torch.nn.Linear(1, 1, bias=False)
+    ema = EMA(layer, decay=0.5)
+    for value in (2.0, 4.0, 8.0):
+        with torch.no_grad():
+            layer.weight.fill_(value)
+        ema.update(layer)
+    # first update copies (2), then 0.5*2 + 0.5*4 = 3, then 0.5*3 + 0.5*8 = 5.5
+    assert ema.module.weight.item() == pytest.approx(5.5)
+    restored = EMA(torch.nn.Linear(1, 1, bias=False), decay=0.5)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.module.weight.item() == pytest.approx(5.5)
+
+
+def test_resume_auto_ignores_an_unfinished_save(tmp_path):
+    run_dir = tmp_path / "run"
+    assert resolve_resume("auto", run_dir) is None  # nothing yet: fresh start
+    (run_dir / "checkpoints" / "step_10").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step_10" / "trainer_state.json").write_text("{}")
+    (run_dir / "checkpoints" / ".tmp-step_20").mkdir()  # killed mid-save
+    (run_dir / "checkpoints" / "step_30").mkdir()  # no trainer_state: incomplete
+    assert resolve_resume("auto", run_dir).name == "step_10"
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        resolve_resume(str(run_dir / "checkpoints" / "step_30"), run_dir)
+
+
+def test_resume_in_process_matches_uninterrupted(tmp_path):
+    full = _config(tmp_path / "a", "train.max_steps=20", "train.checkpoint_every=10")
+    fit(ToyStage(full), full)
+    crashed = _config(tmp_path / "b", "train.max_steps=20", "train.checkpoint_every=10")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(ToyStage(crashed, crash_after=13), crashed)  # dies 3 steps after step_10
+    stage = ToyStage(crashed)
+    result = fit(stage, crashed, resume="auto")
+    assert len(stage.rows_seen) == 10  # resumed at step 10: only the last 10 steps ran
+    a = load_file(str(tmp_path / "a" / "toy" / "final" / "model.safetensors"))
+    b = load_file(str(result.final_dir / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

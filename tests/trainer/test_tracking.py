@@ -1,0 +1,249 @@
+"""Tracker against a real MLflow SQLite store (no mocks): batching, resume, failures, models."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from latentcell.trainer.tracking import (
+    NullTracker,
+    Tracker,
+    TrackingConfig,
+    default_uri,
+    flatten_config,
+    make_tracker,
+    pip_requirements,
+)
+
+# SQLAlchemy 2.1 deprecates a loader MLflow 3.17 still configures; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def uri(tmp_path_factory):
+    """One store for the module: creating a SQLite store costs ~2.5 s."""
+    return default_uri(tmp_path_factory.mktemp("mlflow"))
+
+
+@pytest.fixture(scope="module")
+def client(uri):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def _steps(client, run_id, key):
+    return [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+
+
+def test_flatten_default_uri_and_pins(tmp_path):
+    flat = flatten_config({"a": {"b": 1, "c": [1, 2]}, "d": (3,), "e": None})
+    assert flat == {"a.b": "1", "a.c": "[1, 2]", "d": "[3]", "e": "None"}
+    assert default_uri(tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    pins = pip_requirements()
+    assert [p.split("==")[0] for p in pins] == ["torch", "numpy", "latentcell", "mlflow"]
+    assert f"torch=={torch.__version__}" in pins
+
+
+def test_params_batched_metrics_artifacts(uri, client, tmp_path):
+    tracker = Tracker(TrackingConfig(experiment="t", flush_every=10), uri)
+    params = {f"p{i:03d}": str(i) for i in range(150)} | {"long": "x" * 7000}
+    run_id = tracker.start("stage1", params, tags={"stage": "vae"})
+    assert run_id == tracker.run_id
+    run = client.get_run(run_id)
+    assert run.info.status == "RUNNING" and run.info.run_name == "stage1"
+    assert run.data.tags["stage"] == "vae"
+    assert len(run.data.params) == 151 and run.data.params["p149"] == "149"
+    assert len(run.data.params["long"]) == 6000 and run.data.params["long"].endswith("[truncated]")
+
+    for step in range(9):  # buffered: nothing reaches the store before the 10th call
+        tracker.log_metrics({"loss": 1.0 / (step + 1), "val/loss (nb)": float(step)}, step)
+    assert _steps(client, run_id, "loss") == []
+    tracker.log_metrics({"loss": 0.1, "val/loss (nb)": 9.0}, 9)  # 10th call: one flush
+    assert [s for s, _ in _steps(client, run_id, "loss")] == list(range(10))
+    assert len(_steps(client, run_id, "val/loss _nb_")) == 10  # key made valid, not dropped
+    tracker.log_metrics({"grad": math.nan, "big": math.inf}, 10)
+    tracker.log_metrics({f"w{i}": float(i) for i in range(2500)}, 11)  # > 1000: chunked
+    tracker.flush()
+    metrics = client.get_run(run_id).data.metrics
+    assert len([k for k in metrics if k.startswith("w")]) == 2500
+    assert math.isnan(metrics["grad"]) and metrics["big"] > 1e300
+
+    (tmp_path / "notes.txt").write_text("hello")
+    tracker.log_artifact(tmp_path / "notes.txt", "extra")
+    tracker.log_dict({"a": 1, "b": [1, 2]}, "config.yaml")
+    tracker.log_metrics({"loss": 0.05}, 12)  # buffered until end()
+    tracker.end()
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert len(_steps(client, run_id, "loss")) == 11
+    paths = {a.path for a in client.list_artifacts(run_id)}
+    assert paths == {"extra", "config.yaml"}
+    assert [a.path for a in client.list_artifacts(run_id, "extra")] == ["extra/notes.txt"]
+    tracker.log_metrics({"loss": 1.0}, 13)  # after end: a no-op, not an error
+    tracker.end()
+
+
+def test_resume_continues_the_same_run(uri, client):
+    config = TrackingConfig(experiment="t", flush_every=100)
+    first = Tracker(config, uri)
+    run_id = first.start("stage1", {"lr": "0.001", "epochs": "2"})
+    for step in range(5):
+        first.log_metrics({"loss": float(step)}, step)
+    first.flush()  # the process dies here: no end()
+    assert client.get_run(run_id).info.status == "RUNNING"
+    first.end("KILLED")  # or it was marked killed; resume must reopen it either way
+    assert client.get_run(run_id).info.status == "KILLED"
+
+    second = Tracker(config, uri)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # identical params re-logged must not warn or fail
+        resumed = second.start(
+            "stage1", {"lr": "0.001", "epochs": "2", "resumed_from": "4"}, resume_run_id=run_id
+        )
+    assert resumed == run_id
+    assert client.get_run(run_id).info.status == "RUNNING"
+    for step in range(5, 10):
+        second.log_metrics({"loss": float(step)}, step)
+    second.end()
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params == {"lr": "0.001", "epochs": "2", "resumed_from": "4"}
+    assert [s for s, _ in _steps(client, run_id, "loss")] == list(range(10))
+
+    third = Tracker(config, uri)  # a changed value cannot be re-logged: keep the old one, warn
+    with pytest.warns(RuntimeWarning, match="values changed"):
+        third.start("stage1", {"lr": "0.01"}, resume_run_id=run_id)
+    third.end()
+    assert client.get_run(run_id).data.params["lr"] == "0.001"
+
+
+def _exercise(tracker, tmp_path):
+    """Every call the loop makes; none may raise."""
+    tracker.start("s", {"a": "1"})
+    for step in range(25):
+        tracker.log_metrics({"loss": 1.0}, step)
+    tracker.flush()
+    (tmp_path / "f.txt").write_text("x")
+    tracker.log_artifact(tmp_path / "f.txt")
+    tracker.log_dict({"a": 1}, "c.json")
+    tracker.end()
+
+
+def test_unusable_sqlite_path_warns_once_and_never_raises(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    tracker = Tracker(TrackingConfig(flush_every=2), f"sqlite:///{tmp_path}/file/x/mlflow.db")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _exercise(tracker, tmp_path)
+    assert tracker.run_id is None
+    assert len(caught) == 1 and caught[0].category is RuntimeWarning
+    assert "file/x/mlflow.db" in str(caught[0].message) and "start" in str(caught[0].message)
+
+
+def test_dead_http_server_is_fast_and_never_raises(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "1")
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tracker = Tracker(TrackingConfig(), f"http://127.0.0.1:{port}")
+    t0 = time.perf_counter()
+    with pytest.warns(RuntimeWarning, match=f"127.0.0.1:{port}"):
+        _exercise(tracker, tmp_path)
+    assert time.perf_counter() - t0 < 5
+
+
+def test_backend_failure_mid_run_warns_once_per_kind(uri, client, tmp_path):
+    tracker = Tracker(TrackingConfig(experiment="t", flush_every=1), uri)
+    run_id = tracker.start("s", {})
+    client.delete_run(run_id)  # from now on every write is rejected by the store
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(5):
+            tracker.log_metrics({"loss": 1.0}, step)
+        tracker.log_dict({"a": 1}, "c.json")
+        tracker.end()
+    kinds = [str(w.message).split(": ")[1].split(" failed")[0] for w in caught]
+    assert sorted(kinds) == sorted(set(kinds)) and "flush" in kinds
+    assert all(w.category is RuntimeWarning for w in caught)
+    assert tracker._pending == []  # rejected batches are not retried forever
+
+
+def test_log_model_round_trip_keeps_run_running(uri, client):
+    import mlflow.pytorch
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    x = np.random.default_rng(0).random((4, 3), dtype=np.float32)
+    pins = pip_requirements()
+    env_before = os.environ.get("MLFLOW_TRACKING_URI")
+    tracker = Tracker(TrackingConfig(experiment="t"), uri)
+    run_id = tracker.start("s", {"a": "1"})
+    tracker.log_metrics({"loss": 0.5}, 7)
+
+    t0 = time.perf_counter()
+    model_uri = tracker.log_model(model, "model", x, pins, step=7)
+    elapsed = time.perf_counter() - t0
+    assert model_uri is not None, "log_model failed (see warnings)"
+    assert elapsed < 10, f"log_model took {elapsed:.1f} s"
+    assert client.get_run(run_id).info.status == "RUNNING"  # our run was not ended
+    assert mlflow.active_run() is None
+    assert os.environ.get("MLFLOW_TRACKING_URI") == env_before
+
+    logged = client.get_logged_model(model_uri.removeprefix("models:/"))
+    assert logged.source_run_id == run_id
+    folder = logged.artifact_location.removeprefix("file://")
+    with open(os.path.join(folder, "requirements.txt")) as fh:
+        assert fh.read().split() == pins
+    loaded = mlflow.pytorch.load_model(folder)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(torch.from_numpy(x)), model(torch.from_numpy(x)))
+    tracker.end()
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+class _DataDependent(torch.nn.Module):
+    """Branches on a tensor value, which torch.export cannot trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.lin(x) if x.sum() > 0 else -self.lin(x)
+
+
+def test_log_model_falls_back_to_pickle(uri):
+    import mlflow.pytorch
+
+    model = _DataDependent()
+    x = np.ones((4, 3), dtype=np.float32)
+    tracker = Tracker(TrackingConfig(experiment="t"), uri)
+    tracker.start("s", {})
+    with pytest.warns(RuntimeWarning, match="pt2 export"):
+        model_uri = tracker.log_model(model, "model", x, pip_requirements())
+    assert model_uri is not None
+    folder = tracker._client.get_logged_model(model_uri.removeprefix("models:/")).artifact_location
+    loaded = mlflow.pytorch.load_model(folder.removeprefix("file://"))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(torch.from_numpy(x)), model(torch.from_numpy(x)))
+    tracker.end()
+
+
+def test_null_tracker_and_make_tracker(uri, tmp_path):
+    assert isinstance(make_tracker(TrackingConfig(), uri, is_main_process=False), NullTracker)
+    assert isinstance(make_tracker(TrackingConfig(enabled=False), uri, True), NullTracker)
+    assert isinstance(make_tracker(TrackingConfig(), uri, True), Tracker)
+    null = NullTracker()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _exercise(null, tmp_path)
+        assert null.log_model(torch.nn.Linear(1, 1), "m", np.zeros((1, 1)), []) is None
+    assert null.run_id is None

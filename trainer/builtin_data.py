@@ -1,0 +1,43 @@
+"""The built-in dataset every stage trains on when ``data.path`` is empty.
+
+A synthetic Virtual-Cell-Challenge-style experiment (NB counts, 2 cell types, 3 batches,
+20 perturbations with known effects), 2000 genes, written once as a Zarr store under
+``<run root>/builtin_data`` and reused by later runs and stages.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+__all__ = ["BUILTIN_CELLS", "ensure_builtin_store"]
+
+BUILTIN_CELLS = 20_000
+BUILTIN_GENES = 2000
+
+
+def ensure_builtin_store(root: Path, create: bool = True) -> Path:
+    """Path of the built-in store under ``root``, synthesizing and building it if needed."""
+    store = Path(root) / "builtin_data" / "synthetic_vcc.zarr"
+    if store.exists() or not create:
+        return store
+    from latentcell.data_pipelines.build import build_store
+    from latentcell.data_pipelines.synth import SynthConfig, synthesize
+
+    store.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=store.parent) as tmp:
+        h5ad = Path(tmp) / "synthetic_vcc.h5ad"
+        synthesize(
+            SynthConfig(
+                schema="vcc",
+                n_cells=BUILTIN_CELLS,
+                n_genes=BUILTIN_GENES,
+                n_perturbations=20,
+                n_cell_types=2,
+                n_batches=3,
+                seed=0,
+            ),
+            h5ad,
+        )
+        build_store([h5ad], store, format="zarr", schema="vcc")  # atomic: temp dir + rename
+    return store

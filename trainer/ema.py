@@ -1,0 +1,40 @@
+"""Exponential moving average of a model's weights, checkpointed with the run.
+
+``torch.optim.swa_utils.AveragedModel`` does the averaging (its first update copies the
+weights, later ones apply ``decay``); this wrapper only adds what the trainer needs: a
+frozen copy, a ``state_dict`` that ``accelerator.register_for_checkpointing`` can save, and
+the averaged module for validation and export.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+__all__ = ["EMA"]
+
+
+class EMA:
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.averaged = AveragedModel(
+            model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True
+        )
+        self.averaged.requires_grad_(False)
+        self.averaged.eval()
+
+    @property
+    def module(self) -> nn.Module:
+        """The averaged copy of the model (same class and config)."""
+        return self.averaged.module
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.averaged.update_parameters(model)
+
+    def state_dict(self) -> dict:
+        return self.averaged.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.averaged.load_state_dict(state)

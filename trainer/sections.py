@@ -1,0 +1,109 @@
+"""The config sections every training stage shares: where the run lives, its data, the
+optimizer and the loop. A stage composes these with its own model section (see
+``vae_stage.VAERunConfig``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+PRECISIONS = ("auto", "no", "bf16", "fp16")
+SCHEDULES = ("cosine", "constant")
+
+
+@dataclass(frozen=True)
+class RunSection:
+    """dir: this stage's outputs (config.toml, checkpoints/, final/).
+    root: where stages of one experiment share an MLflow store and the built-in dataset;
+    "" means the parent of ``dir``."""
+
+    dir: str = "runs/vae"
+    root: str = ""
+    name: str = ""
+
+    @property
+    def dir_path(self) -> Path:
+        return Path(self.dir)
+
+    @property
+    def root_path(self) -> Path:
+        return Path(self.root) if self.root else Path(self.dir).resolve().parent
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """path: a store written by ``latentcell data build`` (Zarr or WebDataset); "" uses the
+    built-in synthetic dataset, generated once under ``<run root>/builtin_data``.
+    val_path: a separate validation store; else ``val_fraction`` of the store's read units
+    (Zarr chunks / shards, chosen by ``split_seed``) are held out."""
+
+    path: str = ""
+    val_path: str = ""
+    val_fraction: float = 0.05
+    split_seed: int = 0
+    batch_size: int = 256
+    num_workers: int = 0
+    buffer_units: int = 8
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.batch_size < 1 or self.num_workers < 0 or self.buffer_units < 1:
+            raise ValueError("batch_size and buffer_units must be >= 1, num_workers >= 0")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with decoupled weight decay on weight matrices only (not biases, norms,
+    per-gene dispersions), linear warm-up then cosine decay to ``min_lr_ratio * lr``."""
+
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    warmup_steps: int = 100
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.weight_decay < 0 or self.warmup_steps < 0:
+            raise ValueError("lr must be > 0, weight_decay and warmup_steps >= 0")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The loop. Steps count optimizer updates (each ``grad_accum_steps`` micro-batches per
+    process). ``max_nonfinite``: consecutive micro-batches with a nan/inf loss that are
+    skipped before the run stops with an error. ``checkpoint_every`` 0 saves only at the end;
+    ``eval_every`` 0 validates only at the end."""
+
+    max_steps: int = 1000
+    seed: int = 0
+    grad_accum_steps: int = 1
+    mixed_precision: str = "auto"
+    ema: bool = False
+    ema_decay: float = 0.999
+    eval_every: int = 250
+    eval_batches: int = 0
+    checkpoint_every: int = 500
+    keep_last: int = 2
+    max_nonfinite: int = 20
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1 or self.grad_accum_steps < 1:
+            raise ValueError("max_steps and grad_accum_steps must be >= 1")
+        if self.mixed_precision not in PRECISIONS:
+            raise ValueError(f"mixed_precision must be one of {PRECISIONS}")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        if min(self.eval_every, self.eval_batches, self.checkpoint_every) < 0:
+            raise ValueError("eval_every, eval_batches and checkpoint_every must be >= 0")
+        if self.keep_last < 1 or self.max_nonfinite < 1 or self.seed < 0:
+            raise ValueError("keep_last and max_nonfinite must be >= 1, seed >= 0")

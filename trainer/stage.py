@@ -1,0 +1,55 @@
+"""What the loop needs from a training stage, and nothing more.
+
+A stage (the count VAE, later the latent DiT and the set transformer) builds its model and
+its loaders; the model's forward returns an output dataclass with ``loss`` (the scalar to
+backpropagate), ``n_cells`` (real cells in the batch, to weight averages) and
+``metrics()`` (per-cell means to log). The loop never looks further inside.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class StepOutput(Protocol):
+    loss: torch.Tensor
+    n_cells: torch.Tensor
+
+    def metrics(self) -> dict[str, torch.Tensor | float]: ...
+
+
+class Loader(Protocol):
+    """A resumable per-rank batch stream (``latentcell.data_pipelines`` loaders)."""
+
+    def __iter__(self): ...
+
+    def __len__(self) -> int: ...
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class Stage(Protocol):
+    name: str
+
+    def prepare_data(self, is_main_process: bool) -> None:
+        """Create anything on disk the loaders need (main process only; the loop waits)."""
+
+    def build_model(self) -> nn.Module: ...
+
+    def train_loader(self, rank: int, world_size: int) -> Loader: ...
+
+    def val_loader(self, rank: int, world_size: int) -> Loader | None: ...
+
+    def model_card(self) -> dict[str, Any]:
+        """The fully resolved model config (data-derived sizes included), saved with it."""
+
+    def serving_module(self, model: nn.Module) -> tuple[nn.Module, np.ndarray]:
+        """(module taking one array, an input example) for ``mlflow.pytorch.log_model``."""
