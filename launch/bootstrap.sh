@@ -3,6 +3,7 @@
 #
 #   bash launch/bootstrap.sh demo [demo args]    # synthesize -> build -> stream -> summary
 #   bash launch/bootstrap.sh test [pytest args]  # the default test suite (slow tests excluded)
+#   bash launch/bootstrap.sh bench [args]        # VAE vs scvi-tools benchmark, in .venv-bench
 #
 # torch is installed FIRST (default torch==2.13.0, the CPU wheel on this project's machines;
 # GPU users set LATENTCELL_TORCH_SPEC, e.g. "torch==2.13.0", and LATENTCELL_TORCH_INDEX_URL),
@@ -12,7 +13,10 @@ set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-venv="$root/.venv"
+mode="${1:-}"
+[ $# -gt 0 ] && shift
+# The benchmark gets its own environment: scvi-tools brings jax, lightning and pyro.
+if [ "$mode" = "bench" ]; then venv="$root/.venv-bench"; extra="bench"; else venv="$root/.venv"; extra="test"; fi
 torch_spec="${LATENTCELL_TORCH_SPEC:-torch==2.13.0}"
 python_bin="${PYTHON:-python3}"
 
@@ -22,7 +26,7 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 py="$venv/bin/python"
 stamp="$venv/.latentcell-install-stamp"
-want="$(cat pyproject.toml | sha256sum | cut -c1-16) $torch_spec ${LATENTCELL_TORCH_INDEX_URL:-}"
+want="$(cat pyproject.toml | sha256sum | cut -c1-16) $torch_spec ${LATENTCELL_TORCH_INDEX_URL:-} $extra"
 
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "[bootstrap] installing torch ($torch_spec) and latentcell into $venv"
@@ -34,14 +38,13 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   fi
   constraints="$venv/latentcell-constraints.txt"
   "$py" -c "import importlib.metadata as m; print('torch==' + m.version('torch'))" > "$constraints"
-  DS_BUILD_OPS=0 "$py" -m pip install -q -c "$constraints" -e ".[test]"
+  DS_BUILD_OPS=0 "$py" -m pip install -q -c "$constraints" -e ".[$extra]"
   echo "$want" > "$stamp"
 fi
 
-mode="${1:-}"
-[ $# -gt 0 ] && shift
 case "$mode" in
   demo) exec "$venv/bin/latentcell" demo "$@" ;;
   test) exec "$py" -m pytest -q "$@" ;;
-  *) echo "usage: bash launch/bootstrap.sh demo|test [args]" >&2; exit 2 ;;
+  bench) exec "$py" -m latentcell.trainer.benchmark_vae "$@" ;;
+  *) echo "usage: bash launch/bootstrap.sh demo|test|bench [args]" >&2; exit 2 ;;
 esac

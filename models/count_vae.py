@@ -158,12 +158,10 @@ def _mlp(n_in: int, n_cond: int, n_hidden: int, n_layers: int, dropout: float) -
 def _run_mlp(layers: nn.ModuleList, h: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
     for i, layer in enumerate(layers):
         if i == 0 and h.layout == torch.sparse_csr and cond is None:
-            # Sparse input: the first matmul touches only the non-zeros (~10% of a count
-            # matrix) and the dense (n, n_genes) matrix is never built.
-            linear = layer[0]
-            h = torch.sparse.mm(h, linear.weight.t()) + linear.bias
-            for module in layer[1:]:
-                h = module(h)
+            # Sparse input: nn.Linear multiplies a sparse CSR matrix touching only its
+            # non-zeros (~10% of a count matrix); the dense (n, n_genes) matrix is never
+            # built. Called as a module, so DeepSpeed ZeRO-3's gather hooks still run.
+            h = layer(h)
             continue
         if h.layout != torch.strided:
             h = h.to_dense()
@@ -418,6 +416,79 @@ class CountVAE(nn.Module):
                 elbo = -reconstruction - kl
                 total = elbo if total is None else total + elbo
             return total / n_samples
+        finally:
+            self.train(was_training)
+
+    @torch.no_grad()
+    def marginal_log_likelihood(
+        self,
+        batch: Mapping,
+        n_samples: int = 100,
+        generator: torch.Generator | None = None,
+        max_elements: int = 2**23,
+    ) -> torch.Tensor:
+        """Importance-sampled ``log p(x)`` per cell, ``(n,)``, with ``q(z | x)`` as proposal:
+        ``logsumexp_k [log p(x|z_k) + log N(z_k; 0, I) - log q(z_k|x)] - log K``.
+
+        A lower bound of ``log p(x)`` in expectation that tightens as ``K = n_samples`` grows;
+        ``K = 1`` is an unbiased estimate of the ELBO (the metric scvi-tools reports as
+        ``get_marginal_ll``). Eval mode (no dropout; the previous mode is restored), pad rows
+        included (drop them with ``batch["is_pad"]``). Samples are decoded in chunks of at
+        most ``max_elements`` likelihood entries (samples x cells x genes) to bound memory.
+        """
+        if n_samples < 1:
+            raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+        X = batch["X"]
+        if X.layout not in (torch.strided, torch.sparse_csr):
+            X = _dense(X)
+        library_size = batch.get("library_size")
+        if library_size is None:
+            library_size = _row_sums(X)
+        library_size = library_size.to(device=X.device, dtype=torch.float32)
+        batch_index, covariates = self._batch_conditions(batch)
+        n = X.shape[0]
+
+        def tile(t: torch.Tensor | None, k: int) -> torch.Tensor | None:
+            # per-cell codes repeated for k samples; a single broadcast code stays as is
+            return t if t is None or t.numel() != n else t.reshape(-1).repeat(k)
+
+        def repeat_rows(k: int) -> torch.Tensor:
+            # X stacked k times (sample-major), a sparse CSR X stays sparse
+            if k == 1 or X.layout != torch.sparse_csr:
+                return X if k == 1 else X.repeat(k, 1)
+            crow, nnz = X.crow_indices(), X.values().shape[0]
+            offsets = torch.arange(k, device=X.device, dtype=crow.dtype) * nnz
+            rows = (crow[:-1].unsqueeze(0) + offsets.unsqueeze(1)).reshape(-1)
+            crow_k = torch.cat([rows, crow[-1:] + offsets[-1]])
+            return torch.sparse_csr_tensor(
+                crow_k, X.col_indices().repeat(k), X.values().repeat(k), (k * n, X.shape[1])
+            )
+
+        was_training = self.training
+        self.eval()
+        try:
+            mean, log_var = self.encode(X, library_size, batch_index, covariates)
+            std = torch.exp(0.5 * log_var)
+            chunk = max(1, min(n_samples, max_elements // max(1, n * self.config.n_genes)))
+            log_w = []
+            for start in range(0, n_samples, chunk):
+                k = min(chunk, n_samples - start)
+                eps = torch.randn(
+                    (k, *mean.shape), generator=generator, device=mean.device, dtype=mean.dtype
+                )
+                z = mean + std * eps
+                lib_k = library_size.repeat(k)
+                cov_k = (
+                    None if covariates is None else {c: tile(v, k) for c, v in covariates.items()}
+                )
+                params = self.decode(z.reshape(k * n, -1), lib_k, tile(batch_index, k), cov_k)
+                log_px = self.log_likelihood(repeat_rows(k), lib_k, params).reshape(k, n)
+                # log N(z; 0, I) - log q(z | x), q written in terms of eps; the 2 pi terms cancel
+                log_pz = -0.5 * (z**2).sum(-1)
+                log_qz = -0.5 * (eps**2 + log_var).sum(-1)
+                log_w.append(log_px + log_pz - log_qz)
+            log_w = torch.cat(log_w, dim=0)
+            return torch.logsumexp(log_w, dim=0) - log_w.new_tensor(float(n_samples)).log()
         finally:
             self.train(was_training)
 

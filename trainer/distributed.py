@@ -51,6 +51,11 @@ def _deepspeed_requested() -> bool:
 def make_accelerator(train: TrainConfig, micro_batch_size: int, grad_clip: float) -> Accelerator:
     """The run's Accelerator, with gloo on CPU and DeepSpeed's batch sizes filled in."""
     timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=30))
+    if _deepspeed_requested() and os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true":
+        raise RuntimeError(
+            "ACCELERATE_USE_CPU=true with DeepSpeed: Accelerate would silently drop DeepSpeed. "
+            "Unset ACCELERATE_USE_CPU for DeepSpeed runs (it is only needed for DDP on CPU)"
+        )
     if not torch.cuda.is_available() and _world_size_from_env() > 1 and _deepspeed_requested():
         PartialState(backend="gloo", timeout=timedelta(minutes=30))
     precision = resolve_precision(train.mixed_precision)

@@ -185,6 +185,7 @@ def _train(
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
 
     def save_checkpoint() -> Path:
+        tracker.flush()  # MLflow holds every metric up to the checkpoint a resume starts from
         return checkpoints.save(
             step,
             {"mlflow_run_id": mlflow_run_id, "stage": stage.name, "skipped_batches": skipped},

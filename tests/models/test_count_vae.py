@@ -215,3 +215,51 @@ def test_training_improves_heldout_elbo_and_separates_groups():
     assert elbo_after > elbo_before + 12.0, (elbo_before, elbo_after)
     assert acc_after > 0.9, (acc_before, acc_after)
     assert acc_after > acc_before
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_marginal_log_likelihood_bounds_the_elbo(sparse):
+    model = _model(n_layers=2)
+    X = _counts(400, seed=3)
+    batch = _batch(X, sparse=sparse)
+    model.train()
+
+    def mll(n_samples: int, seed: int = 0, **kw) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        return model.marginal_log_likelihood(batch, n_samples=n_samples, generator=g, **kw)
+
+    ll = mll(200)
+    assert ll.shape == (400,) and torch.isfinite(ll).all()
+    assert model.training  # the previous mode is restored
+    torch.testing.assert_close(mll(200), ll)  # same generator seed, same estimate
+    assert not torch.equal(mll(200, seed=1), ll)
+    # chunking the samples only changes how they are computed
+    torch.testing.assert_close(mll(200, max_elements=5 * 400 * N_GENES), ll, rtol=0, atol=2e-3)
+
+    g = torch.Generator().manual_seed(1)
+    elbo = model.elbo_per_cell(batch, generator=g, n_samples=50)
+    # importance sampling tightens the bound: log p(x) >= IWAE(K) >= ELBO, per cell on average
+    assert ll.mean() > elbo.mean() + 0.05, (ll.mean(), elbo.mean())
+    # K = 1 is an unbiased estimate of the ELBO (analytic KL): equal means up to MC noise
+    one = torch.stack([mll(1, seed=s) for s in range(10)])
+    se = one.std() / math.sqrt(one.numel())
+    assert abs(one.mean() - elbo.mean()) < 4 * se + 0.02, (one.mean(), elbo.mean(), se)
+    # the estimate grows (in expectation) with K
+    assert mll(10).mean() < ll.mean()
+
+
+def test_marginal_log_likelihood_with_batch_conditioning_and_pads():
+    model = _model(batch_key="batch", n_batches=2)
+    X = _counts(6, seed=4)
+    is_pad = torch.tensor([False] * 5 + [True])
+    g = torch.Generator().manual_seed(0)
+    ll = model.marginal_log_likelihood(
+        _batch(X, is_pad=is_pad, batch=[0, 1, 0, 1, 0, 0]), n_samples=7, generator=g
+    )
+    assert ll.shape == (6,) and torch.isfinite(ll).all()
+    single = model.marginal_log_likelihood(
+        _batch(X[:1], batch=[0]), n_samples=7, generator=torch.Generator().manual_seed(5)
+    )
+    assert single.shape == (1,)
+    with pytest.raises(ValueError, match="n_samples"):
+        model.marginal_log_likelihood(_batch(X, batch=[0] * 6), n_samples=0)

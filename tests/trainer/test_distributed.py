@@ -1,5 +1,5 @@
-"""Real multi-process training on CPU (gloo): 2-process DDP and 2-process DeepSpeed ZeRO-2,
-launched exactly as a user would with ``accelerate launch``. Each must end with identical
+"""Real multi-process training on CPU (gloo): 2-process DDP and 2-process DeepSpeed ZeRO-2
+and ZeRO-3, launched exactly as a user would with ``accelerate launch``. Each must end with identical
 weights on both ranks after feeding them disjoint cells."""
 
 from __future__ import annotations
@@ -82,13 +82,12 @@ def test_ddp_two_processes(small_store, tmp_path):
     _check_ranks(out, 1200)
 
 
-def test_deepspeed_zero2_two_processes(small_store, tmp_path):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_two_processes(small_store, tmp_path, stage):
     pytest.importorskip("deepspeed")
+    config = REPO / "launch" / "deepspeed" / f"zero{stage}.json"
     out = _launch(
-        tmp_path,
-        small_store,
-        ["--use_deepspeed", "--deepspeed_config_file", str(REPO / "launch/deepspeed/zero2.json")],
-        {},
+        tmp_path, small_store, ["--use_deepspeed", "--deepspeed_config_file", str(config)], {}
     )
     _check_ranks(out, 1200)
     assert (out / "vae" / "checkpoints" / "step_8" / "pytorch_model").is_dir()  # ZeRO layout
