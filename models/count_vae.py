@@ -156,15 +156,7 @@ def _mlp(n_in: int, n_cond: int, n_hidden: int, n_layers: int, dropout: float) -
 
 
 def _run_mlp(layers: nn.ModuleList, h: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
-    for i, layer in enumerate(layers):
-        if i == 0 and h.layout == torch.sparse_csr and cond is None:
-            # Sparse input: nn.Linear multiplies a sparse CSR matrix touching only its
-            # non-zeros (~10% of a count matrix); the dense (n, n_genes) matrix is never
-            # built. Called as a module, so DeepSpeed ZeRO-3's gather hooks still run.
-            h = layer(h)
-            continue
-        if h.layout != torch.strided:
-            h = h.to_dense()
+    for layer in layers:
         h = layer(h if cond is None else torch.cat([h, cond], dim=-1))
     return h
 
@@ -250,6 +242,17 @@ class CountVAE(nn.Module):
             cond = cond.expand(n, -1)  # a single code broadcast over all cells
         return cond
 
+    def _batch_inputs(self, batch: Mapping):
+        """(X as dense or sparse CSR, float32 library sizes, batch codes, covariates)."""
+        X = batch["X"]
+        if X.layout not in (torch.strided, torch.sparse_csr):
+            X = _dense(X)
+        library_size = batch.get("library_size")
+        if library_size is None:
+            library_size = _row_sums(X)
+        library_size = library_size.to(device=X.device, dtype=torch.float32)
+        return (X, library_size, *self._batch_conditions(batch))
+
     def _batch_conditions(self, batch: Mapping) -> tuple[torch.Tensor | None, dict | None]:
         c = self.config
         obs = batch.get("obs", {})
@@ -279,8 +282,10 @@ class CountVAE(nn.Module):
             X = _dense(X)
         if library_size is None:
             library_size = _row_sums(X)
+        # Normalized on the stored values only, then densified: on CPU a dense first matmul
+        # beats a sparse one (whose weight gradient needs a sorted CSR transpose).
         h = normalize_log1p(X, library_size)
-        h = h.to(dtype) if h.layout == torch.strided else h
+        h = (h.to_dense() if h.layout != torch.strided else h).to(dtype)
         cond = None
         if self.config.encode_covariates:
             cond = self._condition(X.shape[0], X.device, batch_index, covariates)
@@ -353,14 +358,7 @@ class CountVAE(nn.Module):
         self, batch: Mapping, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # (-log p(x|z), KL(q(z|x) || N(0, I))) per cell, single reparameterized sample.
-        X = batch["X"]
-        if X.layout not in (torch.strided, torch.sparse_csr):
-            X = _dense(X)
-        library_size = batch.get("library_size")
-        if library_size is None:
-            library_size = _row_sums(X)
-        library_size = library_size.to(device=X.device, dtype=torch.float32)
-        batch_index, covariates = self._batch_conditions(batch)
+        X, library_size, batch_index, covariates = self._batch_inputs(batch)
         mean, log_var = self.encode(X, library_size, batch_index, covariates)
         eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         z = mean + torch.exp(0.5 * log_var) * eps
@@ -430,22 +428,16 @@ class CountVAE(nn.Module):
         """Importance-sampled ``log p(x)`` per cell, ``(n,)``, with ``q(z | x)`` as proposal:
         ``logsumexp_k [log p(x|z_k) + log N(z_k; 0, I) - log q(z_k|x)] - log K``.
 
-        A lower bound of ``log p(x)`` in expectation that tightens as ``K = n_samples`` grows;
-        ``K = 1`` is an unbiased estimate of the ELBO (the metric scvi-tools reports as
-        ``get_marginal_ll``). Eval mode (no dropout; the previous mode is restored), pad rows
-        included (drop them with ``batch["is_pad"]``). Samples are decoded in chunks of at
-        most ``max_elements`` likelihood entries (samples x cells x genes) to bound memory.
+        A lower bound of ``log p(x)`` in expectation that tightens as ``K = n_samples`` grows
+        (``K = 1`` estimates the ELBO without bias); the estimator of scvi-tools'
+        ``get_marginal_ll``, so the two are comparable. Eval mode (no dropout; the previous
+        mode is restored), pad rows included (drop them with ``batch["is_pad"]``). Samples are
+        decoded in chunks of at most ``max_elements`` likelihood entries (samples x cells x
+        genes) to bound memory.
         """
         if n_samples < 1:
             raise ValueError(f"n_samples must be >= 1, got {n_samples}")
-        X = batch["X"]
-        if X.layout not in (torch.strided, torch.sparse_csr):
-            X = _dense(X)
-        library_size = batch.get("library_size")
-        if library_size is None:
-            library_size = _row_sums(X)
-        library_size = library_size.to(device=X.device, dtype=torch.float32)
-        batch_index, covariates = self._batch_conditions(batch)
+        X, library_size, batch_index, covariates = self._batch_inputs(batch)
         n = X.shape[0]
 
         def tile(t: torch.Tensor | None, k: int) -> torch.Tensor | None:

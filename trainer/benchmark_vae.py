@@ -315,7 +315,8 @@ def main(argv=None) -> int:
         ref = timed(run_scvi, sizes, args, h5ads, seed)
         runs.append({"seed": seed, "ours": ours, "scvi": ref})
         print(
-            f"repeat {r}: ours {ours['cells_per_s']:,.0f} cells/s, scvi {ref['cells_per_s']:,.0f}"
+            f"repeat {r}: ours {ours['cells_per_s']:,.0f} cells/s, scvi {ref['cells_per_s']:,.0f}",
+            flush=True,
         )
     summary = summarize(runs)
     print_table(summary)

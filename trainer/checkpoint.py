@@ -21,11 +21,21 @@ from typing import Any
 
 from accelerate import Accelerator
 
-__all__ = ["CheckpointManager", "resolve_resume"]
+__all__ = ["CheckpointManager", "resolve_resume", "write_safetensors"]
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 TRAINER_STATE = "trainer_state.json"
 WEIGHTS = "model.safetensors"
+
+
+def write_safetensors(state: dict, path: Path) -> None:
+    """A state dict as safetensors (CPU, contiguous), atomically: temp file, then rename."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
+    tmp.replace(path)
 
 
 def _step_dirs(root: Path) -> list[tuple[int, Path]]:
@@ -77,9 +87,7 @@ class CheckpointManager:
         if not (tmp / WEIGHTS).exists():  # DeepSpeed layout: add the portable weights file
             state = acc.get_state_dict(model)  # collective under ZeRO-3: every rank calls it
             if acc.is_main_process:
-                from safetensors.torch import save_file
-
-                save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / WEIGHTS))
+                write_safetensors(state, tmp / WEIGHTS)
         acc.wait_for_everyone()
         if acc.is_main_process:
             state = {**trainer_state, "step": step, "world_size": acc.num_processes}

@@ -22,7 +22,7 @@ import torch
 from accelerate.utils import send_to_device, set_seed
 from torch import nn
 
-from .checkpoint import CheckpointManager, resolve_resume
+from .checkpoint import CheckpointManager, resolve_resume, write_safetensors
 from .config import ConfigError, config_to_dict, dump_toml
 from .distributed import is_deepspeed, make_accelerator, zero_stage
 from .ema import EMA
@@ -95,12 +95,7 @@ def _save_weights(accelerator, model: nn.Module, path: Path) -> None:
     """Full state dict (gathered under ZeRO-3; every process must call) as safetensors."""
     state = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        from safetensors.torch import save_file
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
-        tmp.replace(path)
+        write_safetensors(state, path)
 
 
 def fit(stage: Stage, config: Any, resume: str | None = None) -> FitResult:
@@ -292,12 +287,7 @@ def _train(
     final_dir = run_dir / "final"
     _save_weights(accelerator, model, final_dir / "model.safetensors")
     if ema is not None and main:
-        from safetensors.torch import save_file
-
-        save_file(
-            {k: v.detach().cpu().contiguous() for k, v in ema.module.state_dict().items()},
-            str(final_dir / "ema.safetensors"),
-        )
+        write_safetensors(ema.module.state_dict(), final_dir / "ema.safetensors")
     result = FitResult(
         run_dir=run_dir,
         step=step,
