@@ -192,6 +192,19 @@ class ShardedIterable(IterableDataset):
             state["_reader"] = None  # each worker opens its own handle
         return state
 
+    def _split_over_slots(self, n_items: int, item: str) -> np.ndarray:
+        """Contiguous, even split of the epoch's ``n_items`` over all slots (bounds kept in
+        ``_slot_bounds``); the real items per slot. ``pad`` tails need one item per slot."""
+        self._slot_bounds = even_bounds(n_items, self.n_slots)
+        sizes = np.diff(self._slot_bounds)
+        if self.config.tail == "pad" and n_items and sizes.min() == 0:
+            raise ValueError(
+                f"tail='pad' needs at least one {item} per slot, but {n_items} {item}s are "
+                f"split over {self.n_slots} slots (world_size x num_workers); use fewer "
+                "workers or tail='partial'"
+            )
+        return sizes
+
     def _init_topology(self, rank: int | None, world_size: int | None, num_workers: int) -> None:
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
@@ -385,14 +398,7 @@ class CellStream(ShardedIterable):
         super().__init__(source, config or CellStreamConfig(), rank, world_size, num_workers)
         self._unit_sizes = np.asarray(self.meta.unit_sizes, dtype=np.int64)
         self.pool_cells = self._pool_cells()
-        self._slot_bounds = even_bounds(self.meta.n_cells, self.n_slots)
-        self._slot_cells = np.diff(self._slot_bounds)
-        if self.config.tail == "pad" and self.meta.n_cells and self._slot_cells.min() == 0:
-            raise ValueError(
-                f"tail='pad' needs at least one cell per slot, but {self.meta.n_cells} cells "
-                f"are split over {self.n_slots} slots (world_size x num_workers); use fewer "
-                "workers or tail='partial'"
-            )
+        self._slot_cells = self._split_over_slots(self.meta.n_cells, "cell")
         self._slot_out = tail_lengths(self._slot_cells, self.config.batch_size, self.config.tail)
         self._slot_counts = -(-self._slot_out // self.config.batch_size)
 

@@ -50,7 +50,7 @@ import torch
 
 from .batches import OUTPUTS, make_batch
 from .blocks import CellBlock, StoreReader
-from .cell_stream import TAILS, ShardedIterable, even_bounds, tail_lengths
+from .cell_stream import TAILS, ShardedIterable, tail_lengths
 
 MATCH_LEVELS = ("batch", "cell_type", "global")
 
@@ -178,14 +178,7 @@ class SetSampler(ShardedIterable):
         self._build_controls(index)
         self._build_pieces(index)
         self._check_controls()
-        self._slot_bounds = even_bounds(self.n_sets, self.n_slots)
-        self._slot_sets = np.diff(self._slot_bounds)
-        if self.config.tail == "pad" and self.n_sets and self._slot_sets.min() == 0:
-            raise ValueError(
-                f"tail='pad' needs at least one set per slot, but there are {self.n_sets} sets "
-                f"for {self.n_slots} slots (world_size x num_workers); use fewer workers or "
-                "tail='partial'"
-            )
+        self._slot_sets = self._split_over_slots(self.n_sets, "set")
         self._slot_counts = tail_lengths(self._slot_sets, 1, self.config.tail)
         self._cache: RangeCache | None = None
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from latentcell.models.likelihoods import (
+    csr_row_indices,
     gaussian_log_prob,
     nb_log_prob_rows,
     sample_nb,
@@ -170,10 +171,7 @@ def _dense(X: torch.Tensor) -> torch.Tensor:
 
 def _row_sums(X: torch.Tensor) -> torch.Tensor:
     if X.layout == torch.sparse_csr:
-        crow = X.crow_indices()
-        rows = torch.repeat_interleave(
-            torch.arange(X.shape[0], device=X.device), crow[1:] - crow[:-1]
-        )
+        rows = csr_row_indices(X)
         return torch.zeros(X.shape[0], device=X.device).index_add(0, rows, X.values().float())
     return _dense(X).sum(-1)
 
@@ -184,9 +182,7 @@ def normalize_log1p(X: torch.Tensor, library_size: torch.Tensor) -> torch.Tensor
     if X.layout == torch.sparse_csr:
         crow, cols, values = X.crow_indices(), X.col_indices(), X.values().float()
         lib = library_size.float().clamp_min(1.0)
-        rows = torch.repeat_interleave(
-            torch.arange(X.shape[0], device=X.device), crow[1:] - crow[:-1]
-        )
+        rows = csr_row_indices(X)
         normalized = torch.log1p(values / lib[rows] * TARGET_SUM)
         return torch.sparse_csr_tensor(crow, cols, normalized, X.shape)
     lib = library_size.to(X.dtype).clamp_min(1.0).unsqueeze(-1)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "csr_row_indices",
     "gaussian_log_prob",
     "nb_log_prob",
     "nb_log_prob_rows",
@@ -102,15 +103,18 @@ def nb_log_prob(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor) -> torch
     )
 
 
+def csr_row_indices(x: torch.Tensor) -> torch.Tensor:
+    """Row of every stored value of a sparse CSR matrix (the COO row index)."""
+    crow = x.crow_indices()
+    return torch.repeat_interleave(torch.arange(x.shape[0], device=x.device), crow[1:] - crow[:-1])
+
+
 def _nonzeros(
     x: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(row, column, value) of the non-zero entries of a sparse CSR or dense ``(n, g)`` x."""
     if x.layout == torch.sparse_csr:
-        crow, cols, values = x.crow_indices(), x.col_indices(), x.values()
-        rows = torch.repeat_interleave(
-            torch.arange(x.shape[0], device=x.device), crow[1:] - crow[:-1]
-        )
+        cols, values, rows = x.col_indices(), x.values(), csr_row_indices(x)
         if bool((values == 0).any()):  # explicitly stored zeros
             keep = values != 0
             rows, cols, values = rows[keep], cols[keep], values[keep]

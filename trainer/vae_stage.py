@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from latentcell.data_pipelines.blocks import StoreMeta
 from latentcell.data_pipelines.cell_stream import CellStream, CellStreamConfig
 from latentcell.data_pipelines.stores import open_store
 from latentcell.data_pipelines.unit_split import split_units, subset_factory
@@ -66,6 +67,7 @@ class VAEStage:
         self.config = config
         self._store: Path | None = Path(config.data.path) if config.data.path else None
         self._model_config: CountVAEConfig | None = None
+        self._meta: StoreMeta | None = None
 
     # -- data ---------------------------------------------------------------------------------
 
@@ -74,6 +76,13 @@ class VAEStage:
         if self._store is None:
             self._store = ensure_builtin_store(self.config.run.root_path, create=False)
         return self._store
+
+    @property
+    def meta(self) -> StoreMeta:
+        """The training store's metadata, read once (sizes, categories, read units)."""
+        if self._meta is None:
+            self._meta = open_store(self.store).meta
+        return self._meta
 
     def prepare_data(self, is_main_process: bool) -> None:
         if self._store is None and is_main_process:
@@ -85,7 +94,7 @@ class VAEStage:
             return partial(open_store, self.store), partial(open_store, Path(data.val_path))
         if data.val_fraction <= 0:
             return partial(open_store, self.store), None
-        n_units = len(open_store(self.store).meta.unit_sizes)
+        n_units = len(self.meta.unit_sizes)
         train_units, val_units = split_units(n_units, data.val_fraction, data.split_seed)
         return subset_factory(self.store, train_units), subset_factory(self.store, val_units)
 
@@ -120,7 +129,7 @@ class VAEStage:
 
     def model_config(self) -> CountVAEConfig:
         if self._model_config is None:
-            meta = open_store(self.store).meta
+            meta = self.meta
             m = self.config.model
             batch_column = meta.roles.get("batch") if m.batch_conditioning else None
             n_batches = len(meta.categories[batch_column]) if batch_column else 0

@@ -1,8 +1,10 @@
-"""Helpers shared by the store tests: write blocks through a real writer, compare blocks."""
+"""Helpers shared by the store tests: write blocks through a real writer, compare blocks,
+the group index a store must report."""
 
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 
 from latentcell.data_pipelines.blocks import CellBlock, StoreSpec
 from latentcell.data_pipelines.stores import make_writer
@@ -34,3 +36,19 @@ def assert_blocks_equal(got: CellBlock, want: CellBlock, rows: np.ndarray, names
         assert list(got.names) == list(want.names)
     else:
         assert got.names is None
+
+
+def expected_groups(full: CellBlock, spec: StoreSpec) -> pd.DataFrame:
+    """One row per run of equal (cell type, perturbation, batch) codes, with its row range."""
+    roles = ["cell_type", "perturbation", "batch"]
+    key = pd.DataFrame(
+        {
+            r: full.codes[spec.roles[r]] if spec.roles[r] else np.full(full.n_cells, -1)
+            for r in roles
+        }
+    )
+    starts = np.flatnonzero((key != key.shift()).any(axis=1).to_numpy())
+    out = key.iloc[starts].reset_index(drop=True).astype(np.int32)
+    out["start"] = starts.astype(np.int64)
+    out["stop"] = np.append(starts[1:], full.n_cells).astype(np.int64)
+    return out

@@ -22,7 +22,7 @@ from latentcell.data_pipelines.webdataset_store import (
     encode_sample,
 )
 from tests.data_pipelines import store_checks
-from tests.data_pipelines.store_checks import assert_blocks_equal
+from tests.data_pipelines.store_checks import assert_blocks_equal, expected_groups
 
 N_GENES = 29
 SIZES = [0, 5, 61, 1, 40, 100, 3]  # uneven, with an empty block; 210 cells
@@ -80,21 +80,6 @@ def make_blocks(spec: StoreSpec, sizes=SIZES, seed: int = 0) -> list[CellBlock]:
     )
     bounds = np.cumsum([0, *sizes])
     return [full.take(np.arange(a, b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-
-
-def expected_groups(full: CellBlock, spec: StoreSpec) -> pd.DataFrame:
-    roles = ["cell_type", "perturbation", "batch"]
-    key = pd.DataFrame(
-        {
-            r: full.codes[spec.roles[r]] if spec.roles[r] else np.full(full.n_cells, -1)
-            for r in roles
-        }
-    )
-    starts = np.flatnonzero((key != key.shift()).any(axis=1).to_numpy())
-    out = key.iloc[starts].reset_index(drop=True).astype(np.int32)
-    out["start"] = starts.astype(np.int64)
-    out["stop"] = np.append(starts[1:], full.n_cells).astype(np.int64)
-    return out
 
 
 def write(path, spec, blocks, **opts) -> str:

@@ -15,7 +15,7 @@ from latentcell.data_pipelines.errors import DataValidationError
 from latentcell.data_pipelines.stores import make_writer, open_store, verify_store
 from latentcell.data_pipelines.zarr_store import ZarrStoreReader, ZarrStoreWriter
 from tests.data_pipelines import store_checks
-from tests.data_pipelines.store_checks import assert_blocks_equal
+from tests.data_pipelines.store_checks import assert_blocks_equal, expected_groups
 
 N_GENES = 37
 SIZES = [0, 7, 130, 1, 45, 300, 2]  # uneven, with an empty block; 485 cells
@@ -79,22 +79,6 @@ def make_blocks(spec: StoreSpec, sizes=SIZES, seed: int = 0) -> list[CellBlock]:
     )
     bounds = np.cumsum([0, *sizes])
     return [full.take(np.arange(a, b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-
-
-def expected_groups(full: CellBlock, spec: StoreSpec) -> pd.DataFrame:
-    roles = ["cell_type", "perturbation", "batch"]
-    key = pd.DataFrame(
-        {
-            r: full.codes[spec.roles[r]] if spec.roles[r] else np.full(full.n_cells, -1)
-            for r in roles
-        }
-    )
-    change = (key != key.shift()).any(axis=1).to_numpy()
-    starts = np.flatnonzero(change)
-    out = key.iloc[starts].reset_index(drop=True).astype(np.int32)
-    out["start"] = starts.astype(np.int64)
-    out["stop"] = np.append(starts[1:], full.n_cells).astype(np.int64)
-    return out
 
 
 def write(path, spec, blocks, **opts) -> str:

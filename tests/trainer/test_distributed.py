@@ -60,7 +60,7 @@ def _launch(tmp_path: Path, store: Path, launch_args: list[str], env_extra: dict
     return out
 
 
-def _check_ranks(out: Path, n_cells: int) -> None:
+def _check_ranks(out: Path) -> None:
     w0 = load_file(str(out / "weights_rank0.safetensors"))
     w1 = load_file(str(out / "weights_rank1.safetensors"))
     assert set(w0) == set(w1)
@@ -74,12 +74,11 @@ def _check_ranks(out: Path, n_cells: int) -> None:
     ckpt = out / "vae" / "checkpoints" / "step_8"
     assert (ckpt / "loader_rank0.json").exists() and (ckpt / "loader_rank1.json").exists()
     assert (ckpt / "model.safetensors").exists()
-    assert n_cells > 2 * 8 * 64
 
 
 def test_ddp_two_processes(small_store, tmp_path):
     out = _launch(tmp_path, small_store, ["--multi_gpu"], {"ACCELERATE_USE_CPU": "true"})
-    _check_ranks(out, 1200)
+    _check_ranks(out)
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -89,5 +88,5 @@ def test_deepspeed_two_processes(small_store, tmp_path, stage):
     out = _launch(
         tmp_path, small_store, ["--use_deepspeed", "--deepspeed_config_file", str(config)], {}
     )
-    _check_ranks(out, 1200)
+    _check_ranks(out)
     assert (out / "vae" / "checkpoints" / "step_8" / "pytorch_model").is_dir()  # ZeRO layout
