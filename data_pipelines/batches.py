@@ -120,7 +120,9 @@ def csr_to_torch(X: sp.csr_matrix) -> torch.Tensor:
 def make_batch(block: CellBlock, spec: BatchSpec, is_pad: np.ndarray | None = None) -> dict:
     """The batch dict for ``block`` (see the module docstring for the keys)."""
     n = block.n_cells
-    if spec.output == "dense":
+    if isinstance(block.X, np.ndarray):  # derived features (latents) are dense already
+        X = torch.from_numpy(np.ascontiguousarray(block.X, dtype=np.float32))
+    elif spec.output == "dense":
         X = torch.from_numpy(block.X.toarray().astype(np.float32, copy=False))
     else:
         X = csr_to_torch(block.X)

@@ -18,7 +18,8 @@ import scipy.sparse as sp
 class CellBlock:
     """``n`` consecutive cells of a store (or of an input file while building).
 
-    X: (n, n_genes) float32 CSR counts in the store's gene order.
+    X: (n, n_genes) float32 CSR counts in the store's gene order; or, for stores of derived
+        per-cell features (``latent_store``: VAE latents), a dense float32 array.
     rows: (n,) int64 global row ids in the store (-1 while not yet placed).
     library_size: (n,) float32, sum of X over the stored genes.
     codes: categorical obs column -> (n,) int32 codes into the store-wide categories.
@@ -26,7 +27,7 @@ class CellBlock:
     names: (n,) str obs names (cell barcodes); may be None when not needed.
     """
 
-    X: sp.csr_matrix
+    X: sp.csr_matrix | np.ndarray
     rows: np.ndarray
     library_size: np.ndarray
     codes: dict[str, np.ndarray] = field(default_factory=dict)
@@ -40,7 +41,9 @@ class CellBlock:
     def take(self, idx: np.ndarray) -> CellBlock:
         """Rows ``idx`` (any order, repeats allowed) as a new block."""
         X = self.X[idx]
-        if self.X.has_sorted_indices:  # whole rows keep their order; spares a rescan per batch
+        if getattr(
+            self.X, "has_sorted_indices", False
+        ):  # whole rows keep their order; spares a rescan per batch
             X.has_sorted_indices = True
         return CellBlock(
             X=X,
@@ -70,7 +73,9 @@ class CellBlock:
         if len(blocks) == 1:
             return first
         return CellBlock(
-            X=sp.vstack([b.X for b in blocks], format="csr"),
+            X=np.concatenate([b.X for b in blocks])
+            if isinstance(first.X, np.ndarray)
+            else sp.vstack([b.X for b in blocks], format="csr"),
             rows=np.concatenate([b.rows for b in blocks]),
             library_size=np.concatenate([b.library_size for b in blocks]),
             codes={k: np.concatenate([b.codes[k] for b in blocks]) for k in first.codes},

@@ -210,7 +210,11 @@ def read_manifest(path: str | Path) -> dict:
         raise DataValidationError(
             mpath, MANIFEST_NAME, f"unreadable ({exc})", "rebuild the store"
         ) from exc
-    if not isinstance(manifest, dict) or manifest.get("format") not in ("zarr", "webdataset"):
+    if not isinstance(manifest, dict) or manifest.get("format") not in (
+        "zarr",
+        "webdataset",
+        "latent",
+    ):
         raise DataValidationError(
             mpath, "format", "missing or unknown store format", "rebuild the store"
         )

@@ -38,6 +38,10 @@ def open_store(path: str | os.PathLike, **opts) -> StoreReader:
     manifest = read_manifest(path)
     if manifest["format"] == "zarr":
         return ZarrStoreReader(path, **opts)
+    if manifest["format"] == "latent":
+        from .latent_store import LatentStoreReader
+
+        return LatentStoreReader(path, **opts)
     return WebDatasetStoreReader(path, **opts)
 
 

@@ -15,7 +15,9 @@ from latentcell.trainer.config import ConfigError
 
 def build_parser() -> argparse.ArgumentParser:
     from latentcell.data_pipelines.cli import add_data_commands
+    from latentcell.evaluation.cli import add_evaluate_commands
     from latentcell.launch.demo import add_demo_command
+    from latentcell.launch.generate import add_generate_command
     from latentcell.launch.train import add_train_command
 
     parser = argparse.ArgumentParser(
@@ -24,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_data_commands(sub)
     add_train_command(sub)
+    add_generate_command(sub)
+    add_evaluate_commands(sub)
     add_demo_command(sub)
     version = sub.add_parser("version", help="print the installed version")
     version.set_defaults(func=_print_version)

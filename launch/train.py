@@ -14,12 +14,13 @@ import json
 
 
 def _stages() -> dict:
+    from latentcell.trainer.dit_stage import DiTRunConfig, DiTStage
     from latentcell.trainer.vae_stage import VAERunConfig, VAEStage
 
-    return {"vae": (VAERunConfig, VAEStage)}
+    return {"vae": (VAERunConfig, VAEStage), "dit": (DiTRunConfig, DiTStage)}
 
 
-STAGE_NAMES = ("vae",)
+STAGE_NAMES = ("vae", "dit")
 
 
 def add_train_command(sub: argparse._SubParsersAction) -> None:

@@ -41,3 +41,23 @@ def ensure_builtin_store(root: Path, create: bool = True) -> Path:
         )
         build_store([h5ad], store, format="zarr", schema="vcc")  # atomic: temp dir + rename
     return store
+
+
+class CountStoreInput:
+    """The count store a stage trains on: ``data.path``, or the built-in synthetic set under
+    the run root, which the main process creates in ``prepare_data`` (``ensure_store``)."""
+
+    def __init__(self, data_path: str, run_root: Path) -> None:
+        self._path: Path | None = Path(data_path) if data_path else None
+        self._root = run_root
+
+    @property
+    def store(self) -> Path:
+        if self._path is None:
+            self._path = ensure_builtin_store(self._root, create=False)
+        return self._path
+
+    def ensure_store(self) -> Path:
+        if self._path is None:
+            self._path = ensure_builtin_store(self._root, create=True)
+        return self._path

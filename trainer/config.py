@@ -108,10 +108,12 @@ def _coerce(tp: Any, value: Any, key: str, base: Any = None) -> Any:
                 errors.append(str(err))
         raise ConfigError(errors[0] if errors else f"{key}: cannot parse {value!r}")
     if origin is tuple:
-        if not isinstance(value, Sequence) or isinstance(value, str):
-            raise ConfigError(f"{key} must be a list, got {value!r}")
         args = typing.get_args(tp)
         inner = args[0] if args else Any
+        if isinstance(value, str) and inner is str:  # --set k=a,b is the list ["a", "b"]
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, Sequence) or isinstance(value, str):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
         return tuple(_coerce(inner, v, key) for v in value)
     if tp is Any:
         return value

@@ -331,7 +331,7 @@ def _write_run_files(stage, config, accelerator, ema, tracker, result: FitResult
     tracker.log_artifact(final_dir / "model_config.json", "model_card")
     if figure is not None:
         tracker.log_artifact(figure, "figures")
-    if config.tracking.log_model:
+    if config.tracking.enabled and config.tracking.log_model:
         # A fresh copy loaded from the saved file: works whatever sharding the run used.
         from safetensors.torch import load_file
 

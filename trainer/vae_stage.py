@@ -22,7 +22,7 @@ from latentcell.data_pipelines.stores import open_store
 from latentcell.data_pipelines.unit_split import split_units, subset_factory
 from latentcell.models.count_vae import LIKELIHOODS, CountVAE, CountVAEConfig, LatentMeanEncoder
 
-from .builtin_data import ensure_builtin_store
+from .builtin_data import CountStoreInput
 from .sections import DataConfig, OptimConfig, RunSection, TrainConfig
 from .tracking import TrackingConfig
 
@@ -65,7 +65,7 @@ class VAEStage:
 
     def __init__(self, config: VAERunConfig) -> None:
         self.config = config
-        self._store: Path | None = Path(config.data.path) if config.data.path else None
+        self._input = CountStoreInput(config.data.path, config.run.root_path)
         self._model_config: CountVAEConfig | None = None
         self._meta: StoreMeta | None = None
 
@@ -73,9 +73,7 @@ class VAEStage:
 
     @property
     def store(self) -> Path:
-        if self._store is None:
-            self._store = ensure_builtin_store(self.config.run.root_path, create=False)
-        return self._store
+        return self._input.store
 
     @property
     def meta(self) -> StoreMeta:
@@ -85,8 +83,8 @@ class VAEStage:
         return self._meta
 
     def prepare_data(self, is_main_process: bool) -> None:
-        if self._store is None and is_main_process:
-            self._store = ensure_builtin_store(self.config.run.root_path, create=True)
+        if is_main_process:
+            self._input.ensure_store()
 
     def _sources(self):
         data = self.config.data

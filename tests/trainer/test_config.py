@@ -97,3 +97,16 @@ def test_override_keeps_the_parent_configs_section_defaults():
     # section class's own defaults.
     config = load_config(Parent, None, ["train.seed=3"])
     assert config.train.max_steps == 7 and config.train.ema and config.train.seed == 3
+
+
+def test_list_keys_take_toml_lists_or_comma_separated_words(tmp_path):
+    from latentcell.trainer.dit_stage import DiTRunConfig
+
+    config = load_config(DiTRunConfig, None, ["model.conditions=cell_type,batch"])
+    assert config.model.conditions == ("cell_type", "batch")
+    config = load_config(DiTRunConfig, None, ['model.continuous=["pseudotime"]'])
+    assert config.model.continuous == ("pseudotime",)
+    assert load_config(DiTRunConfig, None, ["model.conditions="]).model.conditions == ()
+    path = tmp_path / "dit.toml"
+    dump_toml(config, path)
+    assert load_config(DiTRunConfig, path) == config

@@ -1,0 +1,217 @@
+"""A store of per-cell latent vectors (VAE posterior means) beside the cells' conditions.
+
+The second stage of latent diffusion trains on these instead of counts, so they are written
+once, streamed unit by unit from the count store (memory stays at one unit), and read back
+through the same ``CellStream`` as counts: ``LatentStoreReader`` is a ``StoreReader`` whose
+blocks carry a dense ``(n, n_latent)`` X. Its read units mirror the count store's units, so
+a unit-level train/validation split (``unit_split``) holds out the same cells in both.
+
+Layout (a Zarr v3 group; built in ``<out>.tmp-<hex>``, renamed into place when complete)::
+
+    manifest.json        {"format": "latent", n_cells, n_genes (= n_latent), unit_sizes, var
+                          (z0..z{d-1}), obs categories/numeric, roles, control_label,
+                          "source": {path, manifest_sha256}, "encoder": {...}, checksums}
+    z                    float32 (n_cells, n_latent)
+    library_size         float32 (n_cells,)      the count store's library sizes
+    obs/<col>/codes      int32 (n_cells,)        every categorical column of the count store
+    obs/<col>            numeric (n_cells,)      every numeric column
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import zarr
+
+from .atomic import AtomicDir, sha256_file, sha256_tree
+from .blocks import CellBlock, StoreReader
+from .store_common import (
+    check_row_range,
+    latentcell_version,
+    meta_from_manifest,
+    read_manifest,
+    write_manifest,
+)
+from .store_layout import FORMAT_VERSION, MANIFEST_NAME
+
+__all__ = ["LATENT_FORMAT", "LatentStoreReader", "write_latent_store"]
+
+LATENT_FORMAT = "latent"
+# Keep the whole store in memory when it takes at most this many bytes (read once per process).
+_CACHE_BYTES = 512 << 20
+
+
+def write_latent_store(
+    source: StoreReader,
+    encode: Callable[[CellBlock], np.ndarray],
+    out: str | os.PathLike,
+    n_latent: int,
+    provenance: dict | None = None,
+    overwrite: bool = False,
+    chunk_cells: int = 16384,
+) -> Path:
+    """Encode every cell of ``source`` (in row order, one read unit at a time) with
+    ``encode(block) -> (n, n_latent) float32`` and publish the store at ``out``."""
+    meta = source.meta
+    n = meta.n_cells
+    cat_cols, num_cols = list(meta.categories), list(meta.numeric_columns)
+    numeric_dtypes = meta.manifest.get("obs", {}).get("numeric", {})
+    with AtomicDir(out, overwrite=overwrite) as build:
+        root = zarr.open_group(build.tmp, mode="w", zarr_format=3)
+        chunk = min(chunk_cells, max(n, 1))
+        arrays = {
+            "z": root.create_array("z", shape=(n, n_latent), chunks=(chunk, n_latent),
+                                   dtype=np.float32),
+            "library_size": root.create_array("library_size", shape=(n,), chunks=(chunk,),
+                                              dtype=np.float32),
+        }  # fmt: skip
+        for col in cat_cols:
+            arrays[f"obs/{col}/codes"] = root.create_array(
+                f"obs/{col}/codes", shape=(n,), chunks=(chunk,), dtype=np.int32
+            )
+        for col in num_cols:
+            dtype = np.dtype(numeric_dtypes.get(col, "float64"))
+            arrays[f"obs/{col}"] = root.create_array(
+                f"obs/{col}", shape=(n,), chunks=(chunk,), dtype=dtype
+            )
+        rows = _RowBuffer(arrays, chunk)
+        for unit in range(len(meta.unit_sizes)):
+            block = source.read_unit(unit)
+            z = np.asarray(encode(block), dtype=np.float32)
+            if z.shape != (block.n_cells, n_latent) or not np.isfinite(z).all():
+                raise ValueError(
+                    f"encoder returned {z.shape} (finite: {np.isfinite(z).all()}) for unit "
+                    f"{unit} of {meta.path}; expected ({block.n_cells}, {n_latent})"
+                )
+            columns = {"z": z, "library_size": block.library_size}
+            columns.update({f"obs/{c}/codes": block.codes[c] for c in cat_cols})
+            columns.update({f"obs/{c}": block.numeric[c] for c in num_cols})
+            rows.append(columns, block.n_cells)
+        rows.flush()
+        if rows.written != n:
+            raise ValueError(f"{meta.path}: units hold {rows.written} cells, the manifest says {n}")
+        manifest = {
+            "format": LATENT_FORMAT,
+            "version": FORMAT_VERSION,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "latentcell_version": latentcell_version(),
+            "n_cells": n,
+            "n_genes": n_latent,
+            "nnz": n * n_latent,
+            "unit_sizes": [int(s) for s in meta.unit_sizes],
+            "var": {
+                "gene_key": [f"z{i}" for i in range(n_latent)],
+                "gene_id": [""] * n_latent,
+                "gene_symbol": [""] * n_latent,
+            },
+            "obs": {
+                "categorical": {c: list(v) for c, v in meta.categories.items()},
+                "numeric": {c: str(np.dtype(numeric_dtypes.get(c, "float64"))) for c in num_cols},
+            },
+            "roles": dict(meta.roles),
+            "control_label": meta.control_label,
+            "source": {
+                "path": str(Path(meta.path).absolute()),
+                "manifest_sha256": source_fingerprint(meta.path),
+                "n_genes": meta.n_genes,
+            },
+            "encoder": provenance or {},
+            "checksums": {name: sha256_tree(build.tmp / name) for name in sorted(arrays)},
+        }
+        write_manifest(build.tmp, manifest)
+        return build.commit()
+
+
+class _RowBuffer:
+    """Collects rows and writes them to the arrays in whole chunks (a partial chunk write
+    would make zarr read, decode and re-encode the chunk once per unit)."""
+
+    def __init__(self, arrays: dict[str, zarr.Array], chunk: int) -> None:
+        self.arrays, self.chunk = arrays, chunk
+        self.parts: list[dict[str, np.ndarray]] = []
+        self.buffered = self.written = 0
+
+    def append(self, columns: dict[str, np.ndarray], n: int) -> None:
+        self.parts.append(columns)
+        self.buffered += n
+        if self.buffered >= self.chunk:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.parts:
+            return
+        stop = self.written + self.buffered
+        for name, array in self.arrays.items():
+            array[self.written : stop] = np.concatenate([p[name] for p in self.parts])
+        self.written, self.parts, self.buffered = stop, [], 0
+
+
+def source_fingerprint(store_path: str | os.PathLike) -> str:
+    """sha256 of a count store's manifest (which holds the checksums of all its data)."""
+    return sha256_file(Path(store_path) / MANIFEST_NAME)
+
+
+class LatentStoreReader:
+    """``StoreReader`` over a latent store; picklable, opens lazily in each process."""
+
+    def __init__(self, path: str | os.PathLike, cache_bytes: int = _CACHE_BYTES, **_ignored):
+        self.path = Path(path).absolute()
+        manifest = read_manifest(self.path)
+        if manifest["format"] != LATENT_FORMAT:
+            raise ValueError(f"{self.path} is a {manifest['format']} store, not a latent store")
+        self.manifest = manifest
+        self.meta = meta_from_manifest(manifest, str(self.path), manifest["unit_sizes"])
+        self._starts = np.concatenate([[0], np.cumsum(self.meta.unit_sizes)])
+        self.cache_bytes = cache_bytes
+        self._arrays: dict | None = None
+        self._pid: int | None = None
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_arrays"] = None
+        return state
+
+    def _names(self) -> list[str]:
+        return (
+            ["z", "library_size"]
+            + [f"obs/{c}/codes" for c in self.meta.categories]
+            + [f"obs/{c}" for c in self.meta.numeric_columns]
+        )
+
+    def _open(self) -> dict:
+        if self._arrays is None or self._pid != os.getpid():
+            group = zarr.open_group(self.path, mode="r", zarr_format=3)
+            arrays = {name: group[name] for name in self._names()}
+            size = sum(a.nbytes for a in arrays.values())
+            if size <= self.cache_bytes:
+                arrays = {name: a[:] for name, a in arrays.items()}
+            self._arrays, self._pid = arrays, os.getpid()
+        return self._arrays
+
+    def read_unit(self, unit: int) -> CellBlock:
+        if not 0 <= unit < len(self.meta.unit_sizes):
+            raise IndexError(f"unit {unit} outside [0, {len(self.meta.unit_sizes)})")
+        return self.read_rows(int(self._starts[unit]), int(self._starts[unit + 1]))
+
+    def read_rows(self, start: int, stop: int) -> CellBlock:
+        check_row_range(start, stop, self.meta.n_cells)
+        a = self._open()
+        return CellBlock(
+            X=np.array(a["z"][start:stop], dtype=np.float32),
+            rows=np.arange(start, stop, dtype=np.int64),
+            library_size=np.array(a["library_size"][start:stop], dtype=np.float32),
+            codes={c: np.array(a[f"obs/{c}/codes"][start:stop]) for c in self.meta.categories},
+            numeric={c: np.array(a[f"obs/{c}"][start:stop]) for c in self.meta.numeric_columns},
+        )
+
+    def group_index(self) -> pd.DataFrame:
+        raise NotImplementedError("set sampling reads the count store, not its latents")
+
+    def provenance(self) -> dict:
+        return json.loads(json.dumps({k: self.manifest[k] for k in ("source", "encoder")}))

@@ -1,0 +1,151 @@
+"""``latentcell evaluate generation``: score generated h5ad counts against real held-out cells.
+
+A thin wrapper over ``evaluate_generation``: reads the files, maps every input problem to a
+``DataValidationError`` naming the file (the launcher prints it as one ``error:`` line and
+exits 2), writes ``summary.json`` and the figures to ``--out`` and prints the macro metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from latentcell.data_pipelines.errors import DataValidationError
+from latentcell.evaluation.protocol import DEFAULT_PROTOCOL, GenerationProtocol
+
+# Columns of the printed table: (key in the flattened method scores, header).
+TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("mmd", "MMD"),
+    ("energy_distance", "energy"),
+    ("wasserstein", "W2"),
+    ("knn_auc", "kNN_AUC"),
+    ("precision", "prec"),
+    ("recall", "recall"),
+    ("density", "dens"),
+    ("coverage", "cover"),
+    ("mean_pearson", "mean_r"),
+    ("var_pearson", "var_r"),
+    ("zero_frac_mae", "zero_MAE"),
+    ("per_gene_wasserstein", "gene_W1"),
+    ("classifier_accuracy", "clf_acc"),
+)
+
+
+def add_evaluate_commands(sub: argparse._SubParsersAction) -> None:
+    """Register ``evaluate`` and its actions on the top-level subparsers."""
+    evaluate = sub.add_parser("evaluate", help="judge generated cells against real cells")
+    actions = evaluate.add_subparsers(dest="evaluate_command", required=True, metavar="ACTION")
+    help_text = "generated counts vs real held-out counts: distances, PRDC, gene-level metrics"
+    parser = actions.add_parser("generation", help=help_text, description=help_text)
+    add_generation_arguments(parser)
+    parser.set_defaults(func=run_evaluate_generation)
+
+
+def add_generation_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Options of ``latentcell evaluate generation``."""
+    d = DEFAULT_PROTOCOL
+    parser.add_argument("--generated", required=True, help="h5ad of generated raw counts")
+    parser.add_argument("--real", required=True, help="h5ad of real held-out raw counts")
+    parser.add_argument("--condition-col", required=True, help="obs column naming the condition")
+    parser.add_argument("--out", required=True, help="folder for summary.json and figures")
+    parser.add_argument("--train", help="h5ad of the real training counts (optional)")
+    parser.add_argument(
+        "--baseline",
+        action="append",
+        default=[],
+        metavar="NAME=FILE.h5ad",
+        help="generated counts of another method; repeat for several",
+    )
+    parser.add_argument("--n-hvg", type=int, default=d.n_hvg)
+    parser.add_argument("--n-pcs", type=int, default=d.n_pcs)
+    parser.add_argument("--min-cells", type=int, default=d.min_cells)
+    parser.add_argument("--seed", type=int, default=d.seed)
+    return parser
+
+
+def parse_baselines(specs: list[str]) -> dict[str, Path]:
+    """``["NAME=FILE", ...]`` -> ``{NAME: FILE}``; malformed or repeated names are errors."""
+    out: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise DataValidationError(
+                spec, "--baseline", "expected NAME=FILE.h5ad", "write e.g. vae_prior=prior.h5ad"
+            )
+        if name in out:
+            raise DataValidationError(
+                spec, "--baseline", f"baseline name {name!r} given twice", "use distinct names"
+            )
+        out[name] = Path(path)
+    return out
+
+
+def _read(path: Path):
+    import anndata as ad
+
+    if not path.is_file():
+        raise DataValidationError(path, "file", "file not found", "check the path")
+    try:
+        return ad.read_h5ad(path)
+    except Exception as exc:  # any reader failure is a bad input file
+        raise DataValidationError(
+            path, "file", f"not a readable h5ad ({type(exc).__name__}: {exc})", "pass an .h5ad"
+        ) from exc
+
+
+def format_table(scores: dict[str, dict[str, float | None]]) -> str:
+    """Macro (and pooled) metrics, one row per method."""
+    width = max(len(name) for name in scores) + 2
+    header = "method".ljust(width) + "".join(f"{h:>10}" for _, h in TABLE_COLUMNS)
+    rows = [header]
+    for name, values in scores.items():
+        cells = []
+        for key, _ in TABLE_COLUMNS:
+            value = values.get(key)
+            cells.append(f"{'-':>10}" if value is None else f"{value:>10.4g}")
+        rows.append(name.ljust(width) + "".join(cells))
+    return "\n".join(rows)
+
+
+def run_evaluate_generation(args: argparse.Namespace) -> int:
+    """CLI entry: evaluate, write ``--out``, print the table; bad input raises for the launcher."""
+    from latentcell.evaluation.generation import (
+        GENERATED,
+        bar_scores,
+        baseline_source,
+        evaluate_generation,
+    )
+
+    try:
+        protocol = GenerationProtocol(
+            n_hvg=args.n_hvg, n_pcs=args.n_pcs, min_cells=args.min_cells, seed=args.seed
+        )
+    except ValueError as exc:
+        raise DataValidationError("<options>", "protocol", str(exc), "change the option") from exc
+    baseline_paths = parse_baselines(args.baseline)
+    paths = {"real": Path(args.real), GENERATED: Path(args.generated)}
+    if args.train:
+        paths["train"] = Path(args.train)
+    paths.update({baseline_source(n): p for n, p in baseline_paths.items()})
+    data = {role: _read(path) for role, path in paths.items()}
+    try:
+        summary = evaluate_generation(
+            data[GENERATED],
+            data["real"],
+            args.condition_col,
+            train=data.get("train"),
+            baselines={n: data[baseline_source(n)] for n in baseline_paths},
+            protocol=protocol,
+            out_dir=args.out,
+        )
+    except DataValidationError as err:  # name the file, not the role
+        path = paths.get(err.path, err.path)
+        raise DataValidationError(path, err.field, err.problem, err.fix) from None
+    print(
+        f"{len(summary['conditions'])} conditions evaluated, "
+        f"{len(summary['skipped_conditions'])} skipped (< {protocol.min_cells} reference cells); "
+        f"{summary['n_genes_used']} genes, {summary['n_pcs_used']} PCs"
+    )
+    print(format_table(bar_scores(summary)))
+    print(f"wrote {Path(args.out) / 'summary.json'} and figures")
+    return 0

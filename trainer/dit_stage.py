@@ -1,0 +1,346 @@
+"""The latent-diffusion training stage: VAE latents of the store, then a DiT on them.
+
+``prepare_data`` (main process) encodes the count store with a trained VAE into a latent
+store under ``<run.dir>/latents`` (reused while the store and the VAE weights are unchanged)
+and computes the training statistics (latent scale, continuous-condition scaling, the
+library-size model) into ``<run.dir>/latent_stats.json``. Training then streams latents
+through the same ``CellStream`` and the same unit-level validation split as the VAE stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from latentcell.data_pipelines.batches import csr_to_torch
+from latentcell.data_pipelines.cell_stream import CellStream, CellStreamConfig
+from latentcell.data_pipelines.errors import DataValidationError
+from latentcell.data_pipelines.latent_store import (
+    LatentStoreReader,
+    source_fingerprint,
+    write_latent_store,
+)
+from latentcell.data_pipelines.stores import open_store
+from latentcell.data_pipelines.unit_split import split_units, subset_factory
+from latentcell.models.diffusion import DiffusionConfig
+from latentcell.models.dit import DiTConfig
+from latentcell.models.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
+
+from .builtin_data import CountStoreInput
+from .config import ConfigError, tomllib
+from .latent_stats import training_stats
+from .sections import DataConfig, OptimConfig, RunSection, TrainConfig
+from .tracking import TrackingConfig
+from .trained_runs import load_vae
+
+__all__ = ["DiTModelSection", "DiTRunConfig", "DiTStage", "VAERef", "build_latent_diffusion"]
+
+MODEL_CLASS = "latentcell.models.latent_diffusion.LatentDiffusion"
+
+
+@dataclass(frozen=True)
+class VAERef:
+    """run: the ``run.dir`` of a finished ``latentcell train vae``; weights: auto|ema|model."""
+
+    run: str = ""
+    weights: str = "auto"
+
+
+@dataclass(frozen=True)
+class DiTModelSection:
+    """conditions: categorical obs columns (or role names: cell_type, perturbation, batch)
+    the DiT is conditioned on; continuous: numeric obs columns (time, coordinates, dose).
+    patch_size: latent dimensions per token (see ``models/dit.py``)."""
+
+    conditions: tuple[str, ...] = ("cell_type",)
+    continuous: tuple[str, ...] = ()
+    patch_size: int = 2
+    hidden: int = 128
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    cfg_dropout: float = 0.1
+
+
+@dataclass(frozen=True)
+class DiTRunConfig:
+    run: RunSection = field(default_factory=lambda: RunSection(dir="runs/dit"))
+    data: DataConfig = field(default_factory=lambda: DataConfig(batch_size=512))
+    vae: VAERef = field(default_factory=VAERef)
+    model: DiTModelSection = field(default_factory=DiTModelSection)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, weight_decay=0.0))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(ema=True, ema_decay=0.999))
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def build_latent_diffusion(card: dict, stats: dict | None = None) -> LatentDiffusion:
+    """A LatentDiffusion from its model card (``final/model_config.json``)."""
+    config = dict(card["config"])
+    config["dit"] = DiTConfig(
+        **{**config["dit"], "n_categories": tuple(config["dit"]["n_categories"])}
+    )
+    config["diffusion"] = DiffusionConfig(**config["diffusion"])
+    for key in ("categorical_keys", "continuous_keys", "continuous_mean", "continuous_std"):
+        config[key] = tuple(config[key])
+    model = LatentDiffusion(LatentDiffusionConfig(**config))
+    if stats is not None:
+        model.set_latent_stats(torch.tensor(stats["latent_shift"]), stats["latent_scale"])
+    return model
+
+
+class DiTStage:
+    name = "dit"
+
+    def __init__(self, config: DiTRunConfig) -> None:
+        self.config = config
+        self._input = CountStoreInput(config.data.path, config.run.root_path)
+        self._stats: dict | None = None
+        self._card: dict | None = None
+        self._count_meta = None
+
+    # -- paths --------------------------------------------------------------------------------
+
+    @property
+    def store(self) -> Path:
+        return self._input.store
+
+    @property
+    def latents(self) -> Path:
+        return self.config.run.dir_path / "latents"
+
+    @property
+    def stats_path(self) -> Path:
+        return self.config.run.dir_path / "latent_stats.json"
+
+    @property
+    def stats(self) -> dict:
+        if self._stats is None:
+            self._stats = json.loads(self.stats_path.read_text())
+        return self._stats
+
+    # -- data ---------------------------------------------------------------------------------
+
+    def prepare_data(self, is_main_process: bool) -> None:
+        if not is_main_process:
+            return
+        if not self.config.vae.run:
+            raise ConfigError(
+                "vae.run is required: train a VAE first (latentcell train vae --set "
+                "run.dir=RUNS/vae ...) and pass --set vae.run=RUNS/vae"
+            )
+        self._input.ensure_store()
+        self.condition_columns(), self.continuous_columns()  # fail on a typo before encoding
+        self._ensure_latents()
+        stats = training_stats(
+            self._train_source()(),
+            self.condition_columns(),
+            self.continuous_columns(),
+            self._latent_meta().roles.get("batch") if self._vae_needs_batch() else None,
+        )
+        var = open_store(self.store).meta.var
+        stats["genes"] = {
+            "gene_key": [str(g) for g in var.index],
+            "gene_id": [str(g) for g in var["gene_id"]],
+            "gene_symbol": [str(g) for g in var["gene_symbol"]],
+        }
+        stats["latents"] = str(self.latents.absolute())
+        stats["vae"] = LatentStoreReader(self.latents).provenance()["encoder"]
+        self.stats_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.stats_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(stats, indent=1))
+        tmp.replace(self.stats_path)
+        self._stats = stats
+
+    def _vae_card(self) -> dict:
+        path = Path(self.config.vae.run) / "final" / "model_config.json"
+        return json.loads(path.read_text())["config"] if path.exists() else {}
+
+    def _vae_needs_batch(self) -> bool:
+        return bool(self._vae_card().get("n_batches"))
+
+    def _ensure_latents(self) -> None:
+        vae, provenance = load_vae(self.config.vae.run, self.config.vae.weights)
+        store = open_store(self.store)
+        self._check_vocabulary(store.meta)
+        fingerprint = source_fingerprint(self.store)
+        if (self.latents / "manifest.json").exists():
+            old = LatentStoreReader(self.latents).provenance()
+            if old["source"]["manifest_sha256"] == fingerprint and old["encoder"] == provenance:
+                return
+
+        def obs_codes(part, key: str) -> torch.Tensor:
+            """The codes the VAE knows as ``key`` (a role name or a column)."""
+            return torch.from_numpy(part.codes[store.meta.roles.get(key) or key].astype(np.int64))
+
+        c = vae.config
+
+        @torch.no_grad()
+        def encode(block) -> np.ndarray:
+            out = []
+            for a in range(0, block.n_cells, 4096):
+                part = block.slice(a, min(a + 4096, block.n_cells))
+                batch_index = covariates = None
+                if c.encode_covariates:  # an encoder that also sees batch / covariates
+                    batch_index = obs_codes(part, c.batch_key) if c.n_batches else None
+                    covariates = {k: obs_codes(part, k) for k in c.covariate_keys} or None
+                z = vae.encode(
+                    csr_to_torch(part.X), torch.from_numpy(part.library_size), batch_index,
+                    covariates,
+                )[0]  # fmt: skip
+                out.append(z.numpy())
+            return np.concatenate(out)
+
+        write_latent_store(
+            store, encode, self.latents, vae.config.n_latent, provenance, overwrite=True
+        )
+
+    def _check_vocabulary(self, meta) -> None:
+        n_genes = self._vae_card().get("n_genes")
+        if n_genes != meta.n_genes:
+            raise DataValidationError(
+                self.store, "n_genes",
+                f"the store has {meta.n_genes} genes, the VAE in {self.config.vae.run} "
+                f"was trained on {n_genes}",
+                "pass the store the VAE was trained on (data.path) or retrain the VAE",
+            )  # fmt: skip
+        vae_config = Path(self.config.vae.run) / "config.toml"
+        vae_store = tomllib.loads(vae_config.read_text())["data"].get("path", "")
+        if vae_store and Path(vae_store).exists():
+            vae_genes = list(open_store(vae_store).meta.var.index)
+            if vae_genes != list(meta.var.index):
+                raise DataValidationError(
+                    self.store, "var",
+                    f"gene vocabulary differs from the VAE's store {vae_store}",
+                    "build both stores with the same --genes vocabulary",
+                )  # fmt: skip
+
+    @property
+    def count_meta(self):
+        """The count store's metadata (the latent store copies its obs columns and roles)."""
+        if self._count_meta is None:
+            self._count_meta = open_store(self.store).meta
+        return self._count_meta
+
+    def _latent_meta(self):
+        return LatentStoreReader(self.latents).meta
+
+    def _resolve(self, names, kind: str) -> tuple[str, ...]:
+        meta = self.count_meta
+        known = meta.categories if kind == "categorical" else meta.numeric_columns
+        out = []
+        for name in names:
+            column = name if name in known else meta.roles.get(name)
+            if column is None or column not in known:
+                raise ConfigError(
+                    f"model.{'conditions' if kind == 'categorical' else 'continuous'}: "
+                    f"{name!r} is not a {kind} obs column (or role) of {self.store}; "
+                    f"available: {sorted(c for c in known if not c.startswith('_'))}"
+                )
+            out.append(column)
+        return tuple(out)
+
+    def condition_columns(self) -> tuple[str, ...]:
+        return self._resolve(self.config.model.conditions, "categorical")
+
+    def continuous_columns(self) -> tuple[str, ...]:
+        return self._resolve(self.config.model.continuous, "numeric")
+
+    def _sources(self):
+        data = self.config.data
+        n_units = len(self._latent_meta().unit_sizes)
+        if data.val_fraction <= 0:
+            return subset_factory(self.latents, np.arange(n_units)), None
+        train_units, val_units = split_units(n_units, data.val_fraction, data.split_seed)
+        return subset_factory(self.latents, train_units), subset_factory(self.latents, val_units)
+
+    def _train_source(self):
+        return self._sources()[0]
+
+    def _stream(self, source, rank: int, world_size: int, train: bool):
+        data = self.config.data
+        config = CellStreamConfig(
+            batch_size=data.batch_size,
+            seed=self.config.train.seed,
+            shuffle=train,
+            buffer_units=data.buffer_units,
+            tail="pad",
+            output="dense",
+            columns=self.condition_columns(),
+            numeric_columns=self.continuous_columns(),
+        )
+        return CellStream(source, config, rank=rank, world_size=world_size).loader()
+
+    def train_loader(self, rank: int, world_size: int):
+        return self._stream(self._sources()[0], rank, world_size, train=True)
+
+    def val_loader(self, rank: int, world_size: int):
+        source = self._sources()[1]
+        return None if source is None else self._stream(source, rank, world_size, False)
+
+    # -- model --------------------------------------------------------------------------------
+
+    def model_card(self) -> dict[str, Any]:
+        if self._card is None:
+            m, meta, stats = self.config.model, self._latent_meta(), self.stats
+            categorical, continuous = self.condition_columns(), self.continuous_columns()
+            config = LatentDiffusionConfig(
+                dit=DiTConfig(
+                    n_latent=meta.n_genes,
+                    patch_size=m.patch_size,
+                    hidden=m.hidden,
+                    depth=m.depth,
+                    heads=m.heads,
+                    mlp_ratio=m.mlp_ratio,
+                    n_categories=tuple(len(meta.categories[c]) for c in categorical),
+                    n_continuous=len(continuous),
+                ),
+                diffusion=self.config.diffusion,
+                categorical_keys=categorical,
+                continuous_keys=continuous,
+                continuous_mean=tuple(stats["continuous"][c]["mean"] for c in continuous),
+                continuous_std=tuple(stats["continuous"][c]["std"] for c in continuous),
+                cfg_dropout=m.cfg_dropout,
+            )
+            self._card = {
+                "class": MODEL_CLASS,
+                "config": dataclasses.asdict(config),
+                "categories": {c: meta.categories[c] for c in categorical},
+                "roles": {r: c for r, c in meta.roles.items() if c},
+                "vae": stats["vae"],
+                "store": str(self.store.absolute()),
+                "latents": stats["latents"],
+            }
+        return self._card
+
+    def build_model(self) -> nn.Module:
+        return build_latent_diffusion(self.model_card(), self.stats)
+
+    def serving_module(self, model: nn.Module) -> tuple[nn.Module, np.ndarray]:
+        k, d = len(model.config.categorical_keys), model.config.dit.n_latent
+        example = np.zeros((2, k + d + 1), dtype=np.float32)
+        return DenoiserStep(model).eval(), example
+
+
+class DenoiserStep(nn.Module):
+    """One float array ``[codes (n, k) | x_t (n, d) | t (n, 1) in [0, 1]]`` -> the DiT's
+    prediction (n, d) in the scaled latent space: the MLflow serving form. One network call,
+    not a whole sampling loop: MLflow exports models with ``torch.export``, which would
+    unroll every sampler step into the graph (a minute to export, and fixed steps)."""
+
+    def __init__(self, model: LatentDiffusion) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        k, d = len(self.model.config.categorical_keys), self.model.config.dit.n_latent
+        codes = inputs[:, :k].round().long()
+        _, values = self.model.dit.null_condition(inputs.shape[0], inputs.device)
+        return self.model.dit(inputs[:, k : k + d], inputs[:, k + d], codes, values)

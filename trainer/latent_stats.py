@@ -1,0 +1,166 @@
+"""Statistics of the training latents that travel with a latent diffusion model.
+
+One streamed pass over the training units of a latent store gives:
+- the latent shift (per-dimension mean) and scale (1 / overall std of the centred latents),
+  so the DiT sees data of unit variance whatever the VAE's KL weight did to the latent;
+- the mean and std of each continuous condition (the DiT embeds standardized values);
+- the library-size model: per combination of the categorical conditions, the mean and std
+  of log library size (a log-normal, as CFGen samples size factors) and the counts of each
+  batch, used to draw a library size and a decoder batch for every generated cell.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from latentcell.data_pipelines.blocks import StoreReader
+
+__all__ = ["LibraryModel", "training_stats"]
+
+
+class _Moments:
+    """Per-group count, sum and sum of squares, grown as new group indices appear."""
+
+    def __init__(self, width: int = 1) -> None:
+        self.n = np.zeros(0)
+        self.s = np.zeros((0, width))
+        self.ss = np.zeros((0, width))
+
+    def add(self, group: np.ndarray, values: np.ndarray) -> None:
+        size = int(group.max()) + 1 if len(group) else 0
+        if size > len(self.n):
+            grow = size - len(self.n)
+            self.n = np.concatenate([self.n, np.zeros(grow)])
+            self.s = np.concatenate([self.s, np.zeros((grow, self.s.shape[1]))])
+            self.ss = np.concatenate([self.ss, np.zeros((grow, self.ss.shape[1]))])
+        values = values.reshape(len(group), -1).astype(np.float64)
+        np.add.at(self.n, group, 1)
+        np.add.at(self.s, group, values)
+        np.add.at(self.ss, group, values**2)
+
+    def mean_std(self) -> tuple[np.ndarray, np.ndarray]:
+        n = np.maximum(self.n, 1)[:, None]
+        mean = self.s / n
+        var = np.maximum(self.ss / n - mean**2, 0.0)
+        return mean, np.sqrt(var)
+
+
+def training_stats(
+    reader: StoreReader,
+    categorical: Sequence[str],
+    continuous: Sequence[str],
+    batch_column: str | None,
+) -> dict:
+    """Everything above, as a JSON-ready dict (see ``LibraryModel`` for its use)."""
+    meta = reader.meta
+    d = meta.n_genes
+    sizes = [len(meta.categories[c]) for c in categorical]
+    n_batches = len(meta.categories[batch_column]) if batch_column else 1
+    latent = _Moments(d)
+    library = _Moments()
+    pooled = _Moments()
+    pooled_batches = np.zeros(n_batches, dtype=np.int64)
+    batches: dict[int, np.ndarray] = {}
+    cont_sum = np.zeros(len(continuous))
+    cont_ss = np.zeros(len(continuous))
+    cont_n = np.zeros(len(continuous))
+    for unit in range(len(meta.unit_sizes)):
+        block = reader.read_unit(unit)
+        latent.add(np.zeros(block.n_cells, dtype=np.int64), block.X)
+        log_lib = np.log(np.maximum(block.library_size, 1.0))
+        b = block.codes[batch_column] if batch_column else np.zeros(block.n_cells, np.int64)
+        pooled.add(np.zeros(block.n_cells, dtype=np.int64), log_lib)
+        pooled_batches += np.bincount(b[b >= 0], minlength=n_batches)
+        # Cells with a missing label (code -1) count only in the pooled statistics.
+        labelled = np.ones(block.n_cells, dtype=bool)
+        for c in categorical:
+            labelled &= block.codes[c] >= 0
+        combo = (
+            np.ravel_multi_index([block.codes[c][labelled] for c in categorical], sizes)
+            if categorical
+            else np.zeros(int(labelled.sum()), dtype=np.int64)
+        )
+        library.add(combo, log_lib[labelled])
+        b = b[labelled]
+        for key in np.unique(combo):
+            counts = np.bincount(b[(combo == key) & (b >= 0)], minlength=n_batches)
+            batches[int(key)] = batches.get(int(key), 0) + counts
+        for k, col in enumerate(continuous):
+            v = block.numeric[col].astype(np.float64)
+            v = v[np.isfinite(v)]
+            cont_sum[k] += v.sum()
+            cont_ss[k] += (v**2).sum()
+            cont_n[k] += len(v)
+    z_mean, z_std = latent.mean_std()
+    lib_mean, lib_std = library.mean_std()
+    pooled_mean, pooled_std = pooled.mean_std()
+    groups = []
+    for key in np.flatnonzero(library.n):
+        codes = np.unravel_index(key, sizes) if categorical else ()
+        groups.append(
+            {
+                "codes": [int(c) for c in codes],
+                "labels": [
+                    meta.categories[c][int(i)] for c, i in zip(categorical, codes, strict=True)
+                ],
+                "n_cells": int(library.n[key]),
+                "log_mean": float(lib_mean[key, 0]),
+                "log_std": float(lib_std[key, 0]),
+                "batch_counts": [int(x) for x in batches[int(key)]],
+            }
+        )
+    cont_mean = cont_sum / np.maximum(cont_n, 1)
+    cont_std = np.sqrt(np.maximum(cont_ss / np.maximum(cont_n, 1) - cont_mean**2, 0.0))
+    return {
+        "n_cells": int(meta.n_cells),
+        "latent_shift": [float(x) for x in z_mean[0]],
+        "latent_scale": float(1.0 / max(np.sqrt(np.mean(z_std[0] ** 2)), 1e-8)),
+        "continuous": {
+            col: {"mean": float(cont_mean[k]), "std": float(max(cont_std[k], 1e-8))}
+            for k, col in enumerate(continuous)
+        },
+        "library": {
+            "columns": list(categorical),
+            "batch_column": batch_column,
+            "batch_labels": list(meta.categories[batch_column]) if batch_column else [],
+            "global": {
+                "log_mean": float(pooled_mean[0, 0]),
+                "log_std": float(pooled_std[0, 0]),
+                "batch_counts": [int(x) for x in pooled_batches],
+            },
+            "groups": groups,
+        },
+    }
+
+
+class LibraryModel:
+    """Draws library sizes (log-normal) and decoder batches for generated cells.
+
+    A combination seen in training with fewer than ``min_cells`` cells, or a row with a null
+    condition, falls back to the pooled (global) distribution.
+    """
+
+    def __init__(self, library: dict, min_cells: int = 10) -> None:
+        self.columns = list(library["columns"])
+        self.batch_column = library["batch_column"]
+        self.fallback = library["global"]
+        self.groups = {tuple(g["codes"]): g for g in library["groups"] if g["n_cells"] >= min_cells}
+
+    def _group(self, codes: Sequence[int]) -> dict:
+        return self.groups.get(tuple(int(c) for c in codes), self.fallback)
+
+    def sample(self, codes: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """(library sizes (n,), batch codes (n,)) for rows of categorical ``codes`` (n, k)."""
+        n = codes.shape[0]
+        library = np.empty(n, dtype=np.float32)
+        batch = np.zeros(n, dtype=np.int64)
+        keys = [tuple(row) for row in codes.tolist()]
+        for key in set(keys):
+            rows = np.flatnonzero([k == key for k in keys])
+            g = self._group(key)
+            library[rows] = np.exp(rng.normal(g["log_mean"], g["log_std"], len(rows)))
+            p = np.asarray(g["batch_counts"], dtype=np.float64)
+            batch[rows] = rng.choice(len(p), size=len(rows), p=p / p.sum())
+        return np.maximum(np.round(library), 1.0), batch
