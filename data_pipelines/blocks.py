@@ -41,9 +41,8 @@ class CellBlock:
     def take(self, idx: np.ndarray) -> CellBlock:
         """Rows ``idx`` (any order, repeats allowed) as a new block."""
         X = self.X[idx]
-        if getattr(
-            self.X, "has_sorted_indices", False
-        ):  # whole rows keep their order; spares a rescan per batch
+        sorted_csr = getattr(self.X, "has_sorted_indices", False)  # dense X has no indices
+        if sorted_csr:  # whole rows keep their order; spares a rescan per batch
             X.has_sorted_indices = True
         return CellBlock(
             X=X,

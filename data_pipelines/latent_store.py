@@ -129,8 +129,9 @@ def write_latent_store(
 
 
 class _RowBuffer:
-    """Collects rows and writes them to the arrays in whole chunks (a partial chunk write
-    would make zarr read, decode and re-encode the chunk once per unit)."""
+    """Collects rows and writes them once at least a chunk's worth is buffered, so a chunk is
+    re-encoded at most twice instead of once per unit (exactly once when the chunk size is
+    a multiple of the unit size)."""
 
     def __init__(self, arrays: dict[str, zarr.Array], chunk: int) -> None:
         self.arrays, self.chunk = arrays, chunk
