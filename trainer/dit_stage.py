@@ -140,12 +140,12 @@ class DiTStage:
         self.condition_columns(), self.continuous_columns()  # fail on a typo before encoding
         self._ensure_latents()
         stats = training_stats(
-            self._train_source()(),
+            self._sources()[0](),
             self.condition_columns(),
             self.continuous_columns(),
-            self._latent_meta().roles.get("batch") if self._vae_needs_batch() else None,
+            self.count_meta.roles.get("batch") if self._vae_needs_batch() else None,
         )
-        var = open_store(self.store).meta.var
+        var = self.count_meta.var
         stats["genes"] = {
             "gene_key": [str(g) for g in var.index],
             "gene_id": [str(g) for g in var["gene_id"]],
@@ -229,9 +229,6 @@ class DiTStage:
             self._count_meta = open_store(self.store).meta
         return self._count_meta
 
-    def _latent_meta(self):
-        return LatentStoreReader(self.latents).meta
-
     def _resolve(self, names, kind: str) -> tuple[str, ...]:
         meta = self.count_meta
         known = meta.categories if kind == "categorical" else meta.numeric_columns
@@ -255,14 +252,11 @@ class DiTStage:
 
     def _sources(self):
         data = self.config.data
-        n_units = len(self._latent_meta().unit_sizes)
+        n_units = len(self.count_meta.unit_sizes)  # the latent store mirrors its units
         if data.val_fraction <= 0:
             return subset_factory(self.latents, np.arange(n_units)), None
         train_units, val_units = split_units(n_units, data.val_fraction, data.split_seed)
         return subset_factory(self.latents, train_units), subset_factory(self.latents, val_units)
-
-    def _train_source(self):
-        return self._sources()[0]
 
     def _stream(self, source, rank: int, world_size: int, train: bool):
         data = self.config.data
@@ -289,11 +283,11 @@ class DiTStage:
 
     def model_card(self) -> dict[str, Any]:
         if self._card is None:
-            m, meta, stats = self.config.model, self._latent_meta(), self.stats
+            m, meta, stats = self.config.model, self.count_meta, self.stats
             categorical, continuous = self.condition_columns(), self.continuous_columns()
             config = LatentDiffusionConfig(
                 dit=DiTConfig(
-                    n_latent=meta.n_genes,
+                    n_latent=len(stats["latent_shift"]),
                     patch_size=m.patch_size,
                     hidden=m.hidden,
                     depth=m.depth,
