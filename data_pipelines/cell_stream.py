@@ -150,6 +150,20 @@ def round_robin_resume(counts: np.ndarray, consumed: int) -> tuple[np.ndarray, i
     return offsets, int(active[remainder])
 
 
+def check_stream_options(config) -> None:
+    """Check and normalize the options every stream config has (seed, tail, output,
+    columns), so the cell stream and the set samplers accept exactly the same values."""
+    if config.seed < 0:
+        raise ValueError(f"seed must be >= 0, got {config.seed}")
+    if config.tail not in TAILS:
+        raise ValueError(f"tail must be one of {TAILS}, got {config.tail!r}")
+    if config.output not in OUTPUTS:
+        raise ValueError(f"output must be one of {OUTPUTS}, got {config.output!r}")
+    if config.columns is not None:
+        object.__setattr__(config, "columns", tuple(config.columns))
+    object.__setattr__(config, "numeric_columns", tuple(config.numeric_columns))
+
+
 def open_source(source) -> tuple[Callable[[], StoreReader] | None, StoreReader]:
     """A reader and, if ``source`` was a factory, the factory (so workers reopen their own)."""
     if hasattr(source, "meta") and hasattr(source, "read_unit"):
@@ -372,15 +386,7 @@ class CellStreamConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.buffer_units < 1 or (self.buffer_cells is not None and self.buffer_cells < 1):
             raise ValueError("buffer_units and buffer_cells must be >= 1")
-        if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
-        if self.tail not in TAILS:
-            raise ValueError(f"tail must be one of {TAILS}, got {self.tail!r}")
-        if self.output not in OUTPUTS:
-            raise ValueError(f"output must be one of {OUTPUTS}, got {self.output!r}")
-        if self.columns is not None:
-            object.__setattr__(self, "columns", tuple(self.columns))
-        object.__setattr__(self, "numeric_columns", tuple(self.numeric_columns))
+        check_stream_options(self)
 
 
 class CellStream(ShardedIterable):

@@ -32,6 +32,17 @@ Rules
   ``pad`` repeats a slot's own first sets (``is_pad=True``) so all ranks get equally many
   pairs.
 
+Row subset: ``SetSampler(source, config, rows=...)`` (sorted or not, int row ids or a boolean
+mask over the store) restricts BOTH the perturbed sets and the control pools to those rows,
+e.g. ``rows=split.train`` from ``perturbation_splits.assign_split`` so no val/test cell is ever
+seen in training. The subset is kept as runs of consecutive rows: every group range is
+intersected with the runs (a group with no rows left disappears, the epoch size shrinks
+accordingly), and the matching fallbacks above apply to the restricted control pools (a cell
+type whose controls all lie outside the subset raises the error above, naming the subset).
+Reads stay range-based: the read pieces are those of the whole store, trimmed to the subset's
+first and last row inside them, so rows outside the subset may be read but are never emitted.
+Without ``rows`` nothing changes.
+
 IO: groups are contiguous row ranges (``reader.group_index()``), so a set is a few contiguous
 ``read_rows``. Adjacent ranges of one (cell type, perturbation) are read together (at most
 ``max_read_cells`` rows per read) and kept in an LRU cache of ``cache_mb`` MB: without one,
@@ -40,126 +51,98 @@ cell-load spent 70 s per batch re-reading.
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
 
-from .batches import OUTPUTS, make_batch
-from .blocks import CellBlock, StoreReader
-from .cell_stream import TAILS, ShardedIterable, tail_lengths
+from .batches import make_batch
+from .blocks import StoreReader
+from .set_epochs import RowRanges, SetEpochs, SetsConfig, read_pieces
 
 MATCH_LEVELS = ("batch", "cell_type", "global")
 
-# Tags that keep the random streams of different decisions independent.
-_GROUP_ORDER, _SET_POOL, _MEMBERS, _FILL, _CONTROLS = 0, 1, 2, 3, 4
+# The random stream of control matching; 0-3 are set_epochs' (group order, pools, members).
+_CONTROLS = 4
 
 
 @dataclass(frozen=True)
-class SetSamplerConfig:
-    """What the set sampler yields; see the module docstring for the rules.
+class SetSamplerConfig(SetsConfig):
+    """What the set sampler yields; see the module docstring for the rules and
+    ``SetsConfig`` for the options every set sampler has."""
 
-    output: "dense" or "csr" X in both batch dicts. columns / numeric_columns: as in
-    ``CellStreamConfig``. buffer_sets: sets shuffled together (more = better mixing, more
-    groups in the cache at once). cache_mb: range-cache budget per reader (per worker).
-    max_read_cells: longest single ``read_rows``.
-    """
-
-    set_size: int = 128
-    seed: int = 0
-    shuffle: bool = True
-    output: str = "dense"
-    columns: tuple[str, ...] | None = None
-    numeric_columns: tuple[str, ...] = ()
     allow_global_controls: bool = False
-    tail: str = "pad"
-    buffer_sets: int = 64
-    cache_mb: float = 512.0
-    max_read_cells: int = 8192
-
-    def __post_init__(self):
-        if self.set_size < 1:
-            raise ValueError(f"set_size must be >= 1, got {self.set_size}")
-        if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
-        if self.tail not in TAILS:
-            raise ValueError(f"tail must be one of {TAILS}, got {self.tail!r}")
-        if self.output not in OUTPUTS:
-            raise ValueError(f"output must be one of {OUTPUTS}, got {self.output!r}")
-        if self.buffer_sets < 1 or self.max_read_cells < 1 or self.cache_mb < 0:
-            raise ValueError("buffer_sets and max_read_cells must be >= 1, cache_mb >= 0")
-        if self.columns is not None:
-            object.__setattr__(self, "columns", tuple(self.columns))
-        object.__setattr__(self, "numeric_columns", tuple(self.numeric_columns))
 
 
 @dataclass(frozen=True)
-class RowRanges:
-    """A cell population as disjoint row ranges; maps positions 0..n-1 to rows (and batches)."""
+class RowSubset:
+    """A set of store rows as sorted, disjoint runs [starts[k], stops[k]) of consecutive rows."""
 
-    starts: np.ndarray  # int64, per range
-    cum: np.ndarray  # int64, len(starts) + 1: position of each range's first cell
-    batch: np.ndarray  # int32 batch code per range
+    starts: np.ndarray  # int64
+    stops: np.ndarray  # int64
+    n_rows: int
+    digest: str  # identifies the subset in ``state_dict`` layouts
 
     @classmethod
-    def build(cls, starts, stops, batch) -> RowRanges:
-        starts = np.asarray(starts, dtype=np.int64)
-        sizes = np.asarray(stops, dtype=np.int64) - starts
-        return cls(starts, np.concatenate([[0], np.cumsum(sizes)]), np.asarray(batch, np.int32))
+    def from_rows(cls, rows, n_cells: int) -> RowSubset:
+        """From row ids (any order; repeats ignored) or a boolean mask of length ``n_cells``."""
+        rows = np.asarray(rows)
+        if rows.dtype == bool:
+            if rows.shape != (n_cells,):
+                raise ValueError(f"a boolean rows mask needs shape ({n_cells},), got {rows.shape}")
+            rows = np.flatnonzero(rows)
+        if rows.ndim != 1 or not (rows.size == 0 or np.issubdtype(rows.dtype, np.integer)):
+            raise TypeError(
+                f"rows must be a 1-d array of integer row ids, got {rows.dtype} {rows.shape}"
+            )
+        rows = rows.astype(np.int64, copy=False)
+        if len(rows) > 1 and not (rows[1:] > rows[:-1]).all():  # np.unique hashes: slow
+            rows = np.sort(rows)
+            rows = rows[np.concatenate([[True], rows[1:] != rows[:-1]])]
+        if len(rows) and (rows[0] < 0 or rows[-1] >= n_cells):
+            raise ValueError(
+                f"rows must lie in [0, {n_cells}) (the store's rows), got "
+                f"[{int(rows[0])}, {int(rows[-1])}]"
+            )
+        new = np.ones(len(rows), dtype=bool)
+        new[1:] = np.diff(rows) != 1
+        first = np.flatnonzero(new)
+        last = np.append(first[1:], len(rows))[: len(first)] - 1
+        digest = hashlib.sha256(rows.tobytes()).hexdigest()[:16]
+        return cls(rows[first], rows[last] + 1, len(rows), digest)
 
-    @property
-    def n(self) -> int:
-        return int(self.cum[-1])
+    def restrict(self, index: pd.DataFrame) -> pd.DataFrame:
+        """The group index intersected with the runs: one row per non-empty overlap."""
+        start = index["start"].to_numpy(np.int64)
+        stop = index["stop"].to_numpy(np.int64)
+        first = np.searchsorted(self.stops, start, side="right")  # first run ending after start
+        end = np.searchsorted(self.starts, stop, side="left")  # first run starting at/after stop
+        counts = np.maximum(end - first, 0)
+        which = np.repeat(np.arange(len(start)), counts)
+        run = np.repeat(first, counts) + (
+            np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+        )
+        out = index.iloc[which].reset_index(drop=True)
+        out["start"] = np.maximum(start[which], self.starts[run])
+        out["stop"] = np.minimum(stop[which], self.stops[run])
+        return out
 
-    def locate(self, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Rows and batch codes of positions ``pos``."""
-        k = np.searchsorted(self.cum, pos, side="right") - 1
-        return self.starts[k] + (pos - self.cum[k]), self.batch[k]
-
-
-class RangeCache:
-    """Reads row pieces through ``read_rows`` and keeps recent ones under a memory budget."""
-
-    def __init__(self, reader: StoreReader, starts: np.ndarray, stops: np.ndarray, budget: int):
-        self.reader, self.starts, self.stops, self.budget = reader, starts, stops, budget
-        self._blocks: OrderedDict[int, CellBlock] = OrderedDict()
-        self._bytes = 0
-        self.reads = 0
-
-    def gather(self, rows: np.ndarray) -> CellBlock:
-        """The cells at ``rows`` (any order, repeats allowed), in that order."""
-        piece = np.searchsorted(self.starts, rows, side="right") - 1
-        if (piece == piece[0]).all():
-            return self._get(int(piece[0])).take(rows - self.starts[piece[0]])
-        order = np.argsort(piece, kind="stable")
-        sorted_piece = piece[order]
-        cuts = np.flatnonzero(np.diff(sorted_piece)) + 1
-        parts = []
-        for seg in np.split(order, cuts):
-            p = int(piece[seg[0]])
-            parts.append(self._get(p).take(rows[seg] - self.starts[p]))
-        inverse = np.empty_like(order)
-        inverse[order] = np.arange(len(order))
-        return CellBlock.concat(parts).take(inverse)
-
-    def _get(self, p: int) -> CellBlock:
-        if p in self._blocks:
-            self._blocks.move_to_end(p)
-            return self._blocks[p]
-        block = replace(self.reader.read_rows(int(self.starts[p]), int(self.stops[p])), names=None)
-        self.reads += 1
-        self._blocks[p] = block
-        self._bytes += _nbytes(block)
-        while self._bytes > self.budget and len(self._blocks) > 1:
-            _, old = self._blocks.popitem(last=False)
-            self._bytes -= _nbytes(old)
-        return block
+    def trim(self, starts: np.ndarray, stops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Ranges cut to their first and last subset row; ranges without one are dropped."""
+        first = np.searchsorted(self.stops, starts, side="right")
+        last = np.searchsorted(self.starts, stops, side="left") - 1
+        keep = first <= last
+        first, last = first[keep], last[keep]
+        return (
+            np.maximum(starts[keep], self.starts[first]),
+            np.minimum(stops[keep], self.stops[last]),
+        )
 
 
-class SetSampler(ShardedIterable):
+class SetSampler(SetEpochs):
     """Yields (control set, perturbed set) pairs; see the module docstring for the rules."""
 
     def __init__(
@@ -170,17 +153,20 @@ class SetSampler(ShardedIterable):
         rank: int | None = None,
         world_size: int | None = None,
         num_workers: int = 0,
+        rows: np.ndarray | None = None,
     ):
+        """rows: restrict perturbed sets and control pools to these store rows (row ids or a
+        boolean mask; see "Row subset" in the module docstring); None = the whole store."""
         super().__init__(source, config or SetSamplerConfig(), rank, world_size, num_workers)
-        index = self._reader.group_index().sort_values("start", kind="stable")
+        full = self._reader.group_index().sort_values("start", kind="stable")
+        self.row_subset = None if rows is None else RowSubset.from_rows(rows, self.meta.n_cells)
+        index = full if self.row_subset is None else self.row_subset.restrict(full)
         self.control_code = self._control_code()
         self._build_groups(index)
         self._build_controls(index)
-        self._build_pieces(index)
-        self._check_controls()
-        self._slot_sets = self._split_over_slots(self.n_sets, "set")
-        self._slot_counts = tail_lengths(self._slot_sets, 1, self.config.tail)
-        self._cache: RangeCache | None = None
+        self._build_pieces(full)
+        self._check_controls(full)
+        self._shard_sets()
 
     # -- construction -----------------------------------------------------------------------
 
@@ -198,16 +184,11 @@ class SetSampler(ShardedIterable):
         pert = index["perturbation"].to_numpy()
         perturbed = index[(pert != self.control_code) & (pert >= 0)]
         self.group_keys: list[tuple[int, int]] = []
-        self.group_cells: list[RowRanges] = []
+        cells: list[RowRanges] = []
         for (ct, pt), frame in perturbed.groupby(["cell_type", "perturbation"], sort=True):
             self.group_keys.append((int(ct), int(pt)))
-            self.group_cells.append(RowRanges.build(frame["start"], frame["stop"], frame["batch"]))
-        sizes = np.array([g.n for g in self.group_cells], dtype=np.int64)
-        self.group_sets = -(-sizes // self.config.set_size)
-        self._first_set = np.concatenate([[0], np.cumsum(self.group_sets)]).astype(np.int64)
-        self.n_sets = int(self._first_set[-1])
-        self._set_group = np.repeat(np.arange(len(sizes)), self.group_sets)
-        self._set_j = np.arange(self.n_sets) - self._first_set[self._set_group]
+            cells.append(RowRanges.build(frame["start"], frame["stop"], frame["batch"]))
+        self._cut_into_sets(cells)
 
     def _build_controls(self, index: pd.DataFrame) -> None:
         controls = index[index["perturbation"].to_numpy() == self.control_code]
@@ -223,37 +204,54 @@ class SetSampler(ShardedIterable):
 
     def _build_pieces(self, index: pd.DataFrame) -> None:
         """Read pieces: adjacent ranges of one (cell type, perturbation), capped in length."""
-        start = index["start"].to_numpy(np.int64)
-        stop = index["stop"].to_numpy(np.int64)
-        ct = index["cell_type"].to_numpy()
-        pt = index["perturbation"].to_numpy()
-        new = np.ones(len(start), dtype=bool)
-        new[1:] = (start[1:] != stop[:-1]) | (ct[1:] != ct[:-1]) | (pt[1:] != pt[:-1])
-        first = np.flatnonzero(new)
-        last = np.append(first[1:], len(start)) - 1
-        p_start, p_stop = start[first], stop[last]
-        cap = self.config.max_read_cells
-        n_chunks = -(-(p_stop - p_start) // cap)
-        base = np.repeat(p_start, n_chunks)
-        offsets = np.arange(n_chunks.sum()) - np.repeat(np.cumsum(n_chunks) - n_chunks, n_chunks)
-        self._piece_starts = base + offsets * cap
-        self._piece_stops = np.minimum(self._piece_starts + cap, np.repeat(p_stop, n_chunks))
+        self._piece_starts, self._piece_stops = read_pieces(
+            index, ("cell_type", "perturbation"), self.config.max_read_cells
+        )
+        if self.row_subset is not None:  # read only from a piece's first to last subset row
+            self._piece_starts, self._piece_stops = self.row_subset.trim(
+                self._piece_starts, self._piece_stops
+            )
 
-    def _check_controls(self) -> None:
+    def _check_controls(self, full: pd.DataFrame) -> None:
+        subset = self.row_subset
+        where = (
+            ""
+            if subset is None
+            else f" among the {subset.n_rows} of {self.meta.n_cells} rows the sampler is "
+            "restricted to (rows=...)"
+        )
         if self.config.allow_global_controls:
             if self.n_sets and self._global.n == 0:
                 raise ValueError(
                     f"{self.meta.path}: no control cells ({self.meta.control_label!r}) at all"
+                    f"{where}"
                 )
             return
         missing = sorted({ct for ct, _ in self.group_keys if ct not in self._by_type})
         if missing:
             names = [self._cell_type_name(ct) for ct in missing]
-            raise ValueError(
+            message = (
                 f"{self.meta.path}: cell type(s) {names} have perturbed cells but no control "
-                f"cells ({self.meta.control_label!r}); add controls for them, drop them, or set "
-                "allow_global_controls=True to match them with controls of any cell type"
+                f"cells ({self.meta.control_label!r}){where}; "
             )
+            outside = 0
+            if subset is not None:
+                ctrl = full[full["perturbation"] == self.control_code]
+                sizes = (ctrl["stop"] - ctrl["start"])[ctrl["cell_type"].isin(missing)]
+                outside = int(sizes.sum())
+            if outside:
+                message += (
+                    f"the store has {outside} controls of them, all outside the subset: a "
+                    "split that holds out all controls of a cell type must hold out its "
+                    "perturbed cells too (hold out the cell type), or keep some controls in "
+                    "the subset; or set allow_global_controls=True"
+                )
+            else:
+                message += (
+                    "add controls for them, drop them, or set allow_global_controls=True to "
+                    "match them with controls of any cell type"
+                )
+            raise ValueError(message)
 
     def _cell_type_name(self, code: int) -> str:
         col = self.meta.roles.get("cell_type")
@@ -262,55 +260,17 @@ class SetSampler(ShardedIterable):
         )
 
     def _layout(self) -> dict:
-        cfg = self.config
-        return {
-            "n_cells": int(self.meta.n_cells),
-            "n_sets": self.n_sets,
-            "set_size": cfg.set_size,
-            "seed": cfg.seed,
-            "shuffle": cfg.shuffle,
-            "tail": cfg.tail,
-            "buffer_sets": cfg.buffer_sets,
-            "allow_global_controls": cfg.allow_global_controls,
-            "world_size": self.world_size,
-            "workers_per_rank": self.workers_per_rank,
-        }
+        layout = super()._layout() | {"allow_global_controls": self.config.allow_global_controls}
+        if self.row_subset is not None:  # no key without: older state dicts still load
+            layout["row_subset"] = f"{self.row_subset.n_rows}:{self.row_subset.digest}"
+        return layout
 
-    # -- the epoch plan (pure functions of seed and epoch) ----------------------------------
-
-    def epoch_sets(self, epoch: int | None = None) -> np.ndarray:
-        """Set ids (indices into the canonical list) in the epoch's order."""
-        epoch = self.epoch if epoch is None else epoch
-        if not self.config.shuffle:
-            return np.arange(self.n_sets)
-        seed = self.config.seed
-        groups = np.random.default_rng([seed, epoch, _GROUP_ORDER]).permutation(
-            len(self.group_sets)
-        )
-        counts = self.group_sets[groups]
-        within = np.arange(self.n_sets) - np.repeat(np.cumsum(counts) - counts, counts)
-        seq = np.repeat(self._first_set[groups], counts) + within
-        size = self.config.buffer_sets
-        for p, a in enumerate(range(0, self.n_sets, size)):
-            rng = np.random.default_rng([seed, epoch, _SET_POOL, p])
-            seq[a : a + size] = rng.permutation(seq[a : a + size])
-        return seq
+    # -- the epoch plan (pure functions of seed and epoch; set_epochs has the shared part) ---
 
     def set_plan(self, set_id: int, epoch: int | None = None) -> dict:
         """Rows of a set's perturbed cells and of their matched controls (no data read)."""
         epoch = self.epoch if epoch is None else epoch
-        seed, size = self.config.seed, self.config.set_size
-        g, j = int(self._set_group[set_id]), int(self._set_j[set_id])
-        cells = self.group_cells[g]
-        if self.config.shuffle:
-            members = np.random.default_rng([seed, epoch, _MEMBERS, g]).permutation(cells.n)
-        else:
-            members = np.arange(cells.n)
-        pos = members[j * size : (j + 1) * size]
-        if len(pos) < size:
-            fill = np.random.default_rng([seed, epoch, _FILL, set_id])
-            pos = np.concatenate([pos, fill.integers(0, cells.n, size - len(pos))])
-        rows, batches = cells.locate(pos)
+        g, rows, batches = self.set_members(set_id, epoch)
         controls, levels = self._match_controls(self.group_keys[g][0], batches, epoch, set_id)
         return {"rows": rows, "control_rows": controls, "levels": levels, "group": g}
 
@@ -336,16 +296,9 @@ class SetSampler(ShardedIterable):
             return pool, 1
         return self._global, 2  # only reachable with allow_global_controls (checked at init)
 
-    # -- iteration --------------------------------------------------------------------------
+    # -- items ------------------------------------------------------------------------------
 
-    def _iter_slot(self, slot: int, start_item: int) -> Iterator[dict]:
-        seq = self.epoch_sets()
-        lo, n = int(self._slot_bounds[slot]), int(self._slot_sets[slot])
-        for p in range(start_item, int(self._slot_counts[slot])):
-            pad = p >= n
-            yield self.pair(int(seq[lo + (p - n) % n if pad else lo + p]), is_pad=pad)
-
-    def pair(self, set_id: int, is_pad: bool = False) -> dict:
+    def item(self, set_id: int, is_pad: bool = False) -> dict:
         """The pair dict for one set of the current epoch."""
         plan = self.set_plan(set_id)
         cache = self._range_cache()
@@ -363,22 +316,4 @@ class SetSampler(ShardedIterable):
             "is_pad": bool(is_pad),
         }
 
-    def _range_cache(self) -> RangeCache:
-        if self._cache is None:
-            budget = int(self.config.cache_mb * 2**20)
-            self._cache = RangeCache(
-                self._get_reader(), self._piece_starts, self._piece_stops, budget
-            )
-        return self._cache
-
-    def __getstate__(self) -> dict:
-        state = super().__getstate__()
-        state["_cache"] = None  # workers build their own cache
-        return state
-
-
-def _nbytes(block: CellBlock) -> int:
-    X = block.X
-    arrays = [X.data, X.indices, X.indptr, block.rows, block.library_size]
-    arrays += list(block.codes.values()) + list(block.numeric.values())
-    return int(sum(a.nbytes for a in arrays))
+    pair = item  # its name before the set samplers shared ``SetEpochs``

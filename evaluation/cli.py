@@ -1,16 +1,20 @@
-"""``latentcell evaluate generation``: score generated h5ad counts against real held-out cells.
+"""``latentcell evaluate generation|perturbation``: judge model output against real cells.
 
-A thin wrapper over ``evaluate_generation``: reads the files, maps every input problem to a
-``DataValidationError`` naming the file (the launcher prints it as one ``error:`` line and
-exits 2), writes ``summary.json`` and the figures to ``--out`` and prints the macro metrics.
+Thin wrappers over ``evaluate_generation`` (generated counts vs real held-out counts) and
+``evaluate_perturbation`` (predicted perturbation responses, scored by cell-eval): each reads
+the files, maps every input problem to a ``DataValidationError`` naming the file (the launcher
+prints it as one ``error:`` line and exits 2), writes ``summary.json`` (and figures or
+cell-eval's csv files) to ``--out`` and prints a table.
 """
 
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 
 from latentcell.data_pipelines.errors import DataValidationError
+from latentcell.evaluation.perturbation import PROFILES
 from latentcell.evaluation.protocol import DEFAULT_PROTOCOL, GenerationProtocol
 
 # Columns of the printed table: (key in the flattened method scores, header).
@@ -39,6 +43,14 @@ def add_evaluate_commands(sub: argparse._SubParsersAction) -> None:
     parser = actions.add_parser("generation", help=help_text, description=help_text)
     add_generation_arguments(parser)
     parser.set_defaults(func=run_evaluate_generation)
+    help_text = (
+        "predicted perturbation responses vs real cells, scored by cell-eval (the Virtual "
+        "Cell Challenge evaluator) against the training-mean baseline and a real-vs-real "
+        'ceiling; needs pip install "latentcell[celleval]"'
+    )
+    parser = actions.add_parser("perturbation", help=help_text, description=help_text)
+    add_perturbation_arguments(parser)
+    parser.set_defaults(func=run_evaluate_perturbation)
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -60,6 +72,23 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
     parser.add_argument("--n-pcs", type=int, default=d.n_pcs)
     parser.add_argument("--min-cells", type=int, default=d.min_cells)
     parser.add_argument("--seed", type=int, default=d.seed)
+    return parser
+
+
+def add_perturbation_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Options of ``latentcell evaluate perturbation``."""
+    parser.add_argument(
+        "--pred", required=True, help="h5ad of predicted raw counts, with real's control cells"
+    )
+    parser.add_argument("--real", required=True, help="h5ad of real held-out raw counts")
+    parser.add_argument(
+        "--train", required=True, help="h5ad of the training raw counts (for the baseline)"
+    )
+    parser.add_argument("--out", required=True, help="folder for summary.json and csv files")
+    parser.add_argument("--pert-col", default="target_gene", help="obs column of perturbations")
+    parser.add_argument("--control", default="non-targeting", help="label of control cells")
+    parser.add_argument("--profile", default="full", choices=PROFILES, help="cell-eval metrics")
+    parser.add_argument("--threads", type=int, default=2, help="threads for cell-eval")
     return parser
 
 
@@ -148,4 +177,76 @@ def run_evaluate_generation(args: argparse.Namespace) -> int:
     )
     print(format_table(bar_scores(summary)))
     print(f"wrote {Path(args.out) / 'summary.json'} and figures")
+    return 0
+
+
+# (key in the summary's headline, printed name)
+PERTURBATION_ROWS: tuple[tuple[str, str], ...] = (
+    ("avg_score", "avg_score"),
+    ("vcc_avg_score", "vcc_avg_score"),
+    ("overlap_at_N", "overlap_at_N"),
+    ("discrimination_score_l1", "discrim_l1"),
+    ("mae", "mae"),
+    ("pearson_delta", "pearson_delta"),
+)
+
+
+def _cell(value: float | None) -> str:
+    return f"{'-':>10}" if value is None else f"{value:>10.4g}"
+
+
+def format_perturbation_table(summary: dict) -> str:
+    """Headline metrics: model, baseline, ceiling and the model's score against the baseline."""
+    rows = ["metric".ljust(16) + "".join(f"{h:>10}" for h in ("model", "baseline", "ceiling"))]
+    rows[0] += f"{'score':>10}"
+    for key, name in PERTURBATION_ROWS:
+        entry = summary["headline"][key]
+        values = [entry.get(k) for k in ("model", "baseline", "ceiling")]
+        score = entry["model"] if key.endswith("avg_score") else entry.get("score")
+        rows.append(name.ljust(16) + "".join(_cell(v) for v in values) + _cell(score))
+    energy = summary["energy_distance"]
+    rows.append("energy_PCA".ljust(16) + _cell(energy["model"]) + _cell(energy["baseline"]))
+    return "\n".join(rows)
+
+
+def run_evaluate_perturbation(args: argparse.Namespace) -> int:
+    """CLI entry: check cell-eval is installed, evaluate, write ``--out``, print the table."""
+    from latentcell.evaluation.perturbation import (
+        ControlCellsWarning,
+        evaluate_perturbation,
+        import_cell_eval,
+    )
+
+    if args.threads < 1:
+        raise DataValidationError("<options>", "--threads", "must be >= 1", "pass --threads 1")
+    try:
+        import_cell_eval(args.threads)
+    except ImportError as err:
+        raise SystemExit(f"error: {err}") from None
+    paths = {"pred": Path(args.pred), "real": Path(args.real), "train": Path(args.train)}
+    data = {role: _read(path) for role, path in paths.items()}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ControlCellsWarning)  # printed below instead
+            summary = evaluate_perturbation(
+                data["pred"],
+                data["real"],
+                data["train"],
+                args.out,
+                pert_col=args.pert_col,
+                control=args.control,
+                profile=args.profile,
+                threads=args.threads,
+            )
+    except DataValidationError as err:  # name the file, not the role
+        path = paths.get(err.path, err.path)
+        raise DataValidationError(path, err.field, err.problem, err.fix) from None
+    for note in summary["warnings"]:
+        print(f"warning: {note}")
+    print(
+        f"{len(summary['perturbations'])} perturbations, {summary['n_genes']} genes; "
+        f"cell-eval {summary['cell_eval_version']}, profile {summary['profile']}"
+    )
+    print(format_perturbation_table(summary))
+    print(f"wrote {Path(args.out) / 'summary.json'} and cell-eval's csv files")
     return 0

@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     from latentcell.evaluation.cli import add_evaluate_commands
     from latentcell.launch.demo import add_demo_command
     from latentcell.launch.generate import add_generate_command
+    from latentcell.launch.predict import add_predict_command
     from latentcell.launch.train import add_train_command
 
     parser = argparse.ArgumentParser(
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_commands(sub)
     add_train_command(sub)
     add_generate_command(sub)
+    add_predict_command(sub)
     add_evaluate_commands(sub)
     add_demo_command(sub)
     version = sub.add_parser("version", help="print the installed version")

@@ -15,12 +15,19 @@ import json
 
 def _stages() -> dict:
     from latentcell.trainer.dit_stage import DiTRunConfig, DiTStage
+    from latentcell.trainer.st_pretrain_stage import STPretrainRunConfig, STPretrainStage
+    from latentcell.trainer.st_stage import STRunConfig, STStage
     from latentcell.trainer.vae_stage import VAERunConfig, VAEStage
 
-    return {"vae": (VAERunConfig, VAEStage), "dit": (DiTRunConfig, DiTStage)}
+    return {
+        "vae": (VAERunConfig, VAEStage),
+        "dit": (DiTRunConfig, DiTStage),
+        "st": (STRunConfig, STStage),
+        "st-pretrain": (STPretrainRunConfig, STPretrainStage),
+    }
 
 
-STAGE_NAMES = ("vae", "dit")
+STAGE_NAMES = ("vae", "dit", "st", "st-pretrain")
 
 
 def add_train_command(sub: argparse._SubParsersAction) -> None:

@@ -28,7 +28,7 @@ from latentcell.data_pipelines.latent_store import (
     write_latent_store,
 )
 from latentcell.data_pipelines.stores import open_store
-from latentcell.data_pipelines.unit_split import split_units, subset_factory
+from latentcell.data_pipelines.unit_split import split_units, subset_factory, warn_lopsided_split
 from latentcell.models.diffusion import DiffusionConfig
 from latentcell.models.dit import DiTConfig
 from latentcell.models.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
@@ -36,21 +36,13 @@ from latentcell.models.latent_diffusion import LatentDiffusion, LatentDiffusionC
 from .builtin_data import CountStoreInput
 from .config import ConfigError, tomllib
 from .latent_stats import training_stats
-from .sections import DataConfig, OptimConfig, RunSection, TrainConfig
+from .sections import DataConfig, OptimConfig, RunSection, TrainConfig, VAERef
 from .tracking import TrackingConfig
 from .trained_runs import load_vae
 
 __all__ = ["DiTModelSection", "DiTRunConfig", "DiTStage", "VAERef", "build_latent_diffusion"]
 
 MODEL_CLASS = "latentcell.models.latent_diffusion.LatentDiffusion"
-
-
-@dataclass(frozen=True)
-class VAERef:
-    """run: the ``run.dir`` of a finished ``latentcell train vae``; weights: auto|ema|model."""
-
-    run: str = ""
-    weights: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -117,6 +109,11 @@ class DiTStage:
         return self.config.run.dir_path / "latents"
 
     @property
+    def val_latents(self) -> Path:
+        """Latents of ``data.val_path``, when a separate validation store is given."""
+        return self.config.run.dir_path / "val_latents"
+
+    @property
     def stats_path(self) -> Path:
         return self.config.run.dir_path / "latent_stats.json"
 
@@ -138,7 +135,11 @@ class DiTStage:
             )
         self._input.ensure_store()
         self.condition_columns(), self.continuous_columns()  # fail on a typo before encoding
-        self._ensure_latents()
+        vae, provenance = load_vae(self.config.vae.run, self.config.vae.weights)
+        self._ensure_latents(vae, provenance, self.store, self.latents)
+        if self.config.data.val_path:
+            val_store = Path(self.config.data.val_path)
+            self._ensure_latents(vae, provenance, val_store, self.val_latents)
         stats = training_stats(
             self._sources()[0](),
             self.condition_columns(),
@@ -166,13 +167,14 @@ class DiTStage:
     def _vae_needs_batch(self) -> bool:
         return bool(self._vae_card().get("n_batches"))
 
-    def _ensure_latents(self) -> None:
-        vae, provenance = load_vae(self.config.vae.run, self.config.vae.weights)
-        store = open_store(self.store)
-        self._check_vocabulary(store.meta)
-        fingerprint = source_fingerprint(self.store)
-        if (self.latents / "manifest.json").exists():
-            old = LatentStoreReader(self.latents).provenance()
+    def _ensure_latents(self, vae, provenance: dict, source: Path, out: Path) -> None:
+        """Encode ``source`` into the latent store ``out`` unless it already holds this
+        store's latents under these VAE weights."""
+        store = open_store(source)
+        self._check_vocabulary(store.meta, source)
+        fingerprint = source_fingerprint(source)
+        if (out / "manifest.json").exists():
+            old = LatentStoreReader(out).provenance()
             if old["source"]["manifest_sha256"] == fingerprint and old["encoder"] == provenance:
                 return
 
@@ -198,15 +200,13 @@ class DiTStage:
                 out.append(z.numpy())
             return np.concatenate(out)
 
-        write_latent_store(
-            store, encode, self.latents, vae.config.n_latent, provenance, overwrite=True
-        )
+        write_latent_store(store, encode, out, vae.config.n_latent, provenance, overwrite=True)
 
-    def _check_vocabulary(self, meta) -> None:
+    def _check_vocabulary(self, meta, source: Path) -> None:
         n_genes = self._vae_card().get("n_genes")
         if n_genes != meta.n_genes:
             raise DataValidationError(
-                self.store, "n_genes",
+                source, "n_genes",
                 f"the store has {meta.n_genes} genes, the VAE in {self.config.vae.run} "
                 f"was trained on {n_genes}",
                 "pass the store the VAE was trained on (data.path) or retrain the VAE",
@@ -217,7 +217,7 @@ class DiTStage:
             vae_genes = list(open_store(vae_store).meta.var.index)
             if vae_genes != list(meta.var.index):
                 raise DataValidationError(
-                    self.store, "var",
+                    source, "var",
                     f"gene vocabulary differs from the VAE's store {vae_store}",
                     "build both stores with the same --genes vocabulary",
                 )  # fmt: skip
@@ -253,9 +253,14 @@ class DiTStage:
     def _sources(self):
         data = self.config.data
         n_units = len(self.count_meta.unit_sizes)  # the latent store mirrors its units
+        everything = subset_factory(self.latents, np.arange(n_units))
+        if data.val_path:
+            n_val_units = len(open_store(self.val_latents).meta.unit_sizes)
+            return everything, subset_factory(self.val_latents, np.arange(n_val_units))
         if data.val_fraction <= 0:
-            return subset_factory(self.latents, np.arange(n_units)), None
+            return everything, None
         train_units, val_units = split_units(n_units, data.val_fraction, data.split_seed)
+        warn_lopsided_split(open_store(self.store), val_units)
         return subset_factory(self.latents, train_units), subset_factory(self.latents, val_units)
 
     def _stream(self, source, rank: int, world_size: int, train: bool):

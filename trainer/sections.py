@@ -107,3 +107,11 @@ class TrainConfig:
             raise ValueError("eval_every, eval_batches and checkpoint_every must be >= 0")
         if self.keep_last < 1 or self.max_nonfinite < 1 or self.seed < 0:
             raise ValueError("keep_last and max_nonfinite must be >= 1, seed >= 0")
+
+
+@dataclass(frozen=True)
+class VAERef:
+    """run: the ``run.dir`` of a finished ``latentcell train vae``; weights: auto|ema|model."""
+
+    run: str = ""
+    weights: str = "auto"

@@ -16,14 +16,13 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from latentcell.data_pipelines.blocks import StoreMeta
 from latentcell.data_pipelines.cell_stream import CellStream, CellStreamConfig
 from latentcell.data_pipelines.stores import open_store
-from latentcell.data_pipelines.unit_split import split_units, subset_factory
+from latentcell.data_pipelines.unit_split import split_units, subset_factory, warn_lopsided_split
 from latentcell.models.count_vae import LIKELIHOODS, CountVAE, CountVAEConfig, LatentMeanEncoder
 
-from .builtin_data import CountStoreInput
 from .sections import DataConfig, OptimConfig, RunSection, TrainConfig
+from .store_stage import CountStoreStage
 from .tracking import TrackingConfig
 
 __all__ = ["VAEModelSection", "VAERunConfig", "VAEStage"]
@@ -60,27 +59,15 @@ class VAERunConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
-class VAEStage:
+class VAEStage(CountStoreStage):
     name = "vae"
+    config: VAERunConfig
 
     def __init__(self, config: VAERunConfig) -> None:
-        self.config = config
-        self._input = CountStoreInput(config.data.path, config.run.root_path)
+        super().__init__(config)
         self._model_config: CountVAEConfig | None = None
-        self._meta: StoreMeta | None = None
 
-    # -- data ---------------------------------------------------------------------------------
-
-    @property
-    def store(self) -> Path:
-        return self._input.store
-
-    @property
-    def meta(self) -> StoreMeta:
-        """The training store's metadata, read once (sizes, categories, read units)."""
-        if self._meta is None:
-            self._meta = open_store(self.store).meta
-        return self._meta
+    # -- data (store and meta: CountStoreStage) -----------------------------------------------
 
     def prepare_data(self, is_main_process: bool) -> None:
         if is_main_process:
@@ -94,6 +81,7 @@ class VAEStage:
             return partial(open_store, self.store), None
         n_units = len(self.meta.unit_sizes)
         train_units, val_units = split_units(n_units, data.val_fraction, data.split_seed)
+        warn_lopsided_split(open_store(self.store), val_units)
         return subset_factory(self.store, train_units), subset_factory(self.store, val_units)
 
     def _stream(self, source, rank: int, world_size: int, train: bool) -> CellStream:

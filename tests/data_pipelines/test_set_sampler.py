@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 
 import numpy as np
 import pandas as pd
@@ -196,3 +197,137 @@ def test_resume_is_exact(workers):
         sampler.resume(0, consumed)
         rest = [int(p["set_id"]) for p in sampler.loader()]
         assert full[:consumed] + rest == full
+
+
+# -- rows=: restriction to a subset of rows --------------------------------------------------
+
+
+def _signature(sampler) -> list[tuple]:
+    return [
+        (int(p["set_id"]), p["perturbed"]["row"].tolist(), p["control"]["row"].tolist())
+        for p in sampler
+    ]
+
+
+def _rows_where(store, keep) -> np.ndarray:
+    """Rows whose (cell type, perturbation, batch) labels satisfy ``keep``."""
+    labels = _labels(store, range(store.meta.n_cells))
+    return np.array([r for r, lab in enumerate(labels) if keep(lab)], dtype=np.int64)
+
+
+def test_rows_covering_the_store_change_nothing():
+    store = _store()
+    config = SetSamplerConfig(set_size=SET_SIZE)
+    full = SetSampler(store, config)
+    every = SetSampler(store, config, rows=np.arange(store.meta.n_cells)[::-1])
+    mask = SetSampler(store, config, rows=np.ones(store.meta.n_cells, dtype=bool))
+    assert _signature(every) == _signature(mask) == _signature(full)
+    assert "row_subset" not in full.state_dict()["layout"]  # old checkpoints still load
+
+
+def test_rows_restrict_perturbed_sets_and_control_pools():
+    store = _store()
+    rng = np.random.default_rng(7)
+    subset = np.sort(rng.choice(store.meta.n_cells, size=140, replace=False))
+    sampler = SetSampler(store, SetSamplerConfig(set_size=SET_SIZE, tail="partial"), rows=subset)
+    pairs = list(sampler)
+    allowed = set(subset.tolist())
+    seen: dict[tuple[str, str], set[int]] = {}
+    for pair in pairs:
+        rows, ctrl = pair["perturbed"]["row"].numpy(), pair["control"]["row"].numpy()
+        assert set(rows.tolist()) <= allowed and set(ctrl.tolist()) <= allowed
+        key = _labels(store, rows[:1])[0][:2]
+        seen.setdefault(key, set()).update(rows.tolist())
+        for p, c in zip(_labels(store, rows), _labels(store, ctrl), strict=True):
+            assert c[1] == "ctrl" and c[0] == p[0]
+    # each group's subset cells are all used, and the epoch has ceil(n / set_size) sets each
+    groups: dict[tuple[str, str], set[int]] = {}
+    for r, lab in zip(subset, _labels(store, subset), strict=True):
+        if lab[1] != "ctrl":
+            groups.setdefault(lab[:2], set()).add(int(r))
+    assert seen == groups
+    assert len(pairs) == sampler.n_sets == sum(-(-len(g) // SET_SIZE) for g in groups.values())
+    # reads stay range-based: whole-store pieces trimmed to the subset, each read at most once
+    starts, stops = sampler._piece_starts, sampler._piece_stops
+    assert sampler._cache.reads <= len(starts)
+    piece = np.searchsorted(starts, subset, side="right") - 1
+    assert (piece >= 0).all() and (subset < stops[piece]).all()  # every subset row is readable
+    whole = SetSampler(store, SetSamplerConfig(set_size=SET_SIZE))
+    assert (stops - starts).sum() < (whole._piece_stops - whole._piece_starts).sum()
+
+
+def test_rows_match_fallbacks_use_the_restricted_pool():
+    store = _store()
+    removed = ("A", "ctrl", "b0")  # A cells of b0 must fall back to A controls of b1
+    rows = _rows_where(store, lambda lab: lab != removed)
+    pairs = _pairs_of(SetSampler(store, SetSamplerConfig(set_size=SET_SIZE), rows=rows))
+    for pair in pairs:
+        pert = _labels(store, pair["perturbed"]["row"].numpy())
+        ctrl = _labels(store, pair["control"]["row"].numpy())
+        for p, c, level in zip(pert, ctrl, pair["match_levels"].tolist(), strict=True):
+            assert c[:2] == (p[0], "ctrl") and c != removed
+            same_batch = (p[0], "ctrl", p[2])
+            assert level == (0 if same_batch in LAYOUT and same_batch != removed else 1)
+            if level == 0:
+                assert c[2] == p[2]
+    assert any(
+        _labels(store, p["perturbed"]["row"].numpy()[:1])[0][:2] == ("A", "g3")
+        and p["match_level"] == "cell_type"
+        for p in pairs
+    )  # A g3 lives in b0 only: all its controls now come from b1
+    # B loses every control: the error names the subset; global fallback uses subset controls
+    no_b = _rows_where(store, lambda lab: lab[:2] != ("B", "ctrl"))
+    with pytest.raises(ValueError, match=r"\['B'\].*restricted to.*15 controls of them"):
+        SetSampler(store, SetSamplerConfig(set_size=SET_SIZE), rows=no_b)
+    config = SetSamplerConfig(set_size=SET_SIZE, allow_global_controls=True)
+    for pair in SetSampler(store, config, rows=no_b):
+        assert set(pair["control"]["row"].tolist()) <= set(no_b.tolist())
+        if store.meta.categories["ct"][pair["cell_type"]] == "B":
+            assert pair["match_level"] == "global"
+    no_ctrl = _rows_where(store, lambda lab: lab[1] != "ctrl")
+    with pytest.raises(ValueError, match="no control cells .* at all among the"):
+        SetSampler(store, config, rows=no_ctrl)
+
+
+def _pairs_of(sampler) -> list[dict]:
+    pairs = list(sampler)
+    assert pairs
+    return pairs
+
+
+def test_rows_pickle_shard_and_resume():
+    store = _store()
+    rows = _rows_where(store, lambda lab: lab[2] != "b2" or lab[1] == "g1")
+    config = SetSamplerConfig(set_size=SET_SIZE, tail="partial")
+    sampler = SetSampler(store, config, rows=rows)
+    copy = pickle.loads(pickle.dumps(sampler))
+    assert _signature(copy) == _signature(sampler)
+    per_rank = []
+    for rank in range(2):
+        shard = SetSampler(store, config, rank=rank, world_size=2, num_workers=2, rows=rows)
+        per_rank.append([int(p["set_id"]) for p in shard.loader()])
+    assert sorted(per_rank[0] + per_rank[1]) == list(range(sampler.n_sets))
+    full = [int(p["set_id"]) for p in SetSampler(store, config, rows=rows).loader()]
+    resumed = SetSampler(store, config, rows=rows)
+    loader = resumed.loader()
+    head = [int(p["set_id"]) for _, p in zip(range(3), loader, strict=False)]
+    state = loader.state_dict()
+    again = SetSampler(store, config, rows=rows).loader()
+    again.load_state_dict(state)
+    assert head + [int(p["set_id"]) for p in again] == full
+    other = SetSampler(store, config, rows=rows[1:]).loader()
+    with pytest.raises(ValueError, match="row_subset"):
+        other.load_state_dict(state)
+
+
+def test_rows_are_validated():
+    store = _store()
+    config = SetSamplerConfig(set_size=SET_SIZE)
+    with pytest.raises(ValueError, match=r"\[0, 202\)"):
+        SetSampler(store, config, rows=np.array([0, 202]))
+    with pytest.raises(TypeError, match="integer row ids"):
+        SetSampler(store, config, rows=np.array([0.5, 1.0]))
+    with pytest.raises(ValueError, match="boolean rows mask"):
+        SetSampler(store, config, rows=np.ones(5, dtype=bool))
+    empty = SetSampler(store, config, rows=np.array([], dtype=np.int64))
+    assert empty.n_sets == 0 and list(empty) == []

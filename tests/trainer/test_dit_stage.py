@@ -226,6 +226,26 @@ def test_latents_are_reused_until_the_vae_changes(runs, tmp_path):
     assert stats["vae"]["weights_sha256"] == sha256_file(other / "final" / "model.safetensors")
 
 
+def test_separate_validation_store_is_encoded_and_used(runs, tmp_path):
+    """data.val_path: its cells are encoded into val_latents and validate the DiT, and the
+    whole of data.path trains (no unit split)."""
+    config = dit_config(
+        runs.store, tmp_path / "dit", runs.vae, f"data.val_path={runs.store}",
+        "train.max_steps=2", "train.eval_every=0",
+    )  # fmt: skip
+    result = fit(DiTStage(config), config)
+    _reset_accelerate()
+    val = LatentStoreReader(tmp_path / "dit" / "val_latents")
+    assert val.meta.n_cells == 1200
+    np.testing.assert_allclose(
+        np.concatenate([val.read_rows(int(r), int(r) + 1).X for r in ROWS]),
+        posterior_means(runs.vae, runs.store, ROWS),
+        atol=1e-5,
+    )
+    assert json.loads((tmp_path / "dit" / "latent_stats.json").read_text())["n_cells"] == 1200
+    assert np.isfinite(result.val_metrics["val/loss"])
+
+
 def test_missing_vae_run_is_a_config_error(runs, tmp_path):
     stage = DiTStage(dit_config(runs.store, tmp_path / "dit", ""))
     with pytest.raises(ConfigError, match="vae.run is required"):

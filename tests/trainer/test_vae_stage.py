@@ -119,7 +119,12 @@ def test_vae_learns_paul2015(shared_file, tmp_path):
     from latentcell.data_pipelines.build import build_store
 
     store = tmp_path / "paul.zarr"
-    build_store([shared_file("paul2015_myeloid_trajectory_counts.h5ad")], store, schema="auto")
+    build_store(
+        [shared_file("paul2015_myeloid_trajectory_counts.h5ad")],
+        store,
+        schema="auto",
+        chunk_cells=100,
+    )
     config = _config(
         tmp_path,
         store,

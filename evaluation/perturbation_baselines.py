@@ -1,0 +1,218 @@
+"""The honest baselines for perturbation prediction, fitted on TRAINING cells only.
+
+Each maps control cells (log1p-normalized, the model's genes) to predicted cells by adding a
+per-gene shift, so predictions keep the controls' cell-to-cell variation (constant cells
+would break cell-eval's Mann-Whitney DE); all go through ``trainer.predict``'s one path.
+
+- ``control``: the control cells themselves (no effect).
+- ``mean``: the training cell-mean: the mean shift of ALL perturbed training cells from the
+  training controls (per cell type where it was seen), the same for every perturbation.
+- ``additive``: each gene's own training shift; a combination ``A+B`` gets d_A + d_B. For a
+  perturbation seen in training this is its training mean shift (the "perturbation mean").
+- ``latent``: latent arithmetic (scGen): z_ctrl + mean(z_pert) - mean(z_ctrl) in the count
+  VAE's latent space (per cell type where seen), decoded to mean expression.
+- ``linear``: Ahlmann-Eltze et al. 2025: shifts Y (genes x perturbations) ~ G W P^T + b, with
+  G the top-K PCA gene loadings of the training expression and P the perturbations'
+  embeddings: the row of G of a measured target (so unseen measured targets can be
+  predicted, zero-shot), else a seen perturbation's training response projected on G.
+"""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from latentcell.data_pipelines.errors import DataValidationError
+from latentcell.models.perturbation_encoders import split_genes
+from latentcell.trainer.predict import _dense, _gene_matrix, log1p_normalize
+
+__all__ = ["BASELINES", "ShiftBaseline", "fit_baseline"]
+
+BASELINES = ("control", "mean", "additive", "linear", "latent")
+
+
+class ShiftBaseline:
+    """Prediction = control + shift(perturbation, cell type), clipped at 0."""
+
+    def __init__(self, name: str, genes: list[str], shift, control_label: str) -> None:
+        self.name, self.genes, self._shift, self.control_label = name, genes, shift, control_label
+
+    def predict(self, control: np.ndarray, perturbation: str, cell_type: str) -> np.ndarray:
+        if perturbation == self.control_label:
+            return control
+        return np.clip(control + self._shift(perturbation, cell_type)[None], 0, None)
+
+
+class LatentArithmetic:
+    """scGen's latent arithmetic on the count VAE: z + mean(z | perturbation, cell type) -
+    mean(z | control, cell type), pooled over cell types where the pair was not seen."""
+
+    name = "latent"
+
+    def __init__(self, bridge, data: _Training) -> None:
+        self.bridge, self.genes, self.control_label = bridge, bridge.genes(), data.control_label
+        z = bridge.encode_numpy(data.x)
+        self._z, self._data = z, data
+        self.source = data.source
+
+    def _mean(self, rows: np.ndarray) -> np.ndarray:
+        return self._z[rows].mean(0)
+
+    def predict(self, control: np.ndarray, perturbation: str, cell_type: str) -> np.ndarray:
+        if perturbation == self.control_label:
+            return control
+        d = self._data
+        pert = d.pert == perturbation
+        if not pert.any():
+            raise DataValidationError(
+                self.source, "perturbation", f"no training cells of {perturbation!r}",
+                "latent arithmetic can only predict perturbations seen in training",
+            )  # fmt: skip
+        in_type = d.cell_type == cell_type
+        both = pert & in_type if (pert & in_type).any() else pert
+        ctrl = d.is_control & in_type if (d.is_control & in_type).any() else d.is_control
+        shift = self._mean(both) - self._mean(ctrl)
+        return self.bridge.decode_numpy(self.bridge.encode_numpy(control) + shift)
+
+
+class _Training:
+    """Training cells in log1p on the model's genes, grouped by (cell type, perturbation)."""
+
+    def __init__(self, train: ad.AnnData, genes, pert_col, control_label, cell_type_col, source):
+        for column in (pert_col,):
+            if column not in train.obs:
+                raise DataValidationError(
+                    source, column, "missing obs column", f"pass a training file with {column}"
+                )
+        counts = _dense(train.X)
+        self.x = log1p_normalize(counts[:, _gene_matrix(train, genes, source)], counts.sum(1))
+        self.pert = train.obs[pert_col].astype(str).to_numpy()
+        self.cell_type = (
+            train.obs[cell_type_col].astype(str).to_numpy()
+            if cell_type_col and cell_type_col in train.obs
+            else np.full(train.n_obs, "")
+        )
+        self.control_label, self.source = control_label, source
+        self.is_control = self.pert == control_label
+        if not self.is_control.any():
+            raise DataValidationError(
+                source, pert_col, f"no {control_label!r} cells", "include the training controls"
+            )
+
+    def control_mean(self, cell_type: str | None = None) -> np.ndarray:
+        rows = self.is_control & ((self.cell_type == cell_type) if cell_type else True)
+        return self.x[rows if rows.any() else self.is_control].mean(0)
+
+    def shift(self, rows: np.ndarray, cell_type: str | None = None) -> np.ndarray:
+        return self.x[rows].mean(0) - self.control_mean(cell_type)
+
+    def gene_shifts(self) -> dict[str, np.ndarray]:
+        """Pooled-over-cell-types shift of every single-gene perturbation."""
+        out = {}
+        for label in pd.unique(self.pert[~self.is_control]):
+            genes = split_genes(label, "+", self.control_label)
+            if len(genes) == 1:
+                out[genes[0]] = self.shift(self.pert == label)
+        return out
+
+
+def fit_baseline(
+    name: str,
+    train: ad.AnnData,
+    genes: list[str],
+    pert_col: str = "target_gene",
+    control_label: str = "non-targeting",
+    cell_type_col: str | None = "cell_type",
+    source: str = "--train",
+    n_components: int = 10,
+    ridge: float = 0.1,
+    gene_symbols: list[str] | None = None,
+    vae_run: str | None = None,
+) -> ShiftBaseline | LatentArithmetic:
+    """Fit baseline ``name`` on ``train`` (counts) over ``genes`` (the model's gene keys);
+    ``gene_symbols`` name the same genes as perturbation labels do (default: the keys)."""
+    if name not in BASELINES:
+        raise DataValidationError(
+            source, "--baseline", f"unknown baseline {name!r}", f"use one of {BASELINES}"
+        )
+    if name == "latent":
+        if not vae_run:
+            raise DataValidationError(
+                source, "--vae-run", "latent arithmetic needs a trained count VAE",
+                "pass --vae-run VAE_RUN (trained with model.batch_conditioning=false)",
+            )  # fmt: skip
+        from latentcell.trainer.vae_bridge import VAEBridge
+
+        bridge = VAEBridge(vae_run)
+        data = _Training(train, bridge.genes(), pert_col, control_label, cell_type_col, source)
+        return LatentArithmetic(bridge, data)
+    data = _Training(train, genes, pert_col, control_label, cell_type_col, source)
+    zero = np.zeros(len(genes), dtype=np.float32)
+    if name == "control":
+        return ShiftBaseline(name, genes, lambda p, t: zero, control_label)
+    if name == "mean":
+        per_type = {
+            t: data.shift(~data.is_control & (data.cell_type == t), t)
+            for t in pd.unique(data.cell_type[~data.is_control])
+        }
+        pooled = data.shift(~data.is_control)
+        return ShiftBaseline(name, genes, lambda p, t: per_type.get(t, pooled), control_label)
+    singles = data.gene_shifts()
+    if name == "additive":
+
+        def additive(perturbation: str, cell_type: str) -> np.ndarray:
+            parts = split_genes(perturbation, "+", control_label)
+            missing = [g for g in parts if g not in singles]
+            if missing:
+                raise DataValidationError(
+                    source, pert_col, f"no training cells perturbing {missing}",
+                    "the additive baseline needs every gene's single perturbation in training",
+                )  # fmt: skip
+            return np.sum([singles[g] for g in parts], axis=0)
+
+        return ShiftBaseline(name, genes, additive, control_label)
+    symbols = gene_symbols or genes
+    return _linear(data, genes, symbols, singles, control_label, source, n_components, ridge)
+
+
+def _linear(data, genes, symbols, singles, control_label, source, n_components, ridge):
+    """Ridge on PCA embeddings (after Ahlmann-Eltze, Huber & Anders 2025, their linear model).
+
+    A perturbation's embedding is its target gene's PCA loadings when the target is measured
+    (so unseen measured targets can be predicted), else, for a perturbation seen in training,
+    its training response projected on the same components (their "training data"
+    embedding). One W is fitted over both kinds: a pragmatic mix, stated in the results.
+    """
+    from sklearn.utils.extmath import randomized_svd
+
+    centred = data.x - data.x.mean(0)
+    k = min(n_components, min(centred.shape) - 1)
+    _, _, vt = randomized_svd(centred, k, random_state=0)
+    G = vt.T  # genes x k: each gene's embedding
+    index = {g: i for i, g in enumerate(symbols)}
+    seen = list(singles)
+    Y = np.stack([singles[g] for g in seen], axis=1)  # genes x perturbations
+    b = Y.mean(axis=1, keepdims=True)
+
+    def embed(gene: str) -> np.ndarray:
+        if gene in index:
+            return G[index[gene]]
+        if gene in singles:
+            return G.T @ (singles[gene] - b[:, 0])
+        raise DataValidationError(
+            source, "var", f"target gene {gene!r} is neither measured nor seen in training",
+            "the linear baseline embeds a perturbation by its measured target or its "
+            "training response",
+        )  # fmt: skip
+
+    P = np.stack([embed(g) for g in seen])  # perturbations x k
+    lhs = np.linalg.solve(G.T @ G + ridge * np.eye(k), G.T @ (Y - b))
+    W = np.linalg.solve(P.T @ P + ridge * np.eye(k), (lhs @ P).T).T  # k x k
+
+    def linear(perturbation: str, cell_type: str) -> np.ndarray:
+        parts = split_genes(perturbation, "+", control_label)
+        emb = np.sum([embed(g) for g in parts], axis=0)
+        return (G @ W @ emb + b[:, 0]).astype(np.float32)
+
+    return ShiftBaseline("linear", genes, linear, control_label)

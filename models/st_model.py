@@ -1,0 +1,241 @@
+"""ST: a set transformer from a set of control cells plus a perturbation to the perturbed set.
+
+After Arc's State Transition model (read, not copied): the input is a SET of S control cells
+of one cell type; the output is S predicted perturbed cells, one per control (a population,
+not an average shift), trained with a distributional loss per set (energy distance by
+default) plus a mean-delta term.
+
+- Cells are encoded from features: log1p-normalized expression on the store's genes
+  (``space="gene"``) or the count VAE's latent (``space="latent"``, decoded downstream).
+- Each perturbed-cell token is its control's encoding plus the perturbation embedding (one-hot,
+  a gene-embedding table with multi-hot combinations, or external vectors), plus optional
+  cell-type and batch embeddings.
+- Control-set conditioning, selectable:
+  ``joint``: one bidirectional transformer over the 2S tokens [control; perturbed] (a learned
+  segment embedding tells them apart), so every perturbed token attends to every control;
+  ``cross``: a control-set encoder runs over the controls, and the perturbed tokens
+  self-attend among themselves and cross-attend to its output;
+  ``sum``: STATE's own form: only the S perturbed tokens (control encoding + perturbation),
+  whose self-attention is the control-set conditioning; half the tokens of ``joint``.
+- No positional encoding (permutation-equivariant). Residual prediction: the output is the
+  control plus a predicted delta, through a ReLU in gene space (expression is non-negative).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+
+import torch
+from torch import nn
+
+from .count_vae import normalize_log1p
+from .perturbation_encoders import PerturbationEncoderConfig, make_perturbation_encoder
+from .set_losses import SetLossConfig, set_loss
+from .set_transformer import SetBlock
+
+__all__ = ["STConfig", "STModel", "STOutput", "STShape", "SetLossOutput", "cell_features"]
+
+CONDITIONING = ("joint", "cross", "sum")
+SPACES = ("gene", "latent")
+
+
+@dataclass(frozen=True)
+class STShape:
+    """The transformer's shape and control-set conditioning. The stages' model sections are
+    ``STShape`` too, so ``model.hidden`` etc. mean (and are checked) the same in
+    st-pretrain and st, and pretrained tensors have the fine-tuned model's shapes."""
+
+    conditioning: str = "joint"
+    hidden: int = 256
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.conditioning not in CONDITIONING:
+            raise ValueError(f"conditioning must be one of {CONDITIONING}")
+        if min(self.hidden, self.depth, self.heads) < 1:
+            raise ValueError("hidden, depth and heads must be >= 1")
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
+
+    def shape_kwargs(self) -> dict:
+        """The ``STShape`` fields by name, as a model section hands them to ``STConfig``."""
+        return {f.name: getattr(self, f.name) for f in fields(STShape)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class STConfig(STShape):
+    """n_features: input (and output) width: genes for ``space="gene"``, latent dims for
+    ``"latent"``. n_cell_types / n_batches: 0 leaves the covariate out. control_depth: blocks
+    of the control-set encoder in ``cross`` mode (0 = depth // 2, at least 1)."""
+
+    n_features: int
+    perturbation_labels: tuple[str, ...]
+    space: str = "gene"
+    control_depth: int = 0
+    n_cell_types: int = 0
+    n_batches: int = 0
+    perturbation: PerturbationEncoderConfig = field(default_factory=PerturbationEncoderConfig)
+    loss: SetLossConfig = field(default_factory=SetLossConfig)
+
+    def __post_init__(self) -> None:
+        check_space(self.space)
+        super().__post_init__()
+        if self.n_features < 1:
+            raise ValueError(f"n_features must be >= 1, got {self.n_features}")
+        if min(self.n_cell_types, self.n_batches, self.control_depth) < 0:
+            raise ValueError("n_cell_types, n_batches and control_depth must be >= 0")
+        if not self.perturbation_labels:
+            raise ValueError("perturbation_labels must name at least one perturbation")
+        object.__setattr__(self, "perturbation_labels", tuple(self.perturbation_labels))
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> STConfig:
+        """The config a model card saved (``dataclasses.asdict``), nested configs rebuilt."""
+        c = dict(data)
+        c["perturbation"] = PerturbationEncoderConfig(**c["perturbation"])
+        c["loss"] = SetLossConfig(**{**c["loss"], "bandwidths": tuple(c["loss"]["bandwidths"])})
+        c["perturbation_labels"] = tuple(c["perturbation_labels"])
+        return cls(**c)
+
+
+def check_space(space: str) -> None:
+    """STConfig's rule for ``space``; the fine-tuning stage checks it when reading its config."""
+    if space not in SPACES:
+        raise ValueError(f"space must be one of {SPACES}, got {space!r}")
+
+
+@dataclass
+class SetLossOutput:
+    """A set model's loss, its real cells and its loss terms (the fields after these two)."""
+
+    loss: torch.Tensor
+    n_cells: torch.Tensor
+
+    def metrics(self) -> dict[str, torch.Tensor | float]:
+        """Every field but ``n_cells``, detached, for the logs."""
+        return {f.name: getattr(self, f.name).detach() for f in fields(self) if f.name != "n_cells"}
+
+
+@dataclass
+class STOutput(SetLossOutput):
+    distribution: torch.Tensor
+    mean_delta: torch.Tensor
+
+
+def cell_features(part: Mapping, space: str) -> torch.Tensor:
+    """Model input for one side of a pair batch: ``features`` when the stage put them there
+    (VAE latents), else log1p-normalized counts (library sizes from the store)."""
+    if "features" in part:
+        return part["features"].float()
+    if space == "latent":
+        raise KeyError("space='latent' needs the stage to provide batch[...]['features']")
+    X = part["X"]
+    X = X.to_dense() if X.layout != torch.strided else X
+    library = part["library_size"].to(X.dtype)
+    shape = X.shape
+    flat = normalize_log1p(X.reshape(-1, shape[-1]).float(), library.reshape(-1))
+    return flat.reshape(shape)
+
+
+def _mlp(n_in: int, hidden: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(n_in, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+
+
+class STModel(nn.Module):
+    def __init__(self, config: STConfig) -> None:
+        super().__init__()
+        self.config = c = config
+        h = c.hidden
+        self.cell_encoder = _mlp(c.n_features, h)
+        pert = replace(c.perturbation, dim=h)
+        self.perturbation = make_perturbation_encoder(pert, list(c.perturbation_labels))
+        self.cell_type = nn.Embedding(c.n_cell_types, h) if c.n_cell_types else None
+        self.batch = nn.Embedding(c.n_batches, h) if c.n_batches else None
+        self.segment = nn.Parameter(torch.zeros(2, h))  # control, perturbed (joint mode)
+        cross = c.conditioning == "cross"
+        self.blocks = nn.ModuleList(
+            SetBlock(h, c.heads, c.mlp_ratio, c.dropout, cross) for _ in range(c.depth)
+        )
+        n_ctx = (c.control_depth or max(1, c.depth // 2)) if cross else 0
+        self.control_blocks = nn.ModuleList(
+            SetBlock(h, c.heads, c.mlp_ratio, c.dropout, False) for _ in range(n_ctx)
+        )
+        self.norm = nn.LayerNorm(h)
+        self.head = nn.Linear(h, c.n_features)
+        nn.init.zeros_(self.head.weight)  # starts as the control-identity baseline
+        nn.init.zeros_(self.head.bias)
+        nn.init.normal_(self.segment, std=0.02)
+
+    def predict(
+        self,
+        control: torch.Tensor,
+        perturbation: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        cell_type: torch.Tensor | None = None,
+        batch: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Perturbed features (B, S, F) for control features (B, S, F), perturbation codes
+        (B,), real-cell mask (B, S), cell-type codes (B,) and per-cell batch codes (B, S)."""
+        c = self.config
+        base = self.cell_encoder(control.to(self.head.weight.dtype))
+        if self.cell_type is not None:
+            if cell_type is None:
+                raise ValueError("the model is cell-type-conditioned: pass cell_type")
+            base = base + self.cell_type(cell_type)[:, None]
+        if self.batch is not None:
+            if batch is None:
+                raise ValueError("the model is batch-conditioned: pass batch")
+            base = base + self.batch(batch)
+        ctrl = base + self.segment[0]
+        query = base + self.segment[1] + self.perturbation(perturbation)[:, None]
+        s = control.shape[1]
+        if c.conditioning == "joint":
+            x = torch.cat([ctrl, query], dim=1)
+            both = None if mask is None else torch.cat([mask, mask], dim=1)
+            for block in self.blocks:
+                x = block(x, both)
+            x = x[:, s:]
+        elif c.conditioning == "sum":
+            x = query
+            for block in self.blocks:
+                x = block(x, mask)
+        else:
+            for block in self.control_blocks:
+                ctrl = block(ctrl, mask)
+            x = query
+            for block in self.blocks:
+                x = block(x, mask, ctrl, mask)
+        out = control.float() + self.head(self.norm(x)).float()
+        return torch.relu(out) if c.space == "gene" else out
+
+    def forward(self, batch: Mapping, step: int | torch.Tensor = 0) -> STOutput:
+        """Loss on a batch of (control set, perturbed set) pairs from the set sampler."""
+        control = cell_features(batch["control"], self.config.space)
+        target = cell_features(batch["perturbed"], self.config.space)
+        n_sets, set_size = control.shape[:2]
+        keep = ~torch.as_tensor(batch["is_pad"], device=control.device).reshape(n_sets)
+        cell_batch = batch["control"].get("obs", {}).get("batch") if self.batch else None
+        cell_type = torch.as_tensor(batch["cell_type"], device=control.device).long()
+        pred = self.predict(
+            control,
+            torch.as_tensor(batch["perturbation"], device=control.device).long(),
+            cell_type=cell_type if self.cell_type is not None else None,
+            batch=None if cell_batch is None else cell_batch.long(),
+        )
+        terms = set_loss(self.config.loss, pred, target, control)
+        weight = keep.float()
+        n = weight.sum().clamp_min(1)
+
+        def mean(t: torch.Tensor) -> torch.Tensor:
+            return (t * weight).sum() / n
+
+        return STOutput(
+            loss=mean(terms["total"]),
+            n_cells=keep.sum() * set_size,
+            distribution=mean(terms["distribution"]),
+            mean_delta=mean(terms["mean"]),
+        )

@@ -1,0 +1,199 @@
+"""Predict perturbed populations from real control cells: the ST model or a baseline.
+
+    control cells (counts, any gene order) -> the model's genes -> for each perturbation and
+    cell type: N controls drawn (seeded, with replacement), in sets of ``set_size`` ->
+    predicted log1p-normalized expression -> counts at each drawn control's library size
+    -> one AnnData: the real control cells, then the predicted cells, in the controls' file
+    gene order, obs = perturbation column (``target_gene``), cell type, ``source``.
+
+Counts, not log1p floats, because cell-eval normalizes a counts file to its own median
+library size: predictions on another scale than the real file would bias every metric.
+Back to counts by stochastic rounding (floor, plus one with probability equal to the
+fraction), which keeps each gene's mean exactly, where plain rounding would zero every
+gene predicted below 0.5 counts. Genes the model does not cover keep their control's counts.
+Every predictor (ST, baselines) implements one method, so all share this path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from latentcell.data_pipelines.errors import DataValidationError
+
+from .trained_runs import load_model_card, load_state, weights_path
+
+__all__ = [
+    "PopulationRequest",
+    "Predictor",
+    "STPredictor",
+    "log1p_normalize",
+    "predict_population",
+    "to_counts",
+]
+
+TARGET_SUM = 1e4
+
+
+def log1p_normalize(counts: np.ndarray, library: np.ndarray) -> np.ndarray:
+    """log1p of counts scaled to ``TARGET_SUM`` per cell (the models' input scale)."""
+    scale = TARGET_SUM / np.maximum(np.asarray(library, dtype=np.float64), 1.0)
+    return np.log1p(counts * scale[:, None]).astype(np.float32)
+
+
+def to_counts(log1p: np.ndarray, library: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Counts at ``library`` per cell from log1p-normalized expression, stochastically
+    rounded (unbiased: E[count] = expm1(x) * library / TARGET_SUM)."""
+    expected = np.expm1(np.clip(log1p, 0, None)) * (np.asarray(library)[:, None] / TARGET_SUM)
+    floor = np.floor(expected)
+    return (floor + (rng.random(expected.shape) < expected - floor)).astype(np.float32)
+
+
+class Predictor(Protocol):
+    """Predicted log1p expression (n, G) for control log1p expression (n, G) of one cell
+    type under one perturbation, on the predictor's genes."""
+
+    genes: list[str]
+    name: str
+
+    def predict(self, control: np.ndarray, perturbation: str, cell_type: str) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class PopulationRequest:
+    """Which columns of the controls file mean what, and how many cells to predict."""
+
+    perturbations: tuple[str, ...]
+    cells_per_perturbation: int
+    pert_col: str = "target_gene"
+    control_label: str = "non-targeting"
+    cell_type_col: str | None = "cell_type"
+    seed: int = 0
+
+
+class STPredictor:
+    """A trained ST run behind the ``Predictor`` interface (EMA weights when kept)."""
+
+    name = "st"
+
+    def __init__(self, run_dir: str | Path, weights: str = "auto") -> None:
+        from .st_stage import MODEL_CLASS, build_st_model
+
+        self.card = load_model_card(run_dir, MODEL_CLASS)
+        self.model = build_st_model(self.card).eval()
+        self.model.load_state_dict(load_state(weights_path(run_dir, weights)))
+        self.genes = list(self.card["genes"])
+        self.gene_symbols = list(self.card.get("gene_symbols", []))
+        self.set_size = int(self.card.get("set_size", 128))
+        cats = self.card["categories"]
+        self.cell_types = list(cats.get("cell_type", []))
+        self.labels = list(self.model.config.perturbation_labels)
+        self.bridge = None
+        if self.model.config.space == "latent":
+            from .vae_bridge import VAEBridge
+
+            vae = self.card["vae"]
+            self.bridge = VAEBridge(vae["vae_run"], "ema" if "ema" in vae["weights"] else "model")
+
+    @torch.no_grad()
+    def predict(self, control: np.ndarray, perturbation: str, cell_type: str) -> np.ndarray:
+        code = self.model.perturbation.extend([perturbation])  # known genes: new combinations
+        ct = None
+        if self.model.cell_type is not None:
+            if cell_type not in self.cell_types:
+                raise DataValidationError(
+                    "--controls", "cell type", f"{cell_type!r} was not seen in training",
+                    f"use controls of {self.cell_types}",
+                )  # fmt: skip
+            ct = torch.tensor([self.cell_types.index(cell_type)])
+        x = torch.from_numpy(control)
+        if self.bridge is not None:
+            x = self.bridge.encode(x)
+        out = []
+        for a in range(0, len(x), self.set_size):
+            out.append(self.model.predict(x[a : a + self.set_size][None], code, cell_type=ct)[0])
+        pred = torch.cat(out)
+        return (pred if self.bridge is None else self.bridge.decode(pred)).numpy()
+
+
+def _gene_matrix(controls: ad.AnnData, genes: list[str], source: str) -> np.ndarray:
+    """Column indices of ``genes`` in the controls file, by var_names or a symbol/id column."""
+    for keys in (controls.var_names, *(controls.var[c] for c in ("gene_symbol", "gene_id", "gene_symbols") if c in controls.var)):  # fmt: skip
+        keys = pd.Index(np.asarray(keys, dtype=str))
+        if keys.is_unique and pd.Index(genes).isin(keys).all():
+            return keys.get_indexer(genes)
+    missing = pd.Index(genes).difference(pd.Index(controls.var_names.astype(str)))
+    raise DataValidationError(
+        source, "var_names",
+        f"{len(missing)} of the model's {len(genes)} genes are missing, e.g. {list(missing[:5])}",
+        "pass controls measured on the training store's genes (ids or symbols)",
+    )  # fmt: skip
+
+
+def _dense(x) -> np.ndarray:
+    return np.asarray(x.toarray() if sp.issparse(x) else x, dtype=np.float32)
+
+
+def predict_population(
+    predictor: Predictor, controls: ad.AnnData, request: PopulationRequest, source: str
+) -> ad.AnnData:
+    """The prediction file (see the module docstring): real controls, then predictions."""
+    r = request
+    if r.cells_per_perturbation < 1:
+        raise DataValidationError(source, "--cells-per-perturbation", "must be >= 1", "pass N >= 1")
+    is_control = np.ones(controls.n_obs, dtype=bool)
+    if r.pert_col in controls.obs:
+        is_control = (controls.obs[r.pert_col].astype(str) == r.control_label).to_numpy()
+    if not is_control.any():
+        raise DataValidationError(
+            source, r.pert_col, f"no cell is {r.control_label!r}",
+            "pass a file holding control cells (or set the control label)",
+        )  # fmt: skip
+    ctrl = controls[is_control]
+    columns = _gene_matrix(ctrl, predictor.genes, source)
+    counts = _dense(ctrl.X)
+    library = counts.sum(axis=1)
+    has_types = r.cell_type_col is not None and r.cell_type_col in ctrl.obs
+    cell_types = (
+        ctrl.obs[r.cell_type_col].astype(str).to_numpy() if has_types else np.full(ctrl.n_obs, "")
+    )
+    rng = np.random.default_rng(r.seed)
+    blocks, obs = [counts], [_obs(r, r.control_label, cell_types, "control", has_types)]
+    for perturbation in r.perturbations:
+        for cell_type in pd.unique(cell_types):
+            pool = np.flatnonzero(cell_types == cell_type)
+            draw = rng.choice(pool, size=r.cells_per_perturbation, replace=True)
+            x = log1p_normalize(counts[draw][:, columns], library[draw])
+            pred = predictor.predict(x, perturbation, cell_type)
+            out = counts[draw].copy()
+            out[:, columns] = to_counts(pred, library[draw], rng)
+            blocks.append(out)
+            n = r.cells_per_perturbation
+            obs.append(_obs(r, perturbation, np.full(n, cell_type), predictor.name, has_types))
+    frame = pd.concat(obs, ignore_index=True)
+    frame.index = frame.index.astype(str)
+    for column in frame.columns:
+        frame[column] = frame[column].astype("category")
+    result = ad.AnnData(X=sp.csr_matrix(np.concatenate(blocks)), obs=frame, var=ctrl.var.copy())
+    result.uns["latentcell"] = {
+        "predictor": predictor.name,
+        "perturbations": list(r.perturbations),
+        "cells_per_perturbation": r.cells_per_perturbation,
+        "seed": r.seed,
+        "controls": source,
+    }
+    return result
+
+
+def _obs(r: PopulationRequest, label: str, cell_types: np.ndarray, kind: str, has_types: bool):
+    frame = pd.DataFrame({r.pert_col: np.full(len(cell_types), label), "source": kind})
+    if has_types:
+        frame[r.cell_type_col] = cell_types
+    return frame

@@ -1,0 +1,339 @@
+"""The ST (set transformer) fine-tuning stage: perturbation prediction on a VCC-style store.
+
+    latentcell train st --set data.path=STORE --set split.file=SPLIT.toml --set run.dir=DIR
+
+``prepare_data`` assigns the split (``data_pipelines.perturbation_splits``) once and saves it
+in the run (``split.npz`` rows, ``split.json`` summary); training sets come from a
+``SetSampler`` restricted to the training rows, so no held-out cell (perturbed or control)
+ever reaches the model. Validation sets use the val rows, with the training controls as
+inputs where the val split holds no controls of its own (held-out perturbations keep their
+controls in training). ``init.run`` starts from a pretraining run's weights (st-pretrain):
+every tensor whose name and shape match is loaded; the rest (perturbation encoder,
+covariate tables) starts fresh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from latentcell.data_pipelines.errors import DataValidationError
+from latentcell.data_pipelines.perturbation_splits import (
+    PerturbationSplit,
+    assign_split,
+    load_split_config,
+)
+from latentcell.data_pipelines.set_sampler import SetSampler, SetSamplerConfig
+from latentcell.data_pipelines.stores import open_store
+from latentcell.models.perturbation_encoders import ENCODER_KINDS, PerturbationEncoderConfig
+from latentcell.models.set_losses import SetLossConfig
+from latentcell.models.st_model import STConfig, STModel, STShape, cell_features, check_space
+
+from .config import ConfigError
+from .sections import OptimConfig, RunSection, TrainConfig, VAERef
+from .set_batches import SetBatches
+from .st_sections import SetDataSection, role_categories, store_card
+from .store_stage import CountStoreStage
+from .tracking import TrackingConfig
+from .trained_runs import load_model_card, load_state, weights_path
+from .vae_bridge import VAEBridge
+
+__all__ = ["MODEL_CLASS", "STDataSection", "STModelSection", "STRunConfig", "STStage"]
+
+MODEL_CLASS = "latentcell.models.st_model.STModel"
+
+
+@dataclass(frozen=True)
+class STDataSection(SetDataSection):
+    """path: a perturbation store (``latentcell data build --schema vcc``); "" = built-in.
+    The other keys: ``SetDataSection``."""
+
+
+@dataclass(frozen=True)
+class SplitSection:
+    """file: a split TOML (see ``data_pipelines/perturbation_splits.py``); "" holds out 10%
+    of every group's cells for validation."""
+
+    file: str = ""
+
+
+@dataclass(frozen=True)
+class InitSection:
+    """run: a finished st-pretrain (or st) run whose matching weights start this one."""
+
+    run: str = ""
+
+
+@dataclass(frozen=True)
+class STModelSection(STShape):
+    """The user's choices for ``STConfig`` (the shape keys: ``STShape``); sizes and
+    vocabularies come from the store. space "latent" predicts in the latent space of the
+    count VAE ``vae.run`` (trained without batch conditioning) and decodes to genes at
+    prediction time."""
+
+    space: str = "gene"
+    cell_type_conditioning: bool = True
+    batch_conditioning: bool = False
+    perturbation_encoder: str = "onehot"
+    embeddings_file: str = ""
+
+    def __post_init__(self) -> None:
+        check_space(self.space)
+        super().__post_init__()
+        if self.perturbation_encoder not in ENCODER_KINDS:
+            raise ValueError(f"perturbation_encoder must be one of {ENCODER_KINDS}")
+
+
+@dataclass(frozen=True)
+class STRunConfig:
+    run: RunSection = field(default_factory=lambda: RunSection(dir="runs/st"))
+    data: STDataSection = field(default_factory=STDataSection)
+    split: SplitSection = field(default_factory=SplitSection)
+    init: InitSection = field(default_factory=InitSection)
+    vae: VAERef = field(default_factory=VAERef)
+    model: STModelSection = field(default_factory=STModelSection)
+    loss: SetLossConfig = field(default_factory=SetLossConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, weight_decay=0.0))
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+_VOCABULARY_ROLES = ("perturbation", "cell_type", "batch")
+DEFAULT_SPLIT = {"split": {"seed": 0, "cells": {"val_fraction": 0.1, "test_fraction": 0.0}}}
+
+
+def build_st_model(card: dict) -> STModel:
+    """The model a card describes (weights not loaded)."""
+    return STModel(STConfig.from_dict(card["config"]))
+
+
+class STStage(CountStoreStage):
+    name = "st"
+    config: STRunConfig
+
+    def __init__(self, config: STRunConfig) -> None:
+        super().__init__(config)
+        self._split: PerturbationSplit | None = None
+        self._model_config: STConfig | None = None
+        self._bridge: VAEBridge | None = None
+
+    # -- data (store and meta: CountStoreStage) -----------------------------------------------
+
+    @property
+    def split_path(self) -> Path:
+        return self.config.run.dir_path / "split.npz"
+
+    @property
+    def bridge(self) -> VAEBridge | None:
+        """The count VAE between genes and latents (``space="latent"`` only)."""
+        if self.config.model.space != "latent":
+            return None
+        if self._bridge is None:
+            if not self.config.vae.run:
+                raise ConfigError("model.space=latent needs vae.run (a trained count VAE)")
+            self._bridge = VAEBridge(self.config.vae.run, self.config.vae.weights)
+            if self._bridge.n_genes != self.meta.n_genes:
+                raise DataValidationError(
+                    self.store, "n_genes",
+                    f"the store has {self.meta.n_genes} genes, the VAE {self._bridge.n_genes}",
+                    "pass the VAE trained on this store's genes (vae.run)",
+                )  # fmt: skip
+        return self._bridge
+
+    def prepare_data(self, is_main_process: bool) -> None:
+        if not is_main_process:
+            return
+        self._input.ensure_store()
+        self.bridge  # noqa: B018  (a wrong VAE fails here, before anything is written)
+        reader = open_store(self.store)
+        for role in ("perturbation", "cell_type"):
+            if reader.meta.roles.get(role) is None:
+                raise DataValidationError(
+                    self.store, f"roles.{role}", "the store has no such column",
+                    "build it with --schema vcc (or --pert-col / --cell-type-col)",
+                )  # fmt: skip
+        if self.config.split.file:
+            config = load_split_config(self.config.split.file)
+        else:
+            from latentcell.data_pipelines.perturbation_splits import SplitConfig
+
+            config = SplitConfig.from_dict(DEFAULT_SPLIT, "<default split>")
+        split = assign_split(reader, config)
+        out = self.config.run.dir_path
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / "split.tmp.npz"
+        np.savez(tmp, train=split.train, val=split.val, test=split.test)
+        tmp.replace(self.split_path)
+        (out / "split.json").write_text(split.to_json())
+        self._split = split
+
+    def split_rows(self) -> dict[str, np.ndarray]:
+        with np.load(self.split_path) as f:
+            return {k: f[k] for k in ("train", "val", "test")}
+
+    def control_rows(self, rows: np.ndarray) -> np.ndarray:
+        """The control cells among ``rows``."""
+        meta = self.meta
+        column = meta.roles["perturbation"]
+        control = meta.categories[column].index(meta.control_label)
+        index = open_store(self.store).group_index()
+        index = index[index["perturbation"] == control]
+        ranges = [np.arange(a, b) for a, b in zip(index["start"], index["stop"], strict=True)]
+        all_controls = np.concatenate(ranges) if ranges else np.zeros(0, np.int64)
+        return np.intersect1d(rows, all_controls)
+
+    def _sampler(self, rows: np.ndarray, rank: int, world_size: int, train: bool) -> SetBatches:
+        d = self.config.data
+        config = SetSamplerConfig(**d.sampler_options(self.config.train.seed, train))
+        sampler = SetSampler(
+            partial(open_store, self.store), config, rank=rank, world_size=world_size,
+            num_workers=d.num_workers if train else 0, rows=rows,
+        )  # fmt: skip
+        bridge = self.bridge
+        transform = None if bridge is None else partial(latent_features, bridge)
+        return SetBatches(sampler.loader(), d.sets_per_batch, transform)
+
+    def train_loader(self, rank: int, world_size: int) -> SetBatches:
+        return self._sampler(self.split_rows()["train"], rank, world_size, train=True)
+
+    def val_loader(self, rank: int, world_size: int) -> SetBatches | None:
+        rows = self.split_rows()
+        if len(rows["val"]) == 0:
+            return None
+        val = rows["val"]
+        if len(self.control_rows(val)) == 0:  # zero-shot val: start from training controls
+            val = np.union1d(val, self.control_rows(rows["train"]))
+        return self._sampler(val, rank, world_size, train=False)
+
+    # -- model --------------------------------------------------------------------------------
+
+    def model_config(self) -> STConfig:
+        if self._model_config is None:
+            meta, m = self.meta, self.config.model
+            cell_types = meta.categories[meta.roles["cell_type"]]
+            batch_column = meta.roles.get("batch")
+            n_batches = len(meta.categories[batch_column]) if batch_column else 0
+            self._model_config = STConfig(
+                **m.shape_kwargs(),
+                n_features=self.bridge.n_latent if self.bridge else meta.n_genes,
+                perturbation_labels=tuple(meta.categories[meta.roles["perturbation"]]),
+                space=m.space,
+                n_cell_types=len(cell_types) if m.cell_type_conditioning else 0,
+                n_batches=n_batches if m.batch_conditioning else 0,
+                perturbation=PerturbationEncoderConfig(
+                    kind=m.perturbation_encoder,
+                    dim=m.hidden,
+                    embeddings_file=m.embeddings_file,
+                    control_label=meta.control_label or "non-targeting",
+                ),  # fmt: skip
+                loss=self.config.loss,
+            )
+        return self._model_config
+
+    def build_model(self) -> nn.Module:
+        model = STModel(self.model_config())
+        if self.config.init.run:
+            meta = self.meta
+            categories = role_categories(meta, _VOCABULARY_ROLES)
+            genes = [str(g) for g in meta.var.index]
+            load_matching(model, self.config.init.run, genes, categories)
+        return model
+
+    def model_card(self) -> dict[str, Any]:
+        meta = self.meta
+        return {
+            "class": MODEL_CLASS,
+            "config": dataclasses.asdict(self.model_config()),
+            **store_card(meta, _VOCABULARY_ROLES),
+            "control_label": meta.control_label,
+            "set_size": self.config.data.set_size,
+            "vae": self.bridge.provenance if self.bridge else None,
+            "store": str(self.store.absolute()),
+            "split": json.loads((self.config.run.dir_path / "split.json").read_text()),
+        }
+
+    def serving_module(self, model: nn.Module) -> tuple[nn.Module, np.ndarray]:
+        example = np.zeros((1, 8, 2 + self.model_config().n_features), dtype=np.float32)
+        return SetPredictor(model).eval(), example
+
+
+def split_source_rows(run_dir: str | Path, store: str | Path) -> dict[str, np.ndarray]:
+    """Each split's cells as rows of the store's (single) input h5ad, via ``_source_row``:
+    how a test file of real cells is cut from the original data. Reads the store's rows
+    once (fine at experiment scale; a multi-file store needs ``_source_file`` too)."""
+    reader = open_store(store)
+    source = np.asarray(reader.read_rows(0, reader.meta.n_cells).numeric["_source_row"], np.int64)
+    with np.load(Path(run_dir) / "split.npz") as f:
+        return {k: np.sort(source[f[k]]) for k in ("train", "val", "test")}
+
+
+def latent_features(bridge: VAEBridge, batch: dict) -> dict:
+    """Both sides' VAE latents as the model's ``features`` (log1p counts -> encoder)."""
+    for side in ("control", "perturbed"):
+        part = batch[side]
+        part["features"] = bridge.encode(cell_features(part, "gene"))
+    return batch
+
+
+# Tables indexed by a vocabulary: loaded only when the vocabularies are the same, since a
+# table of matching shape over other categories would load with another meaning.
+_VOCABULARY_TABLES = {"perturbation.": "perturbation", "cell_type.": "cell_type", "batch.": "batch"}
+
+
+def load_matching(
+    model: nn.Module,
+    run_dir: str | Path,
+    genes: list[str] | None = None,
+    categories: dict[str, list[str]] | None = None,
+) -> dict[str, int]:
+    """Copy every tensor of the run's final weights whose name and shape match ``model``'s.
+
+    With ``genes``, the run must have been trained on the same genes in the same order (its
+    cell encoder and head are per gene). Vocabulary tables (perturbation, cell type, batch)
+    load only where ``categories`` equal the run's."""
+    card = load_model_card(run_dir)  # a clear error when it is not a finished run
+    if genes is not None and card.get("genes") not in (None, genes):
+        raise DataValidationError(
+            run_dir, "genes", "the run was trained on another gene vocabulary",
+            "build the fine-tuning store with the pretraining store's genes (--genes FILE)",
+        )  # fmt: skip
+    theirs = card.get("categories", {})
+    same = {role for role, labels in (categories or {}).items() if theirs.get(role) == labels}
+    state = load_state(weights_path(run_dir))
+    own = model.state_dict()
+    matched = {
+        k: v
+        for k, v in state.items()
+        if k in own
+        and own[k].shape == v.shape
+        and all(not k.startswith(p) or role in same for p, role in _VOCABULARY_TABLES.items())
+    }
+    if not matched:
+        raise DataValidationError(
+            run_dir, "final weights", "no tensor matches this model's names and shapes",
+            "pretrain with the same hidden / depth / heads and gene vocabulary",
+        )  # fmt: skip
+    model.load_state_dict(matched, strict=False)
+    return {"loaded": len(matched), "fresh": len(own) - len(matched)}
+
+
+class SetPredictor(nn.Module):
+    """One float array ``(B, S, 2 + F)``: the perturbation code in column 0 and the cell-type
+    code in column 1 (the first cell's are used), then the control's features -> predicted
+    features (B, S, F). The MLflow serving form."""
+
+    def __init__(self, model: STModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, packed: torch.Tensor) -> torch.Tensor:
+        cell_type = packed[:, 0, 1].long() if self.model.cell_type is not None else None
+        return self.model.predict(packed[:, :, 2:], packed[:, 0, 0].long(), cell_type=cell_type)

@@ -1,0 +1,76 @@
+"""Between log1p expression and a trained count VAE's latent space, for set models.
+
+The VAE's encoder input is ``log1p(counts / library * 1e4)``, which is exactly the set models'
+feature scale, so features go in as ``expm1(x)`` at library 1e4 (an exact round trip).
+Decoding returns the decoder's mean expression on the same log1p scale. The latent-space ST
+and the latent-arithmetic baseline (scGen) use both directions; a batch-aware decoder would
+need a batch per predicted cell, which control-set prediction does not have, so such a VAE
+is refused with the fix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from latentcell.data_pipelines.errors import DataValidationError
+
+from .trained_runs import load_vae
+
+__all__ = ["VAEBridge"]
+
+TARGET_SUM = 1e4
+
+
+class VAEBridge:
+    def __init__(self, run_dir: str | Path, weights: str = "auto") -> None:
+        self.vae, self.provenance = load_vae(run_dir, weights)
+        if self.vae.config.n_conditions:
+            raise DataValidationError(
+                run_dir, "model.batch_conditioning",
+                "this VAE's decoder needs a batch per cell; set models predict without one",
+                "train the VAE with --set model.batch_conditioning=false",
+            )  # fmt: skip
+        self.n_latent = self.vae.config.n_latent
+        self.n_genes = self.vae.config.n_genes
+        self.run_dir = Path(run_dir)
+
+    def genes(self) -> list[str]:
+        """The gene keys of the store the VAE was trained on, in its order."""
+        import tomllib
+
+        from latentcell.data_pipelines.stores import open_store
+
+        config = tomllib.loads((self.run_dir / "config.toml").read_text())
+        store = config["data"].get("path", "")
+        if not store or not Path(store).exists():
+            raise DataValidationError(
+                self.run_dir, "config.toml data.path",
+                f"the VAE's training store {store!r} is not available",
+                "keep the VAE's store where it was trained (its genes define the latent)",
+            )  # fmt: skip
+        return [str(g) for g in open_store(store).meta.var.index]
+
+    @torch.no_grad()
+    def encode(self, log1p: torch.Tensor) -> torch.Tensor:
+        """Posterior means (..., n_latent) of log1p features (..., n_genes)."""
+        shape = log1p.shape
+        flat = torch.expm1(log1p.reshape(-1, shape[-1]).float())
+        library = torch.full((flat.shape[0],), TARGET_SUM)
+        return self.vae.encode(flat, library)[0].reshape(*shape[:-1], self.n_latent)
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """The decoder's mean expression on the log1p scale, (..., n_genes)."""
+        shape = z.shape
+        params = self.vae.decode(z.reshape(-1, shape[-1]).float(), TARGET_SUM)
+        mean = params["mean"] if "mean" in params else torch.log1p(params["scale"] * TARGET_SUM)
+        return mean.reshape(*shape[:-1], self.n_genes)
+
+    def encode_numpy(self, log1p: np.ndarray) -> np.ndarray:
+        return self.encode(torch.from_numpy(np.asarray(log1p, dtype=np.float32))).numpy()
+
+    def decode_numpy(self, z: np.ndarray) -> np.ndarray:
+        return self.decode(torch.from_numpy(np.asarray(z, dtype=np.float32))).numpy()
