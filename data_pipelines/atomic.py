@@ -14,6 +14,7 @@ one is in place, so a failure at any step leaves either the old or the new store
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import secrets
 import shutil
@@ -180,3 +181,15 @@ class AtomicWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if not self._done:
             self.abort()
+
+
+def write_json_atomic(path: str | os.PathLike, payload) -> None:
+    """``payload`` as JSON at ``path``, written to a temporary sibling and then renamed, so a
+    reader never sees half a file (NaN is refused: it is not JSON)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
+    try:
+        tmp.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

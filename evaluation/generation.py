@@ -18,9 +18,7 @@ classifier's training cells.
 
 from __future__ import annotations
 
-import json
 import os
-import secrets
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,6 +28,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from latentcell.data_pipelines.atomic import write_json_atomic
 from latentcell.data_pipelines.errors import DataValidationError
 from latentcell.evaluation import metrics as m
 from latentcell.evaluation.figures import plot_metric_bars, plot_pca_panels
@@ -344,10 +343,4 @@ def _write_outputs(
         out_dir / PCA_FIGURE,
     )
     plot_metric_bars(bar_scores(summary), out_dir / BARS_FIGURE)
-    path = out_dir / SUMMARY_FILE
-    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
-    try:
-        tmp.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_json_atomic(out_dir / SUMMARY_FILE, summary)

@@ -52,9 +52,7 @@ itself (median library size, log1p).
 
 from __future__ import annotations
 
-import json
 import os
-import secrets
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -65,6 +63,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from latentcell.data_pipelines.atomic import write_json_atomic
 from latentcell.data_pipelines.errors import DataValidationError
 from latentcell.evaluation import metrics as m
 from latentcell.evaluation.generation import to_jsonable
@@ -480,16 +479,6 @@ def headline(scores: Mapping, metrics: Mapping[str, Mapping]) -> dict:
         out[metric] = {name: values.get(metric) for name, values in metrics.items()}
         out[metric]["score"] = scores.get(metric)
     return out
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """``payload`` as JSON at ``path``, written to a temporary file and then renamed."""
-    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
-    try:
-        tmp.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def evaluate_perturbation(
