@@ -25,6 +25,7 @@ __all__ = [
     "UnitSubset",
     "held_out_share",
     "open_unit_subset",
+    "split_store_units",
     "split_units",
     "subset_factory",
     "warn_lopsided_split",
@@ -104,6 +105,14 @@ def warn_lopsided_split(
             stacklevel=2,
         )
     return names
+
+
+def split_store_units(reader: StoreReader, fraction: float, seed: int):
+    """``split_units`` over the store's read units, warning when the held-out units take most
+    of a cell type (``warn_lopsided_split``): what every stage's validation split needs."""
+    train_units, val_units = split_units(len(reader.meta.unit_sizes), fraction, seed)
+    warn_lopsided_split(reader, val_units)
+    return train_units, val_units
 
 
 class UnitSubset:

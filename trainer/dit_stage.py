@@ -28,7 +28,7 @@ from latentcell.data_pipelines.latent_store import (
     write_latent_store,
 )
 from latentcell.data_pipelines.stores import open_store
-from latentcell.data_pipelines.unit_split import split_units, subset_factory, warn_lopsided_split
+from latentcell.data_pipelines.unit_split import split_store_units, subset_factory
 from latentcell.models.diffusion import DiffusionConfig
 from latentcell.models.dit import DiTConfig
 from latentcell.models.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
@@ -259,8 +259,9 @@ class DiTStage:
             return everything, subset_factory(self.val_latents, np.arange(n_val_units))
         if data.val_fraction <= 0:
             return everything, None
-        train_units, val_units = split_units(n_units, data.val_fraction, data.split_seed)
-        warn_lopsided_split(open_store(self.store), val_units)
+        # the count store's units: the latent store mirrors them, and it has the group index
+        reader = open_store(self.store)
+        train_units, val_units = split_store_units(reader, data.val_fraction, data.split_seed)
         return subset_factory(self.latents, train_units), subset_factory(self.latents, val_units)
 
     def _stream(self, source, rank: int, world_size: int, train: bool):

@@ -18,7 +18,7 @@ from torch import nn
 
 from latentcell.data_pipelines.cell_stream import CellStream, CellStreamConfig
 from latentcell.data_pipelines.stores import open_store
-from latentcell.data_pipelines.unit_split import split_units, subset_factory, warn_lopsided_split
+from latentcell.data_pipelines.unit_split import split_store_units, subset_factory
 from latentcell.models.count_vae import LIKELIHOODS, CountVAE, CountVAEConfig, LatentMeanEncoder
 
 from .sections import DataConfig, OptimConfig, RunSection, TrainConfig
@@ -79,9 +79,8 @@ class VAEStage(CountStoreStage):
             return partial(open_store, self.store), partial(open_store, Path(data.val_path))
         if data.val_fraction <= 0:
             return partial(open_store, self.store), None
-        n_units = len(self.meta.unit_sizes)
-        train_units, val_units = split_units(n_units, data.val_fraction, data.split_seed)
-        warn_lopsided_split(open_store(self.store), val_units)
+        reader = open_store(self.store)
+        train_units, val_units = split_store_units(reader, data.val_fraction, data.split_seed)
         return subset_factory(self.store, train_units), subset_factory(self.store, val_units)
 
     def _stream(self, source, rank: int, world_size: int, train: bool) -> CellStream:
