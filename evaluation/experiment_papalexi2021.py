@@ -3,12 +3,16 @@ cell-eval beside every baseline.
 
     python -m latentcell.evaluation.experiment_papalexi2021 --out DIR [--data H5AD]
         [--st-steps N --vae-steps N --set-size S --hidden H --depth D --n-zero-shot K]
+        [--modes joint,cross,sum --basal train|set --splits cells,zero_shot --reuse]
 
 Store (``--schema vcc``, batch ``bio_rep``) -> two splits (``data_pipelines.perturbation_splits``):
 - ``cells``: 10% of every group's cells (controls included) for validation, 20% for test;
 - ``zero_shot``: the same, plus every cell of K measured targets (picked by seed) held out for
   test (measured, so that the linear baseline can embed them).
-For each split: ST with joint, cross and sum conditioning (same budget), and the baselines
+For each split: ST with joint, cross and sum conditioning (same budget; ``--basal``, default
+``train``: control sets re-centred on the training controls' mean, baselines likewise; one-hot
+perturbations for ``cells``, gene vectors from the training cells for ``zero_shot``, see
+``training_gene_vectors``), and the baselines
 (control identity, training mean, linear PCA ridge; perturbation mean (``additive``) and scGen
 latent arithmetic where the targets were seen) all predict from the TEST controls, then
 ``evaluate_perturbation`` scores each against the test cells, beside cell-eval's training
@@ -51,7 +55,9 @@ def zero_shot_targets(adata: ad.AnnData, args) -> list[str]:
     return sorted(rng.choice(measured, size=min(args.n_zero_shot, len(measured)), replace=False))
 
 
-def train_st(out: Path, store: Path, split: Path, conditioning: str, args) -> Path:
+def train_st(
+    out: Path, store: Path, split: Path, conditioning: str, args, encoder: list[str]
+) -> Path:
     from latentcell.trainer.config import load_config
     from latentcell.trainer.loop import fit
     from latentcell.trainer.st_stage import STRunConfig, STStage
@@ -63,6 +69,7 @@ def train_st(out: Path, store: Path, split: Path, conditioning: str, args) -> Pa
         f"data.path={store}", f"split.file={split}", f"run.dir={run}", f"run.root={out.parent}",
         f"data.set_size={args.set_size}", "data.sets_per_batch=8",
         f"model.conditioning={conditioning}", f"model.hidden={args.hidden}",
+        f"model.basal={args.basal}", *encoder,
         f"model.depth={args.depth}", "model.heads=4", "model.cell_type_conditioning=false",
         f"train.max_steps={args.st_steps}", "train.eval_every=250", "train.eval_batches=8",
         "train.checkpoint_every=0", "train.progress=false", "train.ema=true",
@@ -71,6 +78,40 @@ def train_st(out: Path, store: Path, split: Path, conditioning: str, args) -> Pa
     fit(STStage(config), config)
     _reset_accelerate()
     return run
+
+
+def training_gene_vectors(adata: ad.AnnData, store: Path, split_file: Path, path: Path) -> Path:
+    """Gene -> vector file for the external perturbation encoder, from training cells only:
+    a measured gene's top-10 PCA loadings of training log1p expression (what the linear
+    baseline embeds a target by), and a seen but unmeasured target's training response
+    projected on the same components. Rows are scaled to unit RMS; a gene never expressed in
+    training gets no row, so perturbing it is the encoder's clear error, never a zero vector."""
+    from sklearn.utils.extmath import randomized_svd
+
+    from latentcell.data_pipelines.perturbation_splits import assign_split, load_split_config
+    from latentcell.data_pipelines.stores import open_store
+    from latentcell.trainer.predict import _dense, log1p_normalize
+
+    reader = open_store(store)
+    split = assign_split(reader, load_split_config(split_file))  # the stage's split (seeded)
+    source = np.asarray(reader.read_rows(0, reader.meta.n_cells).numeric["_source_row"], np.int64)
+    train = adata[np.sort(source[split.train])]
+    counts = _dense(train.X)
+    x = log1p_normalize(counts, counts.sum(1))
+    _, _, vt = randomized_svd(x - x.mean(0), 10, random_state=0)
+    genes = [str(g) for g in adata.var_names]
+    vectors = dict(zip(genes, vt.T, strict=True))
+    labels = train.obs[PERT].astype(str).to_numpy()
+    control = x[labels == CONTROL].mean(0)
+    for target in sorted(set(labels) - {CONTROL} - set(genes)):
+        vectors[target] = vt @ (x[labels == target].mean(0) - control)
+    names = sorted(vectors)
+    matrix = np.stack([vectors[n] for n in names])
+    rms = np.sqrt((matrix**2).mean(1, keepdims=True))
+    keep = rms[:, 0] > 1e-6  # a gene unexpressed in training has no vector, not a zero one
+    names, matrix = [n for n, k in zip(names, keep, strict=True) if k], matrix[keep] / rms[keep]
+    np.savez(path, genes=np.array(names, dtype=str), vectors=matrix.astype(np.float32))
+    return path
 
 
 def train_vae(out: Path, store: Path, args) -> Path:
@@ -118,7 +159,13 @@ def run_split(name: str, adata: ad.AnnData, out: Path, args) -> dict:
     split_file.write_text(SPLITS[name].format(held=json.dumps(zero_shot_targets(adata, args))))
     timings = {}
     t = time.perf_counter()
-    runs = {m: train_st(out, store, split_file, m, args) for m in args.modes.split(",")}
+    # Zero-shot: a onehot vector of a held-out target is never trained (the predictor refuses
+    # it), so the ST embeds targets by gene vectors derived from the TRAINING cells only.
+    encoder = []
+    if name == "zero_shot":
+        vectors = training_gene_vectors(adata, store, split_file, out / "gene_vectors.npz")
+        encoder = ["model.perturbation_encoder=external", f"model.embeddings_file={vectors}"]
+    runs = {m: train_st(out, store, split_file, m, args, encoder) for m in args.modes.split(",")}
     timings["st_train_s"] = time.perf_counter() - t
 
     first = next(iter(runs.values()))
@@ -146,7 +193,15 @@ def run_split(name: str, adata: ad.AnnData, out: Path, args) -> dict:
     vae = train_vae(out, store, args) if "latent" in baselines else None
     for b in baselines:
         predictors[b] = fit_baseline(
-            b, train, genes, PERT, CONTROL, None, source="train", vae_run=vae and str(vae)
+            b,
+            train,
+            genes,
+            PERT,
+            CONTROL,
+            None,
+            source="train",
+            vae_run=vae and str(vae),
+            basal=args.basal,
         )
     table = {}
     for method, predictor in predictors.items():
@@ -172,13 +227,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--data", default=str(DEFAULT_DATA))
     parser.add_argument("--splits", default="cells,zero_shot")
-    parser.add_argument("--st-steps", type=int, default=1500)
+    parser.add_argument("--st-steps", type=int, default=3000)
     parser.add_argument("--vae-steps", type=int, default=1500)
     parser.add_argument("--set-size", type=int, default=64)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--depth", type=int, default=2)
     parser.add_argument("--n-zero-shot", type=int, default=5)
     parser.add_argument("--modes", default="joint,cross,sum", help="ST conditioning modes")
+    parser.add_argument("--basal", default="train", choices=("set", "train"), help="ST model.basal")
     parser.add_argument("--cells-per-perturbation", type=int, default=1000)
     parser.add_argument("--reuse", action="store_true", help="keep finished runs in --out")
     args = parser.parse_args(argv)

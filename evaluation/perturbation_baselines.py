@@ -15,6 +15,10 @@ would break cell-eval's Mann-Whitney DE); all go through ``trainer.predict``'s o
   G the top-K PCA gene loadings of the training expression and P the perturbations'
   embeddings: the row of G of a measured target (so unseen measured targets can be
   predicted, zero-shot), else a seen perturbation's training response projected on G.
+
+``basal="train"`` (as the ST model's option): the given controls are first re-centred on the
+training controls' mean (per cell type), so the baselines and an ST trained with
+``model.basal=train`` start from the same cells; ``"set"`` uses the controls as given.
 """
 
 from __future__ import annotations
@@ -32,13 +36,25 @@ __all__ = ["BASELINES", "ShiftBaseline", "fit_baseline"]
 BASELINES = ("control", "mean", "additive", "linear", "latent")
 
 
+BASALS = ("set", "train")
+
+
+def recentre(control: np.ndarray, basal_mean: np.ndarray) -> np.ndarray:
+    """The controls' own variation around ``basal_mean`` (their mean replaced by it)."""
+    return control - control.mean(0, keepdims=True) + basal_mean[None]
+
+
 class ShiftBaseline:
-    """Prediction = control + shift(perturbation, cell type), clipped at 0."""
+    """Prediction = control + shift(perturbation, cell type), clipped at 0; with
+    ``basal_mean`` (cell type -> mean) the controls are re-centred on it first."""
 
-    def __init__(self, name: str, genes: list[str], shift, control_label: str) -> None:
+    def __init__(self, name: str, genes: list[str], shift, control_label: str, basal_mean=None):
         self.name, self.genes, self._shift, self.control_label = name, genes, shift, control_label
+        self._basal_mean = basal_mean
 
-    def predict(self, control: np.ndarray, perturbation: str, cell_type: str) -> np.ndarray:
+    def predict(self, control, perturbation: str, cell_type: str, library=None, rng=None):
+        if self._basal_mean is not None:
+            control = np.clip(recentre(control, self._basal_mean(cell_type)), 0, None)
         if perturbation == self.control_label:
             return control
         return np.clip(control + self._shift(perturbation, cell_type)[None], 0, None)
@@ -50,18 +66,30 @@ class LatentArithmetic:
 
     name = "latent"
 
-    def __init__(self, bridge, data: _Training) -> None:
+    def __init__(self, bridge, data: _Training, basal: str = "set") -> None:
         self.bridge, self.genes, self.control_label = bridge, bridge.genes(), data.control_label
         z = bridge.encode_numpy(data.x)
-        self._z, self._data = z, data
+        self._z, self._data, self._basal = z, data, basal
         self.source = data.source
+
+    def _control_rows(self, cell_type: str) -> np.ndarray:
+        d = self._data
+        in_type = d.is_control & (d.cell_type == cell_type)
+        return in_type if in_type.any() else d.is_control
 
     def _mean(self, rows: np.ndarray) -> np.ndarray:
         return self._z[rows].mean(0)
 
-    def predict(self, control: np.ndarray, perturbation: str, cell_type: str) -> np.ndarray:
-        if perturbation == self.control_label:
+    def predict(self, control, perturbation: str, cell_type: str, library=None, rng=None):
+        """Decoded cells: sampled from the VAE's likelihood when ``library`` and ``rng`` are
+        given (the prediction path), else the decoder's mean."""
+        z = self.bridge.encode_numpy(control)
+        if self._basal == "train":  # in the latent space the arithmetic works in
+            z = recentre(z, self._mean(self._control_rows(cell_type)))
+        if perturbation == self.control_label and self._basal == "set":
             return control
+        if perturbation == self.control_label:
+            return self._decode(z, library, rng)
         d = self._data
         pert = d.pert == perturbation
         if not pert.any():
@@ -71,9 +99,13 @@ class LatentArithmetic:
             )  # fmt: skip
         in_type = d.cell_type == cell_type
         both = pert & in_type if (pert & in_type).any() else pert
-        ctrl = d.is_control & in_type if (d.is_control & in_type).any() else d.is_control
-        shift = self._mean(both) - self._mean(ctrl)
-        return self.bridge.decode_numpy(self.bridge.encode_numpy(control) + shift)
+        shift = self._mean(both) - self._mean(self._control_rows(cell_type))
+        return self._decode(z + shift, library, rng)
+
+    def _decode(self, z: np.ndarray, library, rng) -> np.ndarray:
+        if library is None or rng is None:
+            return self.bridge.decode_numpy(z)
+        return self.bridge.sample(z, library, rng)
 
 
 class _Training:
@@ -129,6 +161,7 @@ def fit_baseline(
     ridge: float = 0.1,
     gene_symbols: list[str] | None = None,
     vae_run: str | None = None,
+    basal: str = "set",
 ) -> ShiftBaseline | LatentArithmetic:
     """Fit baseline ``name`` on ``train`` (counts) over ``genes`` (the model's gene keys);
     ``gene_symbols`` name the same genes as perturbation labels do (default: the keys)."""
@@ -136,6 +169,8 @@ def fit_baseline(
         raise DataValidationError(
             source, "--baseline", f"unknown baseline {name!r}", f"use one of {BASELINES}"
         )
+    if basal not in BASALS:
+        raise DataValidationError(source, "--basal", f"unknown {basal!r}", f"use one of {BASALS}")
     if name == "latent":
         if not vae_run:
             raise DataValidationError(
@@ -146,18 +181,20 @@ def fit_baseline(
 
         bridge = VAEBridge(vae_run)
         data = _Training(train, bridge.genes(), pert_col, control_label, cell_type_col, source)
-        return LatentArithmetic(bridge, data)
+        return LatentArithmetic(bridge, data, basal)
     data = _Training(train, genes, pert_col, control_label, cell_type_col, source)
     zero = np.zeros(len(genes), dtype=np.float32)
+    base = data.control_mean if basal == "train" else None
     if name == "control":
-        return ShiftBaseline(name, genes, lambda p, t: zero, control_label)
+        return ShiftBaseline(name, genes, lambda p, t: zero, control_label, base)
     if name == "mean":
         per_type = {
             t: data.shift(~data.is_control & (data.cell_type == t), t)
             for t in pd.unique(data.cell_type[~data.is_control])
         }
         pooled = data.shift(~data.is_control)
-        return ShiftBaseline(name, genes, lambda p, t: per_type.get(t, pooled), control_label)
+        shift = lambda p, t: per_type.get(t, pooled)  # noqa: E731
+        return ShiftBaseline(name, genes, shift, control_label, base)
     singles = data.gene_shifts()
     if name == "additive":
 
@@ -171,12 +208,13 @@ def fit_baseline(
                 )  # fmt: skip
             return np.sum([singles[g] for g in parts], axis=0)
 
-        return ShiftBaseline(name, genes, additive, control_label)
+        return ShiftBaseline(name, genes, additive, control_label, base)
     symbols = gene_symbols or genes
-    return _linear(data, genes, symbols, singles, control_label, source, n_components, ridge)
+    linear = _linear(data, symbols, singles, control_label, source, n_components, ridge)
+    return ShiftBaseline("linear", genes, linear, control_label, base)
 
 
-def _linear(data, genes, symbols, singles, control_label, source, n_components, ridge):
+def _linear(data, symbols, singles, control_label, source, n_components, ridge):
     """Ridge on PCA embeddings (after Ahlmann-Eltze, Huber & Anders 2025, their linear model).
 
     A perturbation's embedding is its target gene's PCA loadings when the target is measured
@@ -215,4 +253,4 @@ def _linear(data, genes, symbols, singles, control_label, source, n_components, 
         emb = np.sum([embed(g) for g in parts], axis=0)
         return (G @ W @ emb + b[:, 0]).astype(np.float32)
 
-    return ShiftBaseline("linear", genes, linear, control_label)
+    return linear

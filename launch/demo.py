@@ -244,6 +244,7 @@ def _train_st(out: Path, store: Path, steps: int, seed: int) -> None:
         f"train.max_steps={steps}", f"train.seed={seed}", f"train.eval_every={max(steps // 3, 1)}",
         "train.eval_batches=8", f"train.checkpoint_every={max(steps // 2, 1)}",
         "data.set_size=32", "data.sets_per_batch=8", "model.hidden=96", "model.depth=2",
+        "model.basal=train",
         "optim.lr=1e-3", "optim.warmup_steps=30", "tracking.log_every=20",
         "tracking.run_name=demo-st",
     ])  # fmt: skip
@@ -275,7 +276,7 @@ def _predict_and_evaluate(out: Path, h5ad: Path, store: Path, seed: int) -> None
     targets = sorted(set(real.obs["target_gene"].astype(str)) - {"non-targeting"})
     request = PopulationRequest(tuple(targets), 100, seed=seed)
     st = STPredictor(out / "st")
-    mean = fit_baseline("mean", train, st.genes, gene_symbols=st.gene_symbols)
+    mean = fit_baseline("mean", train, st.genes, gene_symbols=st.gene_symbols, basal="train")
     for name, predictor in (("st", st), ("mean_baseline", mean)):
         pred = predict_population(predictor, controls, request, "test controls")
         write_h5ad_atomic(pred, out / f"predicted_{name}.h5ad")

@@ -26,6 +26,10 @@ def add_predict_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--baseline", help="control | mean | additive | linear | latent (needs --train)")
     p.add_argument("--train", help="training cells (h5ad, counts) for --baseline")
     p.add_argument("--vae-run", help="count VAE run for --baseline latent (scGen arithmetic)")
+    p.add_argument(
+        "--basal", default="set", choices=("set", "train"),
+        help="--baseline only: train re-centres the controls on the training controls' mean",
+    )  # fmt: skip
     p.add_argument("--controls", required=True, help="h5ad holding the control cells (counts)")
     p.add_argument("--perturbations", required=True, help="'all' or comma-separated labels")
     p.add_argument("--cells-per-perturbation", type=int, required=True)
@@ -49,7 +53,7 @@ def _predictor(args, controls):
 
         st = STPredictor(args.run, args.weights)
         roles, card = st.card["roles"], st.card
-        labels = [x for x in st.labels if x != card["control_label"]]
+        labels = [x for x in st.labels if x != card["control_label"] and st.is_trained(x)]
         return st, roles["perturbation"], card["control_label"], roles.get("cell_type"), labels
     if not args.train:
         raise DataValidationError(
@@ -67,7 +71,7 @@ def _predictor(args, controls):
     genes = [str(g) for g in controls.var_names]
     baseline = fit_baseline(
         args.baseline, train, genes, pert_col, control, cell_type_col, source=args.train,
-        vae_run=args.vae_run,
+        vae_run=args.vae_run, basal=args.basal,
     )  # fmt: skip
     labels = sorted(set(train.obs[pert_col].astype(str)) - {control})
     return baseline, pert_col, control, cell_type_col, labels

@@ -19,6 +19,15 @@ default) plus a mean-delta term.
   whose self-attention is the control-set conditioning; half the tokens of ``joint``.
 - No positional encoding (permutation-equivariant). Residual prediction: the output is the
   control plus a predicted delta, through a ReLU in gene space (expression is non-negative).
+- ``basal``: what the residual starts from. ``"set"`` (STATE's form): the control cells as
+  given. ``"train"``: each control set is first re-centred on the training controls' mean
+  (``control_mean``, per cell type, filled in by the stage): x_i - mean_set(x) + mean_train.
+  Why: a set of S controls has a mean that is off by about sd/sqrt(S) on every gene, and with
+  ``"set"`` every predicted population inherits that error; the training controls (thousands
+  of cells of the same population) estimate it far better. The cells' own variation is kept.
+  Use ``"train"`` when predicted controls come from the training population (the VCC setting:
+  same cell line, same experiment); keep ``"set"`` when the controls at predict time come
+  from a context the training controls do not represent.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ __all__ = ["STConfig", "STModel", "STOutput", "STShape", "SetLossOutput", "cell_
 
 CONDITIONING = ("joint", "cross", "sum")
 SPACES = ("gene", "latent")
+BASALS = ("set", "train")
 
 
 @dataclass(frozen=True)
@@ -75,6 +85,7 @@ class STConfig(STShape):
     n_features: int
     perturbation_labels: tuple[str, ...]
     space: str = "gene"
+    basal: str = "set"
     control_depth: int = 0
     n_cell_types: int = 0
     n_batches: int = 0
@@ -83,6 +94,7 @@ class STConfig(STShape):
 
     def __post_init__(self) -> None:
         check_space(self.space)
+        check_basal(self.basal)
         super().__post_init__()
         if self.n_features < 1:
             raise ValueError(f"n_features must be >= 1, got {self.n_features}")
@@ -100,6 +112,12 @@ class STConfig(STShape):
         c["loss"] = SetLossConfig(**{**c["loss"], "bandwidths": tuple(c["loss"]["bandwidths"])})
         c["perturbation_labels"] = tuple(c["perturbation_labels"])
         return cls(**c)
+
+
+def check_basal(basal: str) -> None:
+    """STConfig's rule for ``basal``; the fine-tuning stage checks it when reading its config."""
+    if basal not in BASALS:
+        raise ValueError(f"basal must be one of {BASALS}, got {basal!r}")
 
 
 def check_space(space: str) -> None:
@@ -166,6 +184,9 @@ class STModel(nn.Module):
         )
         self.norm = nn.LayerNorm(h)
         self.head = nn.Linear(h, c.n_features)
+        if c.basal == "train":  # per cell type (one row without cell-type conditioning)
+            rows = max(1, c.n_cell_types)
+            self.register_buffer("control_mean", torch.full((rows, c.n_features), float("nan")))
         nn.init.zeros_(self.head.weight)  # starts as the control-identity baseline
         nn.init.zeros_(self.head.bias)
         nn.init.normal_(self.segment, std=0.02)
@@ -181,6 +202,8 @@ class STModel(nn.Module):
         """Perturbed features (B, S, F) for control features (B, S, F), perturbation codes
         (B,), real-cell mask (B, S), cell-type codes (B,) and per-cell batch codes (B, S)."""
         c = self.config
+        if c.basal == "train":
+            control = self.recentre(control, mask, cell_type)
         base = self.cell_encoder(control.to(self.head.weight.dtype))
         if self.cell_type is not None:
             if cell_type is None:
@@ -211,6 +234,37 @@ class STModel(nn.Module):
                 x = block(x, mask, ctrl, mask)
         out = control.float() + self.head(self.norm(x)).float()
         return torch.relu(out) if c.space == "gene" else out
+
+    def set_control_mean(self, mean: torch.Tensor) -> None:
+        """The training controls' mean features (rows: cell types, or one row), for
+        ``basal="train"``; a row of NaN marks a cell type without training controls."""
+        if self.config.basal != "train":
+            raise ValueError("control_mean is only used with basal='train'")
+        mean = torch.as_tensor(mean, dtype=torch.float32).reshape(self.control_mean.shape)
+        self.control_mean.copy_(mean)
+
+    def recentre(
+        self, control: torch.Tensor, mask: torch.Tensor | None, cell_type: torch.Tensor | None
+    ) -> torch.Tensor:
+        """x_i - mean_set(x) + control_mean[cell type] over the real (unmasked) cells."""
+        x = control.float()
+        if mask is None:
+            set_mean = x.mean(1, keepdim=True)
+        else:
+            w = mask.to(x.dtype)[..., None]
+            set_mean = (x * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp_min(1)
+        rows = self.control_mean.shape[0]
+        if rows == 1 or cell_type is None:
+            target = self.control_mean[:1].expand(x.shape[0], -1)
+        else:
+            target = self.control_mean[cell_type]
+        exporting = torch.jit.is_tracing() or torch.compiler.is_compiling()
+        if not exporting and torch.isnan(target).any():
+            raise ValueError(
+                "basal='train' has no training-control mean for this cell type: the stage "
+                "fills control_mean from the training controls (set_control_mean)"
+            )
+        return x - set_mean + target[:, None].to(x.dtype)
 
     def forward(self, batch: Mapping, step: int | torch.Tensor = 0) -> STOutput:
         """Loss on a batch of (control set, perturbed set) pairs from the set sampler."""

@@ -35,9 +35,17 @@ from latentcell.data_pipelines.set_sampler import SetSampler, SetSamplerConfig
 from latentcell.data_pipelines.stores import open_store
 from latentcell.models.perturbation_encoders import ENCODER_KINDS, PerturbationEncoderConfig
 from latentcell.models.set_losses import SetLossConfig
-from latentcell.models.st_model import STConfig, STModel, STShape, cell_features, check_space
+from latentcell.models.st_model import (
+    STConfig,
+    STModel,
+    STShape,
+    cell_features,
+    check_basal,
+    check_space,
+)
 
 from .config import ConfigError
+from .predict import _dense, log1p_normalize
 from .sections import OptimConfig, RunSection, TrainConfig, VAERef
 from .set_batches import SetBatches
 from .st_sections import SetDataSection, role_categories, store_card
@@ -77,9 +85,11 @@ class STModelSection(STShape):
     """The user's choices for ``STConfig`` (the shape keys: ``STShape``); sizes and
     vocabularies come from the store. space "latent" predicts in the latent space of the
     count VAE ``vae.run`` (trained without batch conditioning) and decodes to genes at
-    prediction time."""
+    prediction time. basal "train" re-centres every control set on the training controls'
+    mean (see ``models/st_model.py``)."""
 
     space: str = "gene"
+    basal: str = "set"
     cell_type_conditioning: bool = True
     batch_conditioning: bool = False
     perturbation_encoder: str = "onehot"
@@ -87,6 +97,7 @@ class STModelSection(STShape):
 
     def __post_init__(self) -> None:
         check_space(self.space)
+        check_basal(self.basal)
         super().__post_init__()
         if self.perturbation_encoder not in ENCODER_KINDS:
             raise ValueError(f"perturbation_encoder must be one of {ENCODER_KINDS}")
@@ -226,6 +237,7 @@ class STStage(CountStoreStage):
                 n_features=self.bridge.n_latent if self.bridge else meta.n_genes,
                 perturbation_labels=tuple(meta.categories[meta.roles["perturbation"]]),
                 space=m.space,
+                basal=m.basal,
                 n_cell_types=len(cell_types) if m.cell_type_conditioning else 0,
                 n_batches=n_batches if m.batch_conditioning else 0,
                 perturbation=PerturbationEncoderConfig(
@@ -245,7 +257,50 @@ class STStage(CountStoreStage):
             categories = role_categories(meta, _VOCABULARY_ROLES)
             genes = [str(g) for g in meta.var.index]
             load_matching(model, self.config.init.run, genes, categories)
+        if model.config.basal == "train":
+            model.set_control_mean(self.training_control_mean())
         return model
+
+    def training_control_mean(self) -> torch.Tensor:
+        """Mean model features of the TRAINING control cells, per cell type when the model is
+        cell-type-conditioned (else one row); NaN rows for types without training controls.
+        Reads the training controls once: runs of at most 4096 controls, split where a gap of
+        other cells is wider than that, so perturbed cells are barely read."""
+        meta, config = self.meta, self.model_config()
+        rows = self.control_rows(self.split_rows()["train"])
+        if len(rows) == 0:
+            raise DataValidationError(
+                self.store, "training controls",
+                f"the split leaves no {meta.control_label!r} cell in training",
+                "keep control cells in training, or use model.basal=set",
+            )  # fmt: skip
+        sums = torch.zeros(max(1, config.n_cell_types), config.n_features, dtype=torch.float64)
+        counts = torch.zeros(sums.shape[0], dtype=torch.float64)
+        reader = open_store(self.store)
+        runs = np.split(rows, np.flatnonzero(np.diff(rows) > 4096) + 1)
+        for chunk in (c for run in runs for c in np.array_split(run, -(-len(run) // 4096))):
+            block = reader.read_rows(int(chunk[0]), int(chunk[-1]) + 1).take(chunk - chunk[0])
+            x = torch.from_numpy(log1p_normalize(_dense(block.X), block.library_size))
+            if self.bridge is not None:
+                x = self.bridge.encode(x)
+            types = block.codes[meta.roles["cell_type"]] if config.n_cell_types else 0 * chunk
+            codes = torch.from_numpy(np.asarray(types, dtype=np.int64))
+            sums.index_add_(0, codes, x.double())
+            counts.index_add_(0, codes, torch.ones(len(chunk), dtype=torch.float64))
+        return (sums / counts[:, None]).float()  # NaN where a cell type has no controls
+
+    def trained_perturbations(self) -> list[str]:
+        """Perturbation labels with at least one training cell: only their onehot /
+        gene_table vectors were ever trained (the predictor refuses the others)."""
+        meta = self.meta
+        labels = meta.categories[meta.roles["perturbation"]]
+        train = np.sort(self.split_rows()["train"])
+        index = open_store(self.store).group_index()
+        n = np.searchsorted(train, index["stop"].values) - np.searchsorted(
+            train, index["start"].values
+        )
+        seen = np.unique(index["perturbation"].values[n > 0])
+        return [labels[i] for i in seen]
 
     def model_card(self) -> dict[str, Any]:
         meta = self.meta
@@ -258,6 +313,7 @@ class STStage(CountStoreStage):
             "vae": self.bridge.provenance if self.bridge else None,
             "store": str(self.store.absolute()),
             "split": json.loads((self.config.run.dir_path / "split.json").read_text()),
+            "trained_perturbations": self.trained_perturbations(),
         }
 
     def serving_module(self, model: nn.Module) -> tuple[nn.Module, np.ndarray]:

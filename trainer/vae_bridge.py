@@ -2,7 +2,10 @@
 
 The VAE's encoder input is ``log1p(counts / library * 1e4)``, which is exactly the set models'
 feature scale, so features go in as ``expm1(x)`` at library 1e4 (an exact round trip).
-Decoding returns the decoder's mean expression on the same log1p scale. The latent-space ST
+Decoding returns the decoder's mean expression on the same log1p scale; ``sample`` instead
+draws counts from the VAE's likelihood at given library sizes and returns those cells on the
+log1p scale, which is what a prediction file needs (the log1p of a mean is not the mean
+log1p of cells, so decoded means would shift every gene's mean log expression). The latent-space ST
 and the latent-arithmetic baseline (scGen) use both directions; a batch-aware decoder would
 need a batch per predicted cell, which control-set prediction does not have, so such a VAE
 is refused with the fix.
@@ -68,6 +71,17 @@ class VAEBridge:
         params = self.vae.decode(z.reshape(-1, shape[-1]).float(), TARGET_SUM)
         mean = params["mean"] if "mean" in params else torch.log1p(params["scale"] * TARGET_SUM)
         return mean.reshape(*shape[:-1], self.n_genes)
+
+    @torch.no_grad()
+    def sample(self, z: np.ndarray, library: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Cells (n, n_genes) on the log1p scale: counts drawn from the likelihood of latents
+        ``z`` (n, n_latent) at ``library`` (n,), normalized like the features."""
+        from .predict import log1p_normalize
+
+        g = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        lib = torch.as_tensor(np.asarray(library, dtype=np.float32))
+        counts = self.vae.sample(torch.as_tensor(np.asarray(z, dtype=np.float32)), lib, generator=g)
+        return log1p_normalize(counts.numpy(), np.asarray(library))
 
     def encode_numpy(self, log1p: np.ndarray) -> np.ndarray:
         return self.encode(torch.from_numpy(np.asarray(log1p, dtype=np.float32))).numpy()

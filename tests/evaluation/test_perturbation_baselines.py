@@ -116,3 +116,25 @@ def test_linear_model_embeds_an_unmeasured_seen_target_by_its_response():
     truth = x[(obs.target_gene == "NOTGENE").to_numpy()].mean(0) - x[ctrl].mean(0)
     base = np.full((1, len(GENES)), 50.0, dtype=np.float32)
     assert np.corrcoef(truth, lin.predict(base, "NOTGENE", "T")[0] - 50)[0, 1] > 0.8
+
+
+def test_train_basal_recentres_the_controls_on_the_training_controls():
+    """basal='train': the given controls' mean is replaced by the training controls' mean of
+    their cell type before the shift, so the prediction's mean no longer follows the
+    controls' sample mean; their cell-to-cell deviations are kept."""
+    train = training_cells()
+    x, obs = logx(train), train.obs
+    ctrl_b = ((obs.cell_type == "B") & (obs.target_gene == "non-targeting")).to_numpy()
+    rng = np.random.default_rng(2)
+    control = x[ctrl_b][:8] + rng.normal(0, 0.05, (8, len(GENES))).astype(np.float32) + 0.5
+    ident = fit_baseline("control", train, GENES, basal="train")
+    out = ident.predict(control, "non-targeting", "B")
+    expected = np.clip(control - control.mean(0) + x[ctrl_b].mean(0), 0, None)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+    add = fit_baseline("additive", train, GENES, basal="train")
+    plain = fit_baseline("additive", train, GENES)
+    np.testing.assert_allclose(
+        add.predict(control, "G1", "B"), plain.predict(expected, "G1", "B"), rtol=1e-5, atol=1e-6
+    )
+    with pytest.raises(DataValidationError, match="--basal"):
+        fit_baseline("mean", train, GENES, basal="median")

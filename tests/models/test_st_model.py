@@ -135,3 +135,40 @@ def test_cell_features_normalize_counts_like_the_vae():
     torch.testing.assert_close(feats, expected)
     with pytest.raises(KeyError, match="features"):
         cell_features({"X": counts, "library_size": counts.sum(-1)}, "latent")
+
+
+def test_train_basal_replaces_the_set_mean_by_the_training_control_mean():
+    """basal='train': the prediction depends on the control set only through its cells'
+    deviations from the set mean, which is replaced by the stored training-control mean;
+    an untrained model returns exactly x - mean_set(x) + control_mean[cell type]."""
+    torch.manual_seed(0)
+    config = STConfig(
+        n_features=6, perturbation_labels=LABELS, hidden=32, depth=1, basal="train",
+        n_cell_types=2, space="latent",
+    )  # fmt: skip
+    m = STModel(config).eval()
+    control = torch.rand(2, 5, 6)
+    with pytest.raises(ValueError, match="no training-control mean"):
+        m.predict(control, torch.tensor([1, 2]), cell_type=torch.tensor([0, 1]))
+    means = torch.tensor([[1.0] * 6, [3.0] * 6])
+    m.set_control_mean(means)
+    ct = torch.tensor([0, 1])
+    with torch.no_grad():
+        out = m.predict(control, torch.tensor([1, 2]), cell_type=ct)
+        expected = control - control.mean(1, keepdim=True) + means[ct][:, None]
+        torch.testing.assert_close(out, expected)
+        torch.nn.init.normal_(m.head.weight, std=0.1)
+        shifted = m.predict(control + 0.7, torch.tensor([1, 2]), cell_type=ct)
+        torch.testing.assert_close(shifted, m.predict(control, torch.tensor([1, 2]), cell_type=ct))
+        mask = torch.tensor([[True] * 3 + [False] * 2] * 2)
+        padded = control.clone()
+        padded[:, 3:] = 50.0
+        torch.testing.assert_close(
+            m.predict(padded, torch.tensor([1, 2]), mask, cell_type=ct)[:, :3],
+            m.predict(control[:, :3], torch.tensor([1, 2]), cell_type=ct),
+        )
+    assert "control_mean" in m.state_dict()  # saved with the weights
+    with pytest.raises(ValueError, match="basal must be one of"):
+        STConfig(n_features=6, perturbation_labels=LABELS, basal="median")
+    with pytest.raises(ValueError, match="only used with basal='train'"):
+        model().set_control_mean(means)

@@ -137,6 +137,15 @@ def test_latent_space_model_and_latent_arithmetic_baseline(st_run, small_store, 
     x = np.log1p(np.random.default_rng(0).poisson(1.0, (3, controls.n_vars)).astype(np.float32))
     out = scgen.predict(x, perts[0], str(train.obs["cell_type"].iloc[0]))
     assert out.shape == x.shape and (out >= 0).all()
+    # on the prediction path (library sizes given) decoded cells are SAMPLED from the VAE's
+    # likelihood at each control's library: whole counts, varying from cell to cell
+    from latentcell.trainer.predict import TARGET_SUM
+
+    library = np.array([500.0, 2000.0, 8000.0])
+    cells = scgen.predict(x, perts[0], "", library, np.random.default_rng(0))
+    counts = np.expm1(cells) * library[:, None] / TARGET_SUM
+    np.testing.assert_allclose(counts, np.round(counts), atol=1e-2)
+    assert not np.allclose(cells, out)
     with pytest.raises(DataValidationError, match="seen in training"):
         scgen.predict(x, "UNSEEN", "")
 
@@ -180,3 +189,52 @@ def test_serving_form_matches_predict(st_run):
         served = SetPredictor(model)(packed)
         direct = model.predict(control, torch.tensor([1, 2]), cell_type=torch.tensor([0, 1]))
     torch.testing.assert_close(served, direct)
+
+
+def test_train_basal_stores_the_training_control_mean(st_run, small_store, tmp_path):
+    """model.basal=train: the stage fills control_mean with the mean log1p features of the
+    TRAINING controls per cell type (checked against the h5ad, cell by cell)."""
+    from latentcell.data_pipelines.stores import open_store
+    from latentcell.trainer.predict import log1p_normalize
+
+    config = st_config(small_store, tmp_path / "basal", st_run.split, "model.basal=train")
+    stage = STStage(config)
+    stage.prepare_data(True)
+    model = stage.build_model()
+    reader = open_store(small_store)
+    train = stage.split_rows()["train"]
+    block = reader.read_rows(0, reader.meta.n_cells)
+    meta = reader.meta
+    pert = block.codes[meta.roles["perturbation"]]
+    ctype = block.codes[meta.roles["cell_type"]]
+    control = meta.categories[meta.roles["perturbation"]].index(meta.control_label)
+    x = log1p_normalize(block.X.toarray(), block.library_size)
+    for t in range(len(meta.categories[meta.roles["cell_type"]])):
+        rows = np.intersect1d(train, np.flatnonzero((pert == control) & (ctype == t)))
+        assert len(rows) > 0
+        np.testing.assert_allclose(model.control_mean[t].numpy(), x[rows].mean(0), atol=1e-5)
+
+
+def test_predictor_refuses_a_perturbation_the_split_kept_out_of_training(small_store, tmp_path):
+    """A onehot vector of a held-out perturbation was never trained: predict says so and
+    names the fix, instead of predicting from its random initialisation."""
+    split = tmp_path / "split.toml"
+    split.write_text(
+        "[split]\nseed = 0\n[split.cells]\nval_fraction = 0.2\ntest_fraction = 0.0\n"
+        "[split.perturbations]\nn_test = 1\n"
+    )
+    config = st_config(
+        small_store, tmp_path / "zs", split, "train.max_steps=2", "train.eval_every=0"
+    )
+    fit(STStage(config), config)
+    _reset_accelerate()
+    predictor = STPredictor(tmp_path / "zs")
+    held = json.loads((tmp_path / "zs" / "split.json").read_text())["held_out"][
+        "test_perturbations"
+    ]
+    assert len(held) == 1 and held[0] not in predictor.trained
+    seen = [p for p in predictor.trained if p != "non-targeting"]
+    control = np.zeros((4, len(predictor.genes)), np.float32)
+    assert predictor.predict(control, seen[0], predictor.cell_types[0]).shape == control.shape
+    with pytest.raises(DataValidationError, match="never trained.*perturbation_encoder=external"):
+        predictor.predict(control, held[0], predictor.cell_types[0])
