@@ -33,7 +33,7 @@ METHODS = ("generated", "vae_prior", "gaussian_pca", "real_ceiling")
 REPORT = (
     "knn_auc", "mmd", "energy_distance", "wasserstein", "precision", "recall", "density",
     "coverage", "mean_pearson", "mean_r2", "var_pearson", "var_r2", "zero_frac_mae",
-    "per_gene_wasserstein",
+    "per_gene_wasserstein", "distance_to_training_ratio",
 )  # fmt: skip
 
 
@@ -77,7 +77,8 @@ def train(out: Path, store: Path, val_store: Path, args) -> tuple[Path, Path]:
     dit = load_config(DiTRunConfig, None, [
         *common, f"run.dir={out / 'dit'}", f"vae.run={out / 'vae'}",
         f"train.max_steps={args.dit_steps}", f"model.conditions={CONDITION}",
-        "model.patch_size=4", "model.hidden=128", "model.depth=3", "data.batch_size=256",
+        f"model.patch_size={args.dit_patch}", f"model.hidden={args.dit_hidden}",
+        f"model.depth={args.dit_depth}", "data.batch_size=256",
         "optim.lr=5e-4", "train.eval_every=1000",
         "train.checkpoint_every=0", "train.ema_decay=0.999",
     ])  # fmt: skip
@@ -92,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heldout-fraction", type=float, default=0.35)
     parser.add_argument("--vae-steps", type=int, default=3000)
     parser.add_argument("--dit-steps", type=int, default=3000)
+    parser.add_argument("--dit-patch", type=int, default=4, help="latent dims per DiT token")
+    parser.add_argument("--dit-hidden", type=int, default=128)
+    parser.add_argument("--dit-depth", type=int, default=3)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--guidance", type=float, default=1.0)
     parser.add_argument("--steps", type=int, default=50)

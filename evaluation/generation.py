@@ -137,9 +137,19 @@ def _gaussian_sets(
     return out
 
 
-def _compare(ref: CellSet, gen: CellSet, protocol: GenerationProtocol) -> dict[str, float]:
-    """Every per-condition metric of ``gen`` against ``ref`` (equal sizes)."""
+MEMORIZATION_MAX_TRAIN = 20_000  # training cells per condition searched for nearest neighbours
+
+
+def _compare(
+    ref: CellSet, gen: CellSet, protocol: GenerationProtocol, train: CellSet | None = None
+) -> dict[str, float]:
+    """Every per-condition metric of ``gen`` against ``ref`` (equal sizes); with the
+    condition's training cells, also the memorization check (nan without them)."""
+    dcr = float("nan")
+    if train is not None and len(train.pcs):
+        dcr = m.distance_to_training_ratio(train.pcs, ref.pcs, gen.pcs)
     out: dict[str, float] = {
+        "distance_to_training_ratio": dcr,
         "n_cells": len(gen.pcs),
         "mmd": m.mmd_rbf(ref.pcs, gen.pcs, protocol.mmd_bandwidths),
         "energy_distance": m.energy_distance(ref.pcs, gen.pcs),
@@ -171,8 +181,10 @@ def _score_method(
     reference: Mapping[str, CellSet],
     cells: Mapping[str, CellSet],
     protocol: GenerationProtocol,
+    train: Mapping[str, CellSet] | None = None,
 ) -> tuple[dict, dict[str, CellSet]]:
-    """Per-condition metrics and the equal-size cells used for each condition."""
+    """Per-condition metrics and the equal-size cells used for each condition; ``train``:
+    each condition's training cells, for the memorization check."""
     per_condition, used = {}, {}
     for cond, ref in reference.items():
         gen = cells.get(cond)
@@ -182,7 +194,7 @@ def _score_method(
             continue
         n = min(len(ref.pcs), n_gen)
         used[cond] = gen.head(n)
-        per_condition[cond] = _compare(ref.head(n), used[cond], protocol)
+        per_condition[cond] = _compare(ref.head(n), used[cond], protocol, (train or {}).get(cond))
     return per_condition, used
 
 
@@ -245,6 +257,12 @@ def evaluate_generation(
     method_cells[GAUSSIAN] = _gaussian_sets(fit, sizes, pca, protocol)
     method_cells[CEILING] = fit
 
+    train_cells = None  # every training cell of each condition, for the memorization check
+    if train is not None:
+        labels = train.obs[condition_col].astype(str).to_numpy()
+        rows = {c: np.flatnonzero(labels == c)[:MEMORIZATION_MAX_TRAIN] for c in split.conditions}
+        train_cells = _project(_expression(train, rows, genes, hvg, protocol), pca)
+
     ref_pcs, ref_labels = _pooled(reference)
     fit_scored = {c: s for c, s in fit.items() if len(s.pcs)}
     classifier = None
@@ -259,7 +277,10 @@ def evaluate_generation(
 
     methods, used_by_method = {}, {}
     for name, cells in method_cells.items():
-        per_condition, used = _score_method(reference, cells, protocol)
+        # the memorization check: not for the ceiling, whose cells are training cells
+        per_condition, used = _score_method(
+            reference, cells, protocol, None if name == CEILING else train_cells
+        )
         used_by_method[name] = used
         pooled = {"silhouette_by_condition": float("nan"), "classifier_accuracy": float("nan")}
         if used:
@@ -299,6 +320,9 @@ def evaluate_generation(
             "its classifier accuracy is the accuracy on held-out real cells",
             "silhouette_by_condition": "pooled cells of each method in the real PCA space; "
             "compare with silhouette_real",
+            "distance_to_training_ratio": "median nearest-training-cell distance of a "
+            "method's cells over that of held-out real cells; ~1 = no memorization, << 1 = "
+            "copies of training cells; only with train, not for the ceiling (its own cells)",
         },
     }
     summary = to_jsonable(summary)

@@ -160,6 +160,21 @@ def knn_auc(
     return float(roc_auc_score(test_y, model.predict_proba(test_x)[:, 1]))
 
 
+def distance_to_training_ratio(
+    train: np.ndarray, reference: np.ndarray, generated: np.ndarray
+) -> float:
+    """Memorization check (distance to closest record, DCR): the median distance from each
+    generated cell to its nearest TRAINING cell, divided by the same median for held-out real
+    cells (PCA coordinates). About 1: generated cells are no closer to the training cells
+    than new real cells are; well below 1: the model copies training cells, and a close match
+    to held-out cells (kNN AUC) may be memorization; above 1: cells off the training data.
+    """
+    nearest = NearestNeighbors(n_neighbors=1).fit(_as_2d(train))
+    generated_d = nearest.kneighbors(_as_2d(generated))[0][:, 0]
+    reference_d = nearest.kneighbors(_as_2d(reference))[0][:, 0]
+    return float(np.median(generated_d) / max(np.median(reference_d), 1e-12))
+
+
 def _kth_neighbour_radius(points: np.ndarray, k: int) -> np.ndarray:
     """Distance from each point to its k-th nearest neighbour in the same set (self excluded)."""
     k = min(k, len(points) - 1)

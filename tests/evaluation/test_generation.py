@@ -40,6 +40,7 @@ PER_CONDITION_KEYS = {
     "sparsity_real",
     "sparsity_generated",
     "per_gene_wasserstein",
+    "distance_to_training_ratio",
 }
 
 
@@ -149,6 +150,12 @@ def test_with_train_the_ceiling_comes_from_train(real):
     assert {v["n_cells"] for v in ceiling["per_condition"].values()} == {60}
     assert abs(ceiling["macro"]["knn_auc"] - 0.5) < 0.15
     assert summary["classifier"]["n_train_cells"] == 3 * 60
+    # memorization check against ALL training cells: fresh cells ~1, none for the ceiling
+    assert 0.7 < summary["methods"]["generated"]["macro"]["distance_to_training_ratio"] < 1.4
+    assert ceiling["macro"]["distance_to_training_ratio"] is None  # nan, written as null
+    copies = train[train.obs["condition"].isin(CONDITIONS)].copy()  # a model that memorized
+    copied = evaluate_generation(copies, real_main, "condition", train=train, protocol=protocol)
+    assert copied["methods"]["generated"]["macro"]["distance_to_training_ratio"] < 0.05
 
 
 def test_condition_unseen_in_train_has_no_ceiling_there(real):

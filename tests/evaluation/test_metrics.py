@@ -215,3 +215,19 @@ def test_classifier_accuracy_separable_and_swapped_labels():
     assert m.classifier_accuracy(train, labels, test, test_labels[::-1]) == 0.0
     model = m.fit_condition_classifier(train, labels)
     assert m.accuracy(model, test, test_labels) == 1.0
+
+
+def test_distance_to_training_ratio_flags_copies_of_training_cells():
+    """Same distribution as training: about 1; noisy copies of training cells: well below
+    1; cells far from the training data: above 1. Hand-computed on a 1-D case."""
+    rng = np.random.default_rng(0)
+    train = rng.normal(size=(800, 5))
+    fresh = rng.normal(size=(300, 5))
+    assert 0.85 < m.distance_to_training_ratio(train, fresh, rng.normal(size=(300, 5))) < 1.15
+    copies = train[:300] + rng.normal(scale=0.01, size=(300, 5))
+    assert m.distance_to_training_ratio(train, fresh, copies) < 0.05
+    assert m.distance_to_training_ratio(train, fresh, fresh + 3.0) > 2.0
+    one_d = np.array([[0.0], [10.0]])
+    # reference distances 1, 2, 3 (median 2); generated distances 0.5 and 1.5 (median 1)
+    ref, gen = np.array([[1.0], [8.0], [3.0]]), np.array([[0.5], [8.5]])
+    assert m.distance_to_training_ratio(one_d, ref, gen) == pytest.approx(0.5)
