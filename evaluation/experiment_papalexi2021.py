@@ -91,11 +91,10 @@ def training_gene_vectors(adata: ad.AnnData, store: Path, split_file: Path, path
     from latentcell.data_pipelines.perturbation_splits import assign_split, load_split_config
     from latentcell.data_pipelines.stores import open_store
     from latentcell.trainer.predict import _dense, log1p_normalize
+    from latentcell.trainer.st_stage import source_index
 
-    reader = open_store(store)
-    split = assign_split(reader, load_split_config(split_file))  # the stage's split (seeded)
-    source = np.asarray(reader.read_rows(0, reader.meta.n_cells).numeric["_source_row"], np.int64)
-    train = adata[np.sort(source[split.train])]
+    split = assign_split(open_store(store), load_split_config(split_file))  # the stage's split
+    train = adata[np.sort(source_index(store)[split.train])]
     counts = _dense(train.X)
     x = log1p_normalize(counts, counts.sum(1))
     _, _, vt = randomized_svd(x - x.mean(0), 10, random_state=0)

@@ -72,11 +72,6 @@ class LatentArithmetic:
         self._z, self._data, self._basal = z, data, basal
         self.source = data.source
 
-    def _control_rows(self, cell_type: str) -> np.ndarray:
-        d = self._data
-        in_type = d.is_control & (d.cell_type == cell_type)
-        return in_type if in_type.any() else d.is_control
-
     def _mean(self, rows: np.ndarray) -> np.ndarray:
         return self._z[rows].mean(0)
 
@@ -85,7 +80,7 @@ class LatentArithmetic:
         given (the prediction path), else the decoder's mean."""
         z = self.bridge.encode_numpy(control)
         if self._basal == "train":  # in the latent space the arithmetic works in
-            z = recentre(z, self._mean(self._control_rows(cell_type)))
+            z = recentre(z, self._mean(self._data.control_rows(cell_type)))
         if perturbation == self.control_label and self._basal == "set":
             return control
         if perturbation == self.control_label:
@@ -99,7 +94,7 @@ class LatentArithmetic:
             )  # fmt: skip
         in_type = d.cell_type == cell_type
         both = pert & in_type if (pert & in_type).any() else pert
-        shift = self._mean(both) - self._mean(self._control_rows(cell_type))
+        shift = self._mean(both) - self._mean(self._data.control_rows(cell_type))
         return self._decode(z + shift, library, rng)
 
     def _decode(self, z: np.ndarray, library, rng) -> np.ndarray:
@@ -132,9 +127,13 @@ class _Training:
                 source, pert_col, f"no {control_label!r} cells", "include the training controls"
             )
 
-    def control_mean(self, cell_type: str | None = None) -> np.ndarray:
+    def control_rows(self, cell_type: str | None = None) -> np.ndarray:
+        """The training controls of ``cell_type`` (all controls where it has none)."""
         rows = self.is_control & ((self.cell_type == cell_type) if cell_type else True)
-        return self.x[rows if rows.any() else self.is_control].mean(0)
+        return rows if rows.any() else self.is_control
+
+    def control_mean(self, cell_type: str | None = None) -> np.ndarray:
+        return self.x[self.control_rows(cell_type)].mean(0)
 
     def shift(self, rows: np.ndarray, cell_type: str | None = None) -> np.ndarray:
         return self.x[rows].mean(0) - self.control_mean(cell_type)

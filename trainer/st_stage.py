@@ -321,12 +321,17 @@ class STStage(CountStoreStage):
         return SetPredictor(model).eval(), example
 
 
-def split_source_rows(run_dir: str | Path, store: str | Path) -> dict[str, np.ndarray]:
-    """Each split's cells as rows of the store's (single) input h5ad, via ``_source_row``:
-    how a test file of real cells is cut from the original data. Reads the store's rows
-    once (fine at experiment scale; a multi-file store needs ``_source_file`` too)."""
+def source_index(store: str | Path) -> np.ndarray:
+    """Each store row's row in the store's (single) input h5ad (``_source_row``): how a file
+    of real cells is cut from the original data. Reads the store's rows once (fine at
+    experiment scale; a multi-file store needs ``_source_file`` too)."""
     reader = open_store(store)
-    source = np.asarray(reader.read_rows(0, reader.meta.n_cells).numeric["_source_row"], np.int64)
+    return np.asarray(reader.read_rows(0, reader.meta.n_cells).numeric["_source_row"], np.int64)
+
+
+def split_source_rows(run_dir: str | Path, store: str | Path) -> dict[str, np.ndarray]:
+    """Each split's cells of a run as sorted rows of the store's input h5ad."""
+    source = source_index(store)
     with np.load(Path(run_dir) / "split.npz") as f:
         return {k: np.sort(source[f[k]]) for k in ("train", "val", "test")}
 
