@@ -175,6 +175,23 @@ def distance_to_training_ratio(
     return float(np.median(generated_d) / max(np.median(reference_d), 1e-12))
 
 
+def latent_nn_ratio(train: np.ndarray, generated: np.ndarray) -> float:
+    """Memorization check in the latent a generator samples: the median distance from each
+    generated latent to its nearest training latent, over the median leave-one-out
+    nearest-neighbour distance among the training latents themselves.
+
+    A fresh draw from the training distribution scores about 1; near-copies of training
+    latents score well below 1 (0 for exact copies). In count space (``
+    distance_to_training_ratio``) the decoder's sampling noise hides copying: a DiT whose
+    latents sat at 0.15 here scored 1.05 there.
+    """
+    train = _as_2d(train)
+    nearest = NearestNeighbors(n_neighbors=min(2, len(train))).fit(train)
+    loo = nearest.kneighbors(train)[0][:, -1]
+    generated_d = nearest.kneighbors(_as_2d(generated), n_neighbors=1)[0][:, 0]
+    return float(np.median(generated_d) / max(np.median(loo), 1e-12))
+
+
 def _kth_neighbour_radius(points: np.ndarray, k: int) -> np.ndarray:
     """Distance from each point to its k-th nearest neighbour in the same set (self excluded)."""
     k = min(k, len(points) - 1)

@@ -1,7 +1,8 @@
 """``latentcell generate``: cells from a trained latent-diffusion run, written as h5ad.
 
     latentcell generate --run DIR --n N --condition cell_type=LABEL [--condition k=v ...]
-                        [--steps K --guidance S --seed S] [--baseline vae-prior] --out GEN.h5ad
+                        [--steps K --guidance S --seed S] [--library latent|condition]
+                        [--baseline vae-prior] --out GEN.h5ad
 
 ``--condition k=*`` generates N cells for every label of k.
 """
@@ -28,6 +29,11 @@ def add_generate_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weights", default="auto", choices=("auto", "ema", "model"))
     p.add_argument(
+        "--library", default="latent", choices=("latent", "condition"),
+        help="library sizes: the per-condition log-normal with its mean linear in each cell's "
+        "latent (default), or the plain per-condition log-normal",
+    )  # fmt: skip
+    p.add_argument(
         "--baseline", default=None, choices=("vae-prior",),
         help="decode z ~ N(0, I) instead of DiT samples (the VAE-only baseline)",
     )  # fmt: skip
@@ -51,7 +57,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from latentcell.trainer.generate import CellGenerator, write_h5ad_atomic
 
     start = time.perf_counter()
-    generator = CellGenerator.load(args.run, args.weights)
+    generator = CellGenerator.load(args.run, args.weights, args.library)
     adata = generator.generate(
         args.n,
         parse_conditions(args.condition),

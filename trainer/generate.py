@@ -2,9 +2,11 @@
 
     sample latents (DDIM or the flow ODE, classifier-free guidance)
     -> decoder likelihood parameters (NB / ZINB / Gaussian) at a library size drawn from the
-       per-condition log-normal of the training data (batch drawn from its training mix
-       when the VAE decoder is batch-aware and no batch was asked for)
-    -> counts sampled from that likelihood -> AnnData with the store's genes, obs = conditions.
+       per-condition log-normal of the training data, its mean linear in the generated
+       latent (``library="latent"``, default) or not (``library="condition"``); batch drawn
+       from its training mix when the VAE decoder is batch-aware and no batch was asked for
+    -> counts sampled from that likelihood -> AnnData with the store's genes, obs = conditions,
+       ``obsm["X_latent"]`` = each cell's latent (for the latent memorization check).
 
 The same path with ``source="vae_prior"`` decodes z ~ N(0, I) instead: the baseline that
 shows what the DiT adds over the VAE alone.
@@ -28,10 +30,10 @@ from latentcell.models.count_vae import CountVAE
 from latentcell.models.latent_diffusion import LatentDiffusion
 
 from .dit_stage import MODEL_CLASS, build_latent_diffusion
-from .latent_stats import LibraryModel
+from .latent_stats import LIBRARY_MODES, LibraryModel
 from .trained_runs import load_model_card, load_state, load_vae, weights_path
 
-__all__ = ["CellGenerator", "ConditionRows", "write_h5ad_atomic"]
+__all__ = ["LIBRARY_MODES", "CellGenerator", "ConditionRows", "write_h5ad_atomic"]
 
 SOURCES = ("dit", "vae_prior")
 
@@ -48,12 +50,20 @@ class ConditionRows:
 
 
 class CellGenerator:
-    def __init__(self, run_dir: Path, dit: LatentDiffusion, card: dict, stats: dict, vae: CountVAE):
+    def __init__(
+        self,
+        run_dir: Path,
+        dit: LatentDiffusion,
+        card: dict,
+        stats: dict,
+        vae: CountVAE,
+        library: str = "latent",
+    ):
         self.run_dir, self.dit, self.card, self.stats, self.vae = run_dir, dit, card, stats, vae
         self.categories: dict[str, list[str]] = card["categories"]
         self.categorical = list(dit.config.categorical_keys)
         self.continuous = list(dit.config.continuous_keys)
-        self.library = LibraryModel(stats["library"])
+        self.library = LibraryModel(stats["library"], mode=library)
         self.batch_column = stats["library"]["batch_column"]
         genes = stats["genes"]
         self.var = pd.DataFrame(
@@ -62,7 +72,9 @@ class CellGenerator:
         )
 
     @classmethod
-    def load(cls, run_dir: str | Path, weights: str = "auto") -> CellGenerator:
+    def load(
+        cls, run_dir: str | Path, weights: str = "auto", library: str = "latent"
+    ) -> CellGenerator:
         run_dir = Path(run_dir)
         card = load_model_card(run_dir, MODEL_CLASS)
         stats = json.loads((run_dir / "latent_stats.json").read_text())
@@ -76,7 +88,7 @@ class CellGenerator:
                 "the VAE's weights changed since this DiT was trained on its latents",
                 "retrain the DiT (latentcell train dit) on the current VAE",
             )  # fmt: skip
-        return cls(run_dir, dit.eval(), card, stats, vae)
+        return cls(run_dir, dit.eval(), card, stats, vae, library)
 
     # -- conditions ---------------------------------------------------------------------------
 
@@ -167,7 +179,7 @@ class CellGenerator:
         """(counts CSR, library sizes, decoder batch codes) sampled for latents ``z``."""
         rng = np.random.default_rng([seed, 1])
         lib_codes = rows.codes[:, [self.categorical.index(c) for c in self.library.columns]]
-        library, batch = self.library.sample(lib_codes, rng)
+        library, batch = self.library.sample(lib_codes, rng, z.numpy())
         batch = np.where(rows.batch >= 0, rows.batch, batch)
         batch_index = torch.from_numpy(batch) if self.vae.config.n_batches else None
         g = torch.Generator().manual_seed(seed + 1)
@@ -189,13 +201,14 @@ class CellGenerator:
         if n < 1:
             raise DataValidationError(self.run_dir, "--n", f"got {n}", "pass --n >= 1")
         rows = self.condition_rows(n, conditions)
-        parts, libs, batches = [], [], []
+        parts, libs, batches, latents = [], [], [], []
         for a in range(0, len(rows.codes), batch_size):
             sl = slice(a, a + batch_size)
             part = ConditionRows(rows.codes[sl], rows.values[sl], rows.batch[sl], rows.obs[sl])
             z = self.sample_latents(part, steps, guidance, seed + a, source)
             X, lib, batch = self.decode(z, part, seed + a)
             parts.append(X)
+            latents.append(z.numpy())
             libs.append(lib)
             batches.append(batch)
         obs = rows.obs.copy()
@@ -205,6 +218,7 @@ class CellGenerator:
             obs[self.batch_column] = pd.Categorical.from_codes(np.concatenate(batches), labels)
         d = self.dit.config.diffusion
         adata = ad.AnnData(X=sp.vstack(parts, format="csr"), obs=obs, var=self.var.copy())
+        adata.obsm["X_latent"] = np.concatenate(latents).astype(np.float32)
         adata.uns["latentcell"] = {
             "source": source,
             "run": str(self.run_dir.absolute()),
@@ -213,6 +227,7 @@ class CellGenerator:
             "steps": int(steps or d.sample_steps),
             "guidance": float(d.guidance if guidance is None else guidance),
             "seed": int(seed),
+            "library": self.library.mode,
             "conditions": json.dumps(conditions),
         }
         return adata

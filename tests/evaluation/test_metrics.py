@@ -231,3 +231,19 @@ def test_distance_to_training_ratio_flags_copies_of_training_cells():
     # reference distances 1, 2, 3 (median 2); generated distances 0.5 and 1.5 (median 1)
     ref, gen = np.array([[1.0], [8.0], [3.0]]), np.array([[0.5], [8.5]])
     assert m.distance_to_training_ratio(one_d, ref, gen) == pytest.approx(0.5)
+
+
+def test_latent_nn_ratio_is_one_for_fresh_draws_and_near_zero_for_copies():
+    """A fresh sample of the training distribution: about 1 (its nearest training latent is
+    as far as a training latent's nearest other one); jittered copies of training latents:
+    far below 1; exact copies: 0. Hand-computed on a 1-D case."""
+    rng = np.random.default_rng(0)
+    train = rng.normal(size=(1000, 8))
+    assert 0.9 < m.latent_nn_ratio(train, rng.normal(size=(500, 8))) < 1.1
+    copies = train[rng.integers(0, 1000, 500)]
+    assert m.latent_nn_ratio(train, copies) == 0.0
+    assert m.latent_nn_ratio(train, copies + rng.normal(scale=0.1, size=copies.shape)) < 0.2
+    assert m.latent_nn_ratio(train, rng.normal(size=(500, 8)) * 2.0) > 1.5  # too spread out
+    # training gaps 1, 2 -> leave-one-out distances 1, 1, 2 (median 1); generated 0.25, 0.5
+    one_d = np.array([[0.0], [1.0], [3.0]])
+    assert m.latent_nn_ratio(one_d, np.array([[0.25], [2.5], [3.5]])) == pytest.approx(0.5)

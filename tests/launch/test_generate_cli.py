@@ -99,8 +99,9 @@ def test_generates_every_cell_type_in_the_store_vocabulary(runs, tmp_path, capsy
     assert (adata.obs["library_size"] >= 1).all()
     # the VAE decodes per batch: every cell got a batch from its cell type's training mix
     assert set(adata.obs["batch"].cat.categories) == set(runs.meta.categories["batch"])
+    assert adata.obsm["X_latent"].shape == (60, 4)  # model.n_latent=4
     info = adata.uns["latentcell"]
-    assert info["source"] == "dit" and info["seed"] == 0
+    assert info["source"] == "dit" and info["seed"] == 0 and info["library"] == "latent"
     assert info["steps"] == 8 and info["guidance"] == 2.0  # the run's sampling defaults
 
 
@@ -111,6 +112,14 @@ def test_same_seed_same_cells(runs, tmp_path):
     assert (first.X != again.X).nnz == 0
     assert (first.X != other.X).nnz > 0
     assert first.uns["latentcell"]["seed"] == 3 and other.uns["latentcell"]["seed"] == 4
+
+
+def test_library_modes_share_the_latents_and_differ_in_depth(runs, tmp_path):
+    linked = every_cell_type(runs, tmp_path / "linked.h5ad", "--seed", "5")
+    plain = every_cell_type(runs, tmp_path / "plain.h5ad", "--seed", "5", "--library", "condition")
+    assert plain.uns["latentcell"]["library"] == "condition"
+    np.testing.assert_array_equal(linked.obsm["X_latent"], plain.obsm["X_latent"])
+    assert not np.array_equal(linked.obs["library_size"], plain.obs["library_size"])
 
 
 def test_vae_prior_baseline(runs, tmp_path):

@@ -17,7 +17,7 @@ import scipy.sparse as sp
 from latentcell.data_pipelines.blocks import CellBlock, StoreSpec
 from latentcell.data_pipelines.latent_store import LatentStoreReader, write_latent_store
 from latentcell.data_pipelines.stores import make_writer, open_store
-from latentcell.trainer.latent_stats import LibraryModel, training_stats
+from latentcell.trainer.latent_stats import RIDGE, LibraryModel, training_stats
 
 CELL_TYPES = ["A", "B", "C", "D"]  # D has no cells, C fewer than LibraryModel's min_cells
 TREATMENTS = ["ctrl", "drug"]
@@ -116,13 +116,16 @@ def test_stats_equal_numpy(store):
     assert library["columns"] == ["cell_type", "treatment"]
     assert library["batch_column"] == "batch" and library["batch_labels"] == BATCHES
     log_library = np.log(cells["library"]).astype(np.float64)  # float32 log, as stored
-    assert library["global"] == _group_stats(log_library, cells["batch"])
+    pooled = _group_stats(log_library, cells["batch"])
+    pooled["latent_fit"] = _ridge_fit(cells["z"], log_library)
+    assert library["global"] == pooled
     expected = []
     for ct in range(len(CELL_TYPES)):
         for tr in range(len(TREATMENTS)):
             rows = (cells["cell_type"] == ct) & (cells["treatment"] == tr)
             if rows.any():  # a combination without cells has no entry
                 group = _group_stats(log_library[rows], cells["batch"][rows])
+                group["latent_fit"] = _ridge_fit(cells["z"][rows], log_library[rows])
                 labels = [CELL_TYPES[ct], TREATMENTS[tr]]
                 expected.append(
                     {"codes": [ct, tr], "labels": labels, "n_cells": int(rows.sum()), **group}
@@ -138,6 +141,25 @@ def test_stats_without_conditions_or_batch(store):
     assert library["batch_labels"] == [] and library["global"]["batch_counts"] == [len(log_library)]
     assert len(library["groups"]) == 1 and library["groups"][0]["codes"] == []
     assert library["groups"][0]["log_mean"] == pytest.approx(log_library.mean(), rel=1e-9)
+
+
+def _ridge_fit(z: np.ndarray, y: np.ndarray):
+    """The latent fit ``training_stats`` must report: ridge (no penalty on the intercept), or
+    None below 5 cells per coefficient."""
+    x = np.concatenate([np.ones((len(z), 1)), z.astype(np.float64)], axis=1)
+    if len(y) < 5 * x.shape[1]:
+        return None
+    penalty = np.eye(x.shape[1]) * RIDGE
+    penalty[0, 0] = 0.0
+    beta = np.linalg.solve(x.T @ x + penalty, x.T @ y)
+    residual = y - x @ beta
+    return {
+        "intercept": pytest.approx(beta[0], rel=1e-6, abs=1e-9),
+        "coef": pytest.approx(beta[1:], rel=1e-6, abs=1e-9),
+        "residual_std": pytest.approx(
+            np.sqrt(residual @ residual / (len(y) - x.shape[1])), rel=1e-5
+        ),
+    }
 
 
 def _draw(model: LibraryModel, cell_type: int | np.ndarray, n: int = 4000, seed: int = 0):
@@ -202,3 +224,58 @@ def test_stats_with_missing_condition_labels(tmp_path):
     library = training_stats(reader, ["cell_type"], [], "batch")["library"]
     assert sum(g["n_cells"] for g in library["groups"]) == 121  # labelled cells only
     assert sum(library["global"]["batch_counts"]) == 124
+
+
+def _latent_linked_store(root):
+    """Cells whose log library is 6 + 0.5 z0 - 0.3 z2 + N(0, 0.1): the state sets the depth."""
+    cells = _cells(seed=2)
+    rng = np.random.default_rng(3)
+    n = len(cells["library"])
+    z = rng.normal(size=(n, 3)).astype(np.float32)
+    log_lib = 6.0 + 0.5 * z[:, 0] - 0.3 * z[:, 2] + rng.normal(scale=0.1, size=n)
+    cells["z"], cells["library"] = z, np.round(np.exp(log_lib)).astype(np.float32)
+    return cells, _write_stores(cells, root)
+
+
+def test_latent_fit_recovers_the_library_dependence_and_drives_the_draws(tmp_path):
+    cells, reader = _latent_linked_store(tmp_path)
+    library = training_stats(reader, ["cell_type"], [], "batch")["library"]
+    fit = {g["labels"][0]: g["latent_fit"] for g in library["groups"]}
+    assert fit["C"] is None  # 4 cells: fewer than 5 per coefficient
+    for label in ("A", "B"):
+        assert fit[label]["intercept"] == pytest.approx(6.0, abs=0.05)
+        np.testing.assert_allclose(fit[label]["coef"], [0.5, 0.0, -0.3], atol=0.05)
+        assert fit[label]["residual_std"] == pytest.approx(0.1, abs=0.03)
+
+    z = np.random.default_rng(4).normal(size=(4000, 3))
+    codes = np.zeros((4000, 1), dtype=np.int64)  # cell type A
+    linked, _ = LibraryModel(library).sample(codes, np.random.default_rng(0), z)
+    plain, _ = LibraryModel(library, mode="condition").sample(codes, np.random.default_rng(0), z)
+    expected = 6.0 + 0.5 * z[:, 0] - 0.3 * z[:, 2]
+    assert np.corrcoef(np.log(linked), expected)[0, 1] > 0.95
+    assert np.std(np.log(linked) - expected) == pytest.approx(0.1, abs=0.02)
+    assert abs(np.corrcoef(np.log(plain), expected)[0, 1]) < 0.1  # condition mode ignores z
+    a = {g["labels"][0]: g for g in library["groups"]}["A"]
+    assert np.log(plain).std() == pytest.approx(a["log_std"], abs=0.03)
+
+    # a latent far outside the training range asks for a depth within mean +- 3 sd
+    far, _ = LibraryModel(library).sample(codes[:1], np.random.default_rng(0), np.full((1, 3), 1e3))
+    assert np.log(far[0]) <= a["log_mean"] + 3 * a["log_std"] + 0.5
+    # no latents given (or a group without a fit): the plain log-normal
+    none, _ = LibraryModel(library).sample(codes, np.random.default_rng(0))
+    assert np.array_equal(none, plain)
+    with pytest.raises(ValueError, match="library mode"):
+        LibraryModel(library, mode="depth")
+
+
+def test_statistics_without_latent_fits_still_load(store):
+    """latent_stats.json written before the fits existed: every group draws its log-normal."""
+    _, reader = store
+    library = training_stats(reader, ["cell_type"], [], "batch")["library"]
+    for g in (library["global"], *library["groups"]):
+        del g["latent_fit"]
+    z = np.zeros((4000, 3))
+    linked, _ = LibraryModel(library).sample(
+        np.zeros((4000, 1), np.int64), np.random.default_rng(0), z
+    )
+    assert np.log(linked).mean() == pytest.approx(library["groups"][0]["log_mean"], abs=0.03)
