@@ -306,9 +306,21 @@ def _train(
 
 def _write_run_files(stage, config, accelerator, ema, tracker, result: FitResult) -> None:
     """final/ model card, summary.json, the training-curve figure; all logged to MLflow."""
+    from safetensors.torch import load_file
+
     run_dir, final_dir = result.run_dir, result.final_dir
     (final_dir / "model_config.json").write_text(json.dumps(stage.model_card(), indent=1))
     figure = plot_training_curves(run_dir / "metrics.jsonl", run_dir / "training_curves.png")
+    weights = final_dir / ("ema.safetensors" if ema is not None else "model.safetensors")
+
+    def trained_copy() -> torch.nn.Module:
+        """A fresh copy loaded from the saved file: works whatever sharding the run used."""
+        fresh = stage.build_model()
+        fresh.load_state_dict(load_file(str(weights)))
+        return fresh
+
+    report = getattr(stage, "final_report", None)
+    checks = {k: float(v) for k, v in report(trained_copy()).items()} if report else {}
     summary = {
         "stage": stage.name,
         "step": result.step,
@@ -320,10 +332,12 @@ def _write_run_files(stage, config, accelerator, ema, tracker, result: FitResult
         "last_checkpoint": str(result.last_checkpoint),
         "checkpoints": sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")),
         "final_weights": str(final_dir / "model.safetensors"),
+        "checks": checks,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     tracker.log_metrics(
-        {f"final/{k}": v for k, v in {**result.train_metrics, **result.val_metrics}.items()},
+        {f"final/{k}": v for k, v in {**result.train_metrics, **result.val_metrics}.items()}
+        | {f"check/{k}": v for k, v in checks.items()},
         step=result.step,
     )
     tracker.log_artifact(run_dir / "config.toml")
@@ -332,12 +346,6 @@ def _write_run_files(stage, config, accelerator, ema, tracker, result: FitResult
     if figure is not None:
         tracker.log_artifact(figure, "figures")
     if config.tracking.enabled and config.tracking.log_model:
-        # A fresh copy loaded from the saved file: works whatever sharding the run used.
-        from safetensors.torch import load_file
-
-        weights = final_dir / ("ema.safetensors" if ema is not None else "model.safetensors")
-        fresh = stage.build_model()
-        fresh.load_state_dict(load_file(str(weights)))
-        module, example = stage.serving_module(fresh)
+        module, example = stage.serving_module(trained_copy())
         tracker.log_model(module, "model", example, pip_requirements())
     tracker.end("FINISHED")

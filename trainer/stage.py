@@ -53,3 +53,8 @@ class Stage(Protocol):
 
     def serving_module(self, model: nn.Module) -> tuple[nn.Module, np.ndarray]:
         """(module taking one array, an input example) for ``mlflow.pytorch.log_model``."""
+
+
+# Optional, looked up with getattr: ``final_report(model) -> dict[str, float]``, checks of the
+# trained model (final weights, EMA when kept) written to summary.json under "checks" and
+# logged as ``check/<name>`` (the DiT stage reports its latent memorization ratio).

@@ -167,6 +167,14 @@ def test_validation_loss_falls(runs):
     assert runs.result.step == 100 and runs.result.val_metrics["val/loss"] == val[-1]
 
 
+def test_summary_reports_the_latent_memorization_check(runs):
+    """The stage's final_report: sampled latents against the training latents, per cell type
+    (a 100-step DiT on 900 cells is far from copying them)."""
+    checks = json.loads((runs.dit / "summary.json").read_text())["checks"]
+    assert set(checks) == {"memorization/latent_nn_ratio"}
+    assert 0.5 < checks["memorization/latent_nn_ratio"] < 5.0
+
+
 def test_model_card_rebuilds_the_model_and_loads_the_ema(runs):
     final = runs.dit / "final"
     card = json.loads((final / "model_config.json").read_text())
@@ -299,5 +307,6 @@ def test_tracked_run_logs_metrics_and_the_model(runs, tmp_path):
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
     assert steps == [5, 10]
     assert "model_card" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "check/memorization/latent_nn_ratio" in run.data.metrics
     logged = client.search_logged_models(experiment_ids=[run.info.experiment_id])
     assert len(logged) == 1 and logged[0].source_run_id == run.info.run_id
