@@ -30,10 +30,10 @@ from latentcell.models.count_vae import CountVAE
 from latentcell.models.latent_diffusion import LatentDiffusion
 
 from .dit_stage import MODEL_CLASS, build_latent_diffusion
-from .latent_stats import LIBRARY_MODES, LibraryModel
+from .latent_stats import LibraryModel
 from .trained_runs import load_model_card, load_state, load_vae, weights_path
 
-__all__ = ["LIBRARY_MODES", "CellGenerator", "ConditionRows", "write_h5ad_atomic"]
+__all__ = ["CellGenerator", "ConditionRows", "write_h5ad_atomic"]
 
 SOURCES = ("dit", "vae_prior")
 

@@ -10,7 +10,8 @@ One streamed pass over the training units of a latent store gives:
 - per combination, the least-squares fit of log library size on the latent (``latent_fit``):
   within a cell type the library follows the cell's state (on Paul 2015 the latent explains
   40-80% of its log variance), so drawing it independently of the generated latent pairs
-  states with the wrong depth and sparsity (measured: kNN AUC 0.616 -> 0.567 once paired).
+  states with the wrong depth and sparsity (Paul 2015, same DiT latents, 9 seeds: kNN AUC
+  0.609 with independent depths, 0.578 with latent-linked ones).
 """
 
 from __future__ import annotations
