@@ -297,27 +297,35 @@ class DiTStage:
         of the first condition (the ``CHECK_LABELS`` most frequent), macro-averaged. About 1:
         new latents; well below 1: near-copies of training latents, which a long run on few
         cells drifts into while its held-out metrics can still improve. Only the latent
-        shows it: the decoder's count noise hides copying."""
+        shows it: the decoder's count noise hides copying. Label sizes come from the library
+        statistics, and the store is read only until every pool is full. A label with more
+        than ``CHECK_TRAIN`` cells is compared with its first ones in store order, which can
+        only raise its ratio. Copying is a risk of small labels, which are compared whole."""
         from latentcell.evaluation.metrics import latent_nn_ratio
 
         columns = self.condition_columns()
+        sizes: dict[int, int] = {}  # training cells per label, from the library statistics
+        for group in self.stats["library"]["groups"]:
+            code = group["codes"][0] if columns else 0
+            sizes[code] = sizes.get(code, 0) + group["n_cells"]
+        labels = sorted(sizes, key=lambda c: -sizes[c])[:CHECK_LABELS]
+        wanted = {c: min(sizes[c], CHECK_TRAIN) for c in labels}
+        pools: dict[int, list[np.ndarray]] = {c: [] for c in labels}
         reader = self._sources()[0]()
-        pools: dict[int, list[np.ndarray]] = {}
-        sizes: dict[int, int] = {}
-        for unit in range(len(reader.meta.unit_sizes)):
+        for unit in range(len(reader.meta.unit_sizes)):  # stops once every pool is full
+            if all(sum(map(len, pools[c])) >= wanted[c] for c in labels):
+                break
             block = reader.read_unit(unit)
             codes = block.codes[columns[0]] if columns else np.zeros(block.n_cells, np.int64)
-            for code in np.unique(codes[codes >= 0]):
-                rows = np.asarray(block.X[codes == code], dtype=np.float32)
-                sizes[int(code)] = sizes.get(int(code), 0) + len(rows)
-                kept = sum(len(p) for p in pools.get(int(code), []))
-                if kept < CHECK_TRAIN:
-                    pools.setdefault(int(code), []).append(rows[: CHECK_TRAIN - kept])
-        labels = sorted(sizes, key=lambda c: -sizes[c])[:CHECK_LABELS]
+            for code in labels:
+                room = wanted[code] - sum(map(len, pools[code]))
+                if room > 0:
+                    rows = np.asarray(block.X[codes == code], dtype=np.float32)
+                    pools[code].append(rows[:room])
         generator = torch.Generator().manual_seed(0)
         ratios = []
         for code in labels:
-            train = np.concatenate(pools[code])
+            train = np.concatenate(pools[code]) if pools[code] else np.zeros((0, 1))
             if len(train) < 2:
                 continue
             codes, values = model.dit.null_condition(CHECK_SAMPLES, "cpu")
