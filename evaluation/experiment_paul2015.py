@@ -2,7 +2,7 @@
 
     python -m latentcell.evaluation.experiment_paul2015 --out DIR [--data H5AD]
         [--vae-steps N --dit-steps N --dit-patch P --dit-hidden H --dit-depth D]
-        [--seeds 0,1,...,8 --guidance S --steps K --reuse-vae]
+        [--seeds 0,1,...,8 --guidance S --steps K --reuse-vae --train-seed N]
 
 Stratified split of the real cells (held-out fraction per cell type) -> Zarr store of the
 training cells -> count VAE -> latent DiT (EMA, CFG dropout) -> for each sampling seed:
@@ -100,7 +100,7 @@ def train(out: Path, store: Path, val_store: Path, args) -> tuple[Path, Path]:
 
     common = [
         f"data.path={store}", f"data.val_path={val_store}", f"run.root={out}",
-        "train.progress=false", "train.seed=0",
+        "train.progress=false", f"train.seed={args.train_seed}",
     ]  # fmt: skip
     vae = load_config(VAERunConfig, None, [
         *common, f"run.dir={out / 'vae'}", f"train.max_steps={args.vae_steps}",
@@ -144,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--n-per-type", type=int, default=600)
     parser.add_argument("--reuse-vae", action="store_true", help="keep a finished VAE in --out")
+    parser.add_argument("--train-seed", type=int, default=0, help="train.seed of the VAE and DiT")
     args = parser.parse_args(argv)
 
     from latentcell.data_pipelines.build import build_store
