@@ -309,19 +309,19 @@ class DiTStage:
             code = group["codes"][0] if columns else 0
             sizes[code] = sizes.get(code, 0) + group["n_cells"]
         labels = sorted(sizes, key=lambda c: -sizes[c])[:CHECK_LABELS]
-        wanted = {c: min(sizes[c], CHECK_TRAIN) for c in labels}
+        room = {c: min(sizes[c], CHECK_TRAIN) for c in labels}  # latents still wanted
         pools: dict[int, list[np.ndarray]] = {c: [] for c in labels}
         reader = self._sources()[0]()
-        for unit in range(len(reader.meta.unit_sizes)):  # stops once every pool is full
-            if all(sum(map(len, pools[c])) >= wanted[c] for c in labels):
+        for unit in range(len(reader.meta.unit_sizes)):
+            if not any(room.values()):  # every pool is full: read no further
                 break
             block = reader.read_unit(unit)
             codes = block.codes[columns[0]] if columns else np.zeros(block.n_cells, np.int64)
             for code in labels:
-                room = wanted[code] - sum(map(len, pools[code]))
-                if room > 0:
-                    rows = np.asarray(block.X[codes == code], dtype=np.float32)
-                    pools[code].append(rows[:room])
+                if room[code]:
+                    rows = np.asarray(block.X[codes == code][: room[code]], dtype=np.float32)
+                    pools[code].append(rows)
+                    room[code] -= len(rows)
         generator = torch.Generator().manual_seed(0)
         ratios = []
         for code in labels:

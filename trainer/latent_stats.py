@@ -29,6 +29,13 @@ MIN_CELLS_PER_COEF = 5  # a latent fit needs this many cells per fitted coeffici
 RIDGE = 1.0  # on the latent coefficients (the latents have unit scale); none on the intercept
 
 
+def _grown(arrays: tuple[np.ndarray, ...], group: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Per-group accumulators with zero rows appended up to the largest index in ``group``."""
+    size = int(group.max()) + 1 if len(group) else 0
+    grow = max(size - len(arrays[0]), 0)
+    return tuple(np.concatenate([a, np.zeros((grow, *a.shape[1:]))]) for a in arrays)
+
+
 class _Moments:
     """Per-group count, sum and sum of squares, grown as new group indices appear."""
 
@@ -38,12 +45,7 @@ class _Moments:
         self.ss = np.zeros((0, width))
 
     def add(self, group: np.ndarray, values: np.ndarray) -> None:
-        size = int(group.max()) + 1 if len(group) else 0
-        if size > len(self.n):
-            grow = size - len(self.n)
-            self.n = np.concatenate([self.n, np.zeros(grow)])
-            self.s = np.concatenate([self.s, np.zeros((grow, self.s.shape[1]))])
-            self.ss = np.concatenate([self.ss, np.zeros((grow, self.ss.shape[1]))])
+        self.n, self.s, self.ss = _grown((self.n, self.s, self.ss), group)
         values = values.reshape(len(group), -1).astype(np.float64)
         np.add.at(self.n, group, 1)
         np.add.at(self.s, group, values)
@@ -67,13 +69,7 @@ class _LeastSquares:
         self.n = np.zeros(0)
 
     def add(self, group: np.ndarray, z: np.ndarray, y: np.ndarray) -> None:
-        size = int(group.max()) + 1 if len(group) else 0
-        if size > len(self.n):
-            grow = size - len(self.n)
-            self.xtx = np.concatenate([self.xtx, np.zeros((grow, *self.xtx.shape[1:]))])
-            self.xty = np.concatenate([self.xty, np.zeros((grow, self.xty.shape[1]))])
-            self.yty = np.concatenate([self.yty, np.zeros(grow)])
-            self.n = np.concatenate([self.n, np.zeros(grow)])
+        self.xtx, self.xty, self.yty, self.n = _grown((self.xtx, self.xty, self.yty, self.n), group)
         x = np.concatenate([np.ones((len(z), 1)), z.astype(np.float64)], axis=1)
         y = y.astype(np.float64)
         for key in np.unique(group):
