@@ -16,6 +16,12 @@ would break cell-eval's Mann-Whitney DE); all go through ``trainer.predict``'s o
   embeddings: the row of G of a measured target (so unseen measured targets can be
   predicted, zero-shot), else a seen perturbation's training response projected on G.
 
+``target_effect=True`` (any but ``control`` and ``latent``; named ``NAME+target``): the
+perturbed genes' own predicted expression is then multiplied by one factor, the median over
+the measured training targets of (their mean log1p expression in their own perturbation) /
+(in the training controls): the same prior as the ST model's ``target_effect``, so that a
+model with it is compared with baselines that have it too.
+
 ``basal="train"`` (as the ST model's option): the given controls are first re-centred on the
 training controls' mean (per cell type), so the baselines and an ST trained with
 ``model.basal=train`` start from the same cells; ``"set"`` uses the controls as given.
@@ -31,7 +37,7 @@ from latentcell.data_pipelines.errors import DataValidationError
 from latentcell.models.perturbation_encoders import split_genes
 from latentcell.trainer.predict import _dense, _gene_matrix, log1p_normalize
 
-__all__ = ["BASELINES", "ShiftBaseline", "fit_baseline"]
+__all__ = ["BASELINES", "ShiftBaseline", "TargetEffect", "fit_baseline", "target_factor"]
 
 BASELINES = ("control", "mean", "additive", "linear", "latent")
 
@@ -58,6 +64,49 @@ class ShiftBaseline:
         if perturbation == self.control_label:
             return control
         return np.clip(control + self._shift(perturbation, cell_type)[None], 0, None)
+
+
+class TargetEffect:
+    """``inner``'s prediction with each perturbed gene's own expression times ``factor``."""
+
+    def __init__(self, inner: ShiftBaseline, symbols: list[str], factor: float) -> None:
+        self.inner, self.genes, self.factor = inner, inner.genes, float(factor)
+        self.name = f"{inner.name}+target"
+        self._index = {g: i for i, g in enumerate(symbols)}
+
+    def predict(self, control, perturbation: str, cell_type: str, library=None, rng=None):
+        out = self.inner.predict(control, perturbation, cell_type, library, rng)
+        if perturbation == self.inner.control_label:
+            return out
+        columns = [
+            self._index[g]
+            for g in split_genes(perturbation, "+", self.inner.control_label)
+            if g in self._index
+        ]
+        out = out.copy()
+        out[:, columns] *= self.factor
+        return out
+
+
+def target_factor(data: _Training, symbols: list[str]) -> float:
+    """Median over measured single-gene training targets of mean log1p(target | its
+    perturbation) / mean log1p(target | controls); targets unexpressed in controls skipped."""
+    index = {g: i for i, g in enumerate(symbols)}
+    control = data.control_mean()
+    ratios = []
+    for label in pd.unique(data.pert[~data.is_control]):
+        genes = split_genes(label, "+", data.control_label)
+        if len(genes) == 1 and genes[0] in index and control[index[genes[0]]] > 0:
+            g = index[genes[0]]
+            ratios.append(data.x[data.pert == label, g].mean() / control[g])
+    if not ratios:
+        raise DataValidationError(
+            data.source, "perturbation",
+            "no single-gene training perturbation targets a measured gene expressed in the "
+            "controls, so the target effect cannot be fitted",
+            "drop target_effect (--target-effect), or train on measured targets",
+        )  # fmt: skip
+    return float(np.median(ratios))
 
 
 class LatentArithmetic:
@@ -161,9 +210,23 @@ def fit_baseline(
     gene_symbols: list[str] | None = None,
     vae_run: str | None = None,
     basal: str = "set",
-) -> ShiftBaseline | LatentArithmetic:
+    target_effect: bool = False,
+) -> ShiftBaseline | LatentArithmetic | TargetEffect:
     """Fit baseline ``name`` on ``train`` (counts) over ``genes`` (the model's gene keys);
     ``gene_symbols`` name the same genes as perturbation labels do (default: the keys)."""
+    if target_effect:
+        if name in ("control", "latent"):
+            raise DataValidationError(
+                source, "--target-effect", f"the {name!r} baseline takes no target effect",
+                "use it with mean, additive or linear",
+            )  # fmt: skip
+        inner = fit_baseline(
+            name, train, genes, pert_col, control_label, cell_type_col, source, n_components,
+            ridge, gene_symbols, vae_run, basal,
+        )  # fmt: skip
+        data = _Training(train, genes, pert_col, control_label, cell_type_col, source)
+        symbols = gene_symbols or genes
+        return TargetEffect(inner, symbols, target_factor(data, symbols))
     if name not in BASELINES:
         raise DataValidationError(
             source, "--baseline", f"unknown baseline {name!r}", f"use one of {BASELINES}"

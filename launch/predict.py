@@ -2,7 +2,7 @@
 
     latentcell predict --run DIR --controls CTRL.h5ad --perturbations all|A,B
                        --cells-per-perturbation N --out PRED.h5ad
-    latentcell predict --baseline mean|control|additive|linear --train TRAIN.h5ad
+    latentcell predict --baseline mean|control|additive|linear [--target-effect] --train TRAIN.h5ad
                        --controls CTRL.h5ad --perturbations A,B ... --out PRED.h5ad
 
 The file holds the real control cells and N predicted cells per perturbation (and cell type
@@ -30,6 +30,11 @@ def add_predict_command(sub: argparse._SubParsersAction) -> None:
         "--basal", default="set", choices=("set", "train"),
         help="--baseline only: train re-centres the controls on the training controls' mean",
     )  # fmt: skip
+    p.add_argument(
+        "--target-effect", action="store_true",
+        help="--baseline only: scale each perturbed gene's own expression by the factor its "
+        "measured training targets show (the prior of the ST model's model.target_effect)",
+    )  # fmt: skip
     p.add_argument("--controls", required=True, help="h5ad holding the control cells (counts)")
     p.add_argument("--perturbations", required=True, help="'all' or comma-separated labels")
     p.add_argument("--cells-per-perturbation", type=int, required=True)
@@ -38,6 +43,11 @@ def add_predict_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cell-type-col", default=None, help="cell type column (default: the run's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weights", default="auto", choices=("auto", "ema", "model"))
+    p.add_argument(
+        "--unseen", default="error", choices=("error", "generic"),
+        help="--run only: a perturbation without a trained embedding is an error, or gets the "
+        "generic vector the run learned (model.perturbation_dropout > 0)",
+    )  # fmt: skip
     p.add_argument("--out", required=True, help="output .h5ad (written atomically)")
     p.set_defaults(func=run_predict)
 
@@ -51,7 +61,7 @@ def _predictor(args, controls):
     if args.run:
         from latentcell.trainer.predict import STPredictor
 
-        st = STPredictor(args.run, args.weights)
+        st = STPredictor(args.run, args.weights, args.unseen)
         roles, card = st.card["roles"], st.card
         labels = [x for x in st.labels if x != card["control_label"] and st.is_trained(x)]
         return st, roles["perturbation"], card["control_label"], roles.get("cell_type"), labels
@@ -71,7 +81,7 @@ def _predictor(args, controls):
     genes = [str(g) for g in controls.var_names]
     baseline = fit_baseline(
         args.baseline, train, genes, pert_col, control, cell_type_col, source=args.train,
-        vae_run=args.vae_run, basal=args.basal,
+        vae_run=args.vae_run, basal=args.basal, target_effect=args.target_effect,
     )  # fmt: skip
     labels = sorted(set(train.obs[pert_col].astype(str)) - {control})
     return baseline, pert_col, control, cell_type_col, labels

@@ -115,8 +115,28 @@ def _sqdist(x: torch.Tensor, y: torch.Tensor, same: bool = False) -> torch.Tenso
     return d2
 
 
-def _dist(x: torch.Tensor, y: torch.Tensor, same: bool = False) -> torch.Tensor:
-    d2 = _sqdist(x, y, same)
+def _pair_sqdists(
+    x: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Squared distances (x-y, x-x, y-y), each (B, N, M), from the three Gram matrices.
+
+    The squared norms are the Gram diagonals, so no elementwise pass over the (B, N, G) points
+    is made: on a CPU, each such pass over sets of 2000 genes (forward and backward) costs about
+    as much as a product, and the energy loss was 40% of an ST training step. The x-x and y-y
+    diagonals are exactly 0 (a + a - 2a), as distances of a point to itself must be.
+    """
+    kxx, kyy = x @ x.transpose(1, 2), y @ y.transpose(1, 2)
+    kxy = x @ y.transpose(1, 2)
+    nx, ny = kxx.diagonal(dim1=1, dim2=2), kyy.diagonal(dim1=1, dim2=2)
+
+    def combine(n1: torch.Tensor, n2: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return (n1[:, :, None] + n2[:, None, :] - 2.0 * k).clamp_min(0.0)
+
+    return combine(nx, ny, kxy), combine(nx, nx, kxx), combine(ny, ny, kyy)
+
+
+def _root(d2: torch.Tensor) -> torch.Tensor:
+    """Distances from squared distances; below the floor 0, with zero gradient."""
     small = d2 <= _SQDIST_FLOOR
     return torch.where(small, 0.0, torch.where(small, 1.0, d2).sqrt())
 
@@ -145,11 +165,8 @@ def energy_distance(
     Distances below 1e-6 count as 0 with zero gradient, so coincident points stay finite.
     """
     x, a, y, b, valid = _pair(pred, target, mask_pred, mask_target)
-    value = (
-        2.0 * _expect(a, _dist(x, y), b)
-        - _expect(a, _dist(x, x, True), a)
-        - _expect(b, _dist(y, y, True), b)
-    )
+    xy, xx, yy = (_root(d2) for d2 in _pair_sqdists(x, y))
+    value = 2.0 * _expect(a, xy, b) - _expect(a, xx, a) - _expect(b, yy, b)
     return _finish(value, valid)
 
 
@@ -171,10 +188,9 @@ def mmd_rbf(
     if len(bandwidths) == 0 or any(not s > 0 for s in bandwidths):
         raise ValueError(f"bandwidths must be a non-empty list of positive numbers: {bandwidths}")
     x, a, y, b, valid = _pair(pred, target, mask_pred, mask_target)
+    xy, xx, yy = _pair_sqdists(x, y)
     value = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-    terms = ((x, x, a, a, True, 1.0), (y, y, b, b, True, 1.0), (x, y, a, b, False, -2.0))
-    for u, v, wu, wv, same, sign in terms:
-        d2 = _sqdist(u, v, same)
+    for d2, wu, wv, sign in ((xx, a, a, 1.0), (yy, b, b, 1.0), (xy, a, b, -2.0)):
         kernel = sum(torch.exp(d2 * (-0.5 / s)) for s in bandwidths) / len(bandwidths)
         value = value + sign * _expect(wu, kernel, wv)
     return _finish(value, valid)

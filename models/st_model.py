@@ -19,6 +19,19 @@ default) plus a mean-delta term.
   whose self-attention is the control-set conditioning; half the tokens of ``joint``.
 - No positional encoding (permutation-equivariant). Residual prediction: the output is the
   control plus a predicted delta, through a ReLU in gene space (expression is non-negative).
+- ``target_effect`` (gene space): the perturbed gene's own predicted expression is its
+  control's times one learned factor exp(theta), shared by every perturbation
+  (``feature_genes`` names the store's genes; a label's genes among them are its targets); the
+  predicted delta does not reach those genes. Why: a knockout or knockdown acts first on its
+  target; a target-specific delta learned per perturbation never transfers to an unseen
+  target, while one shared factor (learned from the training targets that are measured) does,
+  and only if the per-perturbation embedding cannot absorb the knockdown of the seen ones.
+  theta starts at 0, so the model still starts as control identity.
+- ``perturbation_dropout`` (training): the probability that a perturbed set's embedding is
+  replaced by one learned "generic perturbation" vector, so the model also learns the
+  population a perturbation of unknown identity leads to (its own training-mean). Prediction
+  uses that vector only when asked (``generic``), e.g. for a zero-shot target without a
+  trained embedding: an explicit choice, never a silent stand-in.
 - ``basal``: what the residual starts from. ``"set"`` (STATE's form): the control cells as
   given. ``"train"``: each control set is first re-centred on the training controls' mean
   (``control_mean``, per cell type, filled in by the stage): x_i - mean_set(x) + mean_train.
@@ -39,7 +52,11 @@ import torch
 from torch import nn
 
 from .count_vae import normalize_log1p
-from .perturbation_encoders import PerturbationEncoderConfig, make_perturbation_encoder
+from .perturbation_encoders import (
+    PerturbationEncoderConfig,
+    make_perturbation_encoder,
+    split_genes,
+)
 from .set_losses import SetLossConfig, set_loss
 from .set_transformer import SetBlock
 
@@ -89,6 +106,9 @@ class STConfig(STShape):
     control_depth: int = 0
     n_cell_types: int = 0
     n_batches: int = 0
+    target_effect: bool = False
+    perturbation_dropout: float = 0.0
+    feature_genes: tuple[str, ...] = ()
     perturbation: PerturbationEncoderConfig = field(default_factory=PerturbationEncoderConfig)
     loss: SetLossConfig = field(default_factory=SetLossConfig)
 
@@ -103,6 +123,19 @@ class STConfig(STShape):
         if not self.perturbation_labels:
             raise ValueError("perturbation_labels must name at least one perturbation")
         object.__setattr__(self, "perturbation_labels", tuple(self.perturbation_labels))
+        object.__setattr__(self, "feature_genes", tuple(self.feature_genes))
+        if not 0.0 <= self.perturbation_dropout < 1.0:
+            raise ValueError(
+                f"perturbation_dropout must be in [0, 1), got {self.perturbation_dropout}"
+            )
+        if self.target_effect and (
+            self.space != "gene" or len(self.feature_genes) != self.n_features
+        ):
+            raise ValueError(
+                "target_effect acts on the perturbed gene's own expression: it needs "
+                f"space='gene' (got {self.space!r}) and feature_genes naming the "
+                f"{self.n_features} features (got {len(self.feature_genes)})"
+            )
 
     @classmethod
     def from_dict(cls, data: Mapping) -> STConfig:
@@ -111,6 +144,7 @@ class STConfig(STShape):
         c["perturbation"] = PerturbationEncoderConfig(**c["perturbation"])
         c["loss"] = SetLossConfig(**{**c["loss"], "bandwidths": tuple(c["loss"]["bandwidths"])})
         c["perturbation_labels"] = tuple(c["perturbation_labels"])
+        c["feature_genes"] = tuple(c.get("feature_genes", ()))
         return cls(**c)
 
 
@@ -187,9 +221,44 @@ class STModel(nn.Module):
         if c.basal == "train":  # per cell type (one row without cell-type conditioning)
             rows = max(1, c.n_cell_types)
             self.register_buffer("control_mean", torch.full((rows, c.n_features), float("nan")))
+        if c.target_effect:
+            self.target_log_factor = nn.Parameter(torch.zeros(()))
+            self.register_buffer("target_mask", self._target_mask(), persistent=False)
+        if c.perturbation_dropout:
+            self.generic_perturbation = nn.Parameter(torch.randn(h) * h**-0.5)
         nn.init.zeros_(self.head.weight)  # starts as the control-identity baseline
         nn.init.zeros_(self.head.bias)
         nn.init.normal_(self.segment, std=0.02)
+
+    def target_rows(self, labels: list[str]) -> torch.Tensor:
+        """(len(labels), features): 1 where a feature is one of the label's perturbed genes
+        (any label, in the vocabulary or not: genes are matched by name)."""
+        pert = self.config.perturbation
+        index = {g: i for i, g in enumerate(self.config.feature_genes)}
+        mask = torch.zeros(len(labels), self.config.n_features)
+        for row, label in enumerate(labels):
+            for gene in split_genes(label, pert.combo_separator, pert.control_label):
+                if gene in index:
+                    mask[row, index[gene]] = 1.0
+        return mask
+
+    def _target_mask(self) -> torch.Tensor:
+        return self.target_rows(list(self.perturbation.labels))
+
+    @property
+    def control_code(self) -> int:
+        """The control label's code (-1 when the vocabulary has none): never made generic."""
+        labels = self.perturbation.labels
+        control = self.config.perturbation.control_label
+        return labels.index(control) if control in labels else -1
+
+    def extend(self, names: list[str]) -> torch.Tensor:
+        """Codes of ``names`` (the encoder's ``extend``: new combinations of known genes),
+        with their target rows added when the model has ``target_effect``."""
+        codes = self.perturbation.extend(names)
+        if self.config.target_effect and self.target_mask.shape[0] != len(self.perturbation.labels):
+            self.target_mask = self._target_mask().to(self.target_mask.device)
+        return codes
 
     def predict(
         self,
@@ -198,9 +267,14 @@ class STModel(nn.Module):
         mask: torch.Tensor | None = None,
         cell_type: torch.Tensor | None = None,
         batch: torch.Tensor | None = None,
+        generic: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Perturbed features (B, S, F) for control features (B, S, F), perturbation codes
-        (B,), real-cell mask (B, S), cell-type codes (B,) and per-cell batch codes (B, S)."""
+        (B,), real-cell mask (B, S), cell-type codes (B,) and per-cell batch codes (B, S).
+        ``generic`` (B,) bool: sets that take the generic perturbation vector instead of their
+        code's (needs ``perturbation_dropout``); ``targets`` (B, F): the perturbed genes for
+        ``target_effect`` when not the codes' own (``target_rows``)."""
         c = self.config
         if c.basal == "train":
             control = self.recentre(control, mask, cell_type)
@@ -214,7 +288,13 @@ class STModel(nn.Module):
                 raise ValueError("the model is batch-conditioned: pass batch")
             base = base + self.batch(batch)
         ctrl = base + self.segment[0]
-        query = base + self.segment[1] + self.perturbation(perturbation)[:, None]
+        embedding = self.perturbation(perturbation)
+        if generic is not None:
+            if not c.perturbation_dropout:
+                raise ValueError("generic needs a model trained with perturbation_dropout > 0")
+            vector = self.generic_perturbation.to(embedding.dtype)
+            embedding = torch.where(generic[:, None], vector, embedding)
+        query = base + self.segment[1] + embedding[:, None]
         s = control.shape[1]
         if c.conditioning == "joint":
             x = torch.cat([ctrl, query], dim=1)
@@ -233,7 +313,14 @@ class STModel(nn.Module):
             for block in self.blocks:
                 x = block(x, mask, ctrl, mask)
         out = control.float() + self.head(self.norm(x)).float()
-        return torch.relu(out) if c.space == "gene" else out
+        if c.space != "gene":
+            return out
+        out = torch.relu(out)
+        if c.target_effect:  # the target's own expression: its control's, times one factor
+            rows = self.target_mask[perturbation] if targets is None else targets.to(out.dtype)
+            knocked = torch.relu(control.float()) * torch.exp(self.target_log_factor)
+            out = torch.where(rows[:, None] > 0, knocked, out)
+        return out
 
     def set_control_mean(self, mean: torch.Tensor) -> None:
         """The training controls' mean features (rows: cell types, or one row), for
@@ -274,11 +361,17 @@ class STModel(nn.Module):
         keep = ~torch.as_tensor(batch["is_pad"], device=control.device).reshape(n_sets)
         cell_batch = batch["control"].get("obs", {}).get("batch") if self.batch else None
         cell_type = torch.as_tensor(batch["cell_type"], device=control.device).long()
+        codes = torch.as_tensor(batch["perturbation"], device=control.device).long()
+        generic = None
+        if self.training and self.config.perturbation_dropout:
+            drop = torch.rand(codes.shape, device=codes.device) < self.config.perturbation_dropout
+            generic = drop & (codes != self.control_code)
         pred = self.predict(
             control,
-            torch.as_tensor(batch["perturbation"], device=control.device).long(),
+            codes,
             cell_type=cell_type if self.cell_type is not None else None,
             batch=None if cell_batch is None else cell_batch.long(),
+            generic=generic,
         )
         terms = set_loss(self.config.loss, pred, target, control)
         weight = keep.float()

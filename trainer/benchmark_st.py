@@ -4,7 +4,9 @@
         [--warmup 2] [--repeats 1] [--shapes state_sm,cpu] [--state-python PY] [--breakdown]
         [--json OUT]
 
-One training step = forward, backward and an optimizer step (AdamW, lr 1e-4) on a batch of
+One training step = forward, backward and an optimizer step (lr 1e-4; each tool's own: ours is
+``trainer.optim.build_optimizer``'s fused AdamW, STATE's is its ``configure_optimizers``'
+Adam) on a batch of
 ``sets`` random sets of ``set_size`` cells over ``genes`` log1p-expression features, with the
 energy-distance set loss (ours: ``SetLossConfig()`` defaults, energy + 0.1 mean-delta). Shapes:
 
@@ -26,7 +28,7 @@ snippet ``STATE_SNIPPET`` below: its own factory (``state.tx.utils.get_lightning
 ``StateTransitionPerturbationModel`` from its shipped ``state_sm.yaml`` + ``training/default.yaml``
 (width, depth, heads and set size overridden for the ``cpu`` shape), in gene space (HVG input,
 ReLU output), one-hot perturbations; it is timed on its own ``training_step`` (geomloss energy)
-plus backward and AdamW, with the same warm-up/windows; it keeps its configured dropout (0.1 in
+plus backward and its own optimizer step, with the same warm-up/windows; it keeps its configured dropout (0.1 in
 its encoder/decoder MLPs), as ours keeps its default (none). ``--repeats`` alternates ours and STATE
 so drifting machine load hits both. Set up its environment as described in ``STATE_SETUP``.
 A script, not a test: timings depend on the machine and on what else runs on it (with
@@ -54,6 +56,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from latentcell.models.set_losses import SetLossConfig, set_loss
 from latentcell.models.st_model import STConfig, STModel
+from latentcell.trainer.optim import build_optimizer
+from latentcell.trainer.sections import OptimConfig
 
 N_PERTURBATIONS = 50  # perturbation vocabulary (ours: one-hot table; STATE: one-hot vectors)
 N_CELL_TYPES = 3  # our stage conditions on cell type by default
@@ -178,7 +182,7 @@ def rates(shape: Shape, per_step: list[float]) -> dict:
 def measure_ours(shape: Shape, mode: str, args) -> dict:
     torch.manual_seed(args.seed)
     model = our_model(shape, mode)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    opt = build_optimizer(model, OptimConfig(lr=LR))  # what `latentcell train st` steps with
     batch = our_batch(shape, torch.Generator().manual_seed(args.seed))
 
     def step():
@@ -256,10 +260,10 @@ def breakdown(shape: Shape, mode: str, args) -> dict:
     parts["set loss (energy + mean)"] = 1000 * _fwd_bwd_seconds(
         lambda: set_loss(loss_cfg, pred, target, control)["total"].mean(), [pred], args
     )
-    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    opt = build_optimizer(model, OptimConfig(lr=LR))
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
-    parts["AdamW step"] = 1000 * statistics.median(
+    parts["optimizer step (fused AdamW)"] = 1000 * statistics.median(
         timed_windows(opt.step, args.warmup, args.windows, args.steps)
     )
     return {"shape": shape.name, "mode": mode, "ms_per_step_by_part": parts}
@@ -306,7 +310,8 @@ with contextlib.redirect_stdout(io.StringIO()):  # the constructor prints the wh
     model = get_lightning_module("state", data, kwargs, training, var_dims)
 model.train()
 assert model.cell_sentence_len == S and model.transformer_backbone.config.hidden_size == H
-opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec["lr"])
+model.lr = spec["lr"]
+opt = model.configure_optimizers()  # what its Lightning trainer steps with (Adam)
 g = torch.Generator().manual_seed(spec["seed"])
 def expression():
     return torch.log1p(torch.poisson(torch.rand(B * S, G, generator=g), generator=g))

@@ -95,14 +95,25 @@ class PopulationRequest:
     seed: int = 0
 
 
+UNSEEN = ("error", "generic")
+
+
 class STPredictor:
-    """A trained ST run behind the ``Predictor`` interface (EMA weights when kept)."""
+    """A trained ST run behind the ``Predictor`` interface (EMA weights when kept).
+
+    ``unseen``: what a perturbation without a trained embedding gets. ``"error"`` (default):
+    a clear error. ``"generic"``: the generic perturbation vector the run learned through
+    ``model.perturbation_dropout`` (its response to a perturbation of unknown identity), plus
+    the target effect on the label's own genes when the run has one."""
 
     name = "st"
 
-    def __init__(self, run_dir: str | Path, weights: str = "auto") -> None:
+    def __init__(self, run_dir: str | Path, weights: str = "auto", unseen: str = "error") -> None:
         from .st_stage import MODEL_CLASS, build_st_model
 
+        if unseen not in UNSEEN:
+            raise ValueError(f"unseen must be one of {UNSEEN}, got {unseen!r}")
+        self.unseen = unseen
         self.card = load_model_card(run_dir, MODEL_CLASS)
         self.model = build_st_model(self.card).eval()
         self.model.load_state_dict(load_state(weights_path(run_dir, weights)))
@@ -142,8 +153,39 @@ class STPredictor:
                 f"no training cell carried {untrained} (the run's split held them out), so "
                 f"the model's {encoder.kind} vector for it was never trained",
                 "train with model.perturbation_encoder=external (gene vectors from a file) to "
-                "predict unseen perturbations, or use a run whose split trains on it",
+                "predict unseen perturbations, or with model.perturbation_dropout > 0 and "
+                "predict with --unseen generic (the learned generic perturbation), or use a "
+                "run whose split trains on it",
             )  # fmt: skip
+
+    def _embedding(self, perturbation: str):
+        """(code, generic, targets) for ``model.predict``: the label's own embedding, or with
+        ``unseen="generic"`` the generic vector when it has no trained one."""
+        try:
+            code = self.model.extend([perturbation])  # known genes: new combinations
+            self.check_trained(perturbation)
+            return code, None, None
+        except DataValidationError:
+            if self.unseen != "generic":
+                raise
+        if not self.model.config.perturbation_dropout:
+            raise DataValidationError(
+                "--unseen", "generic",
+                f"{perturbation!r} has no trained embedding and this run learned no generic "
+                "perturbation vector",
+                "train with model.perturbation_dropout > 0 (e.g. 0.2) to use --unseen generic",
+            )  # fmt: skip
+        targets = (
+            self.model.target_rows([perturbation]) if self.model.config.target_effect else None
+        )
+        return torch.zeros(1, dtype=torch.long), torch.ones(1, dtype=torch.bool), targets
+
+    def is_trained(self, perturbation: str) -> bool:
+        try:
+            self.check_trained(perturbation)
+        except DataValidationError:
+            return False
+        return True
 
     @torch.no_grad()
     def predict(
@@ -154,8 +196,7 @@ class STPredictor:
         library: np.ndarray | None = None,
         rng: np.random.Generator | None = None,
     ) -> np.ndarray:
-        code = self.model.perturbation.extend([perturbation])  # known genes: new combinations
-        self.check_trained(perturbation)
+        code, generic, targets = self._embedding(perturbation)
         ct = None
         if self.model.cell_type is not None:
             if cell_type not in self.cell_types:
@@ -169,7 +210,10 @@ class STPredictor:
             x = self.bridge.encode(x)
         out = []
         for a in range(0, len(x), self.set_size):
-            out.append(self.model.predict(x[a : a + self.set_size][None], code, cell_type=ct)[0])
+            chunk = x[a : a + self.set_size][None]
+            out.append(
+                self.model.predict(chunk, code, cell_type=ct, generic=generic, targets=targets)[0]
+            )
         pred = torch.cat(out)
         if self.bridge is None:
             return pred.numpy()

@@ -86,10 +86,17 @@ class STModelSection(STShape):
     vocabularies come from the store. space "latent" predicts in the latent space of the
     count VAE ``vae.run`` (trained without batch conditioning) and decodes to genes at
     prediction time. basal "train" re-centres every control set on the training controls'
-    mean (see ``models/st_model.py``)."""
+    mean (see ``models/st_model.py``). target_effect (gene space): one learned factor on each
+    perturbed gene's own expression, matched by the store's gene symbols, so that an unseen
+    but measured target is still knocked down. perturbation_dropout: the share of training
+    sets whose perturbation embedding is swapped for a learned generic one, which
+    ``latentcell predict --unseen generic`` then gives to perturbations the model has no
+    trained embedding for (see ``models/st_model.py``)."""
 
     space: str = "gene"
     basal: str = "set"
+    target_effect: bool = False
+    perturbation_dropout: float = 0.0
     cell_type_conditioning: bool = True
     batch_conditioning: bool = False
     perturbation_encoder: str = "onehot"
@@ -101,6 +108,8 @@ class STModelSection(STShape):
         super().__post_init__()
         if self.perturbation_encoder not in ENCODER_KINDS:
             raise ValueError(f"perturbation_encoder must be one of {ENCODER_KINDS}")
+        if self.target_effect and self.space != "gene":
+            raise ValueError("target_effect acts on gene expression: it needs space='gene'")
 
 
 @dataclass(frozen=True)
@@ -240,6 +249,11 @@ class STStage(CountStoreStage):
                 basal=m.basal,
                 n_cell_types=len(cell_types) if m.cell_type_conditioning else 0,
                 n_batches=n_batches if m.batch_conditioning else 0,
+                target_effect=m.target_effect,
+                perturbation_dropout=m.perturbation_dropout,
+                feature_genes=tuple(str(g) for g in meta.var["gene_symbol"])
+                if m.target_effect
+                else (),
                 perturbation=PerturbationEncoderConfig(
                     kind=m.perturbation_encoder,
                     dim=m.hidden,

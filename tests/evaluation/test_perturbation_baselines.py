@@ -138,3 +138,29 @@ def test_train_basal_recentres_the_controls_on_the_training_controls():
     )
     with pytest.raises(DataValidationError, match="--basal"):
         fit_baseline("mean", train, GENES, basal="median")
+
+
+def test_target_effect_scales_each_targets_own_gene_by_the_training_median_ratio():
+    train = training_cells()
+    x, obs = logx(train), train.obs
+    ctrl = (obs.target_gene == "non-targeting").to_numpy()
+    ratios = [x[(obs.target_gene == g).to_numpy(), i].mean() / x[ctrl, i].mean()
+              for i, g in enumerate(("G0", "G1", "G2", "G3"))]  # fmt: skip
+    factor = float(np.median(ratios))
+    assert 0.2 < factor < 0.8  # counts were knocked to 0.2x: lower in log1p, not zero
+    plain = fit_baseline("mean", train, GENES, cell_type_col=None)
+    with_target = fit_baseline("mean", train, GENES, cell_type_col=None, target_effect=True)
+    assert with_target.name == "mean+target"
+    control = np.abs(np.random.default_rng(1).normal(1, 0.3, (5, len(GENES)))).astype(np.float32)
+    a, b = plain.predict(control, "G7", ""), with_target.predict(control, "G7", "")
+    np.testing.assert_allclose(b[:, 7], factor * a[:, 7], rtol=1e-5)  # an unseen measured target
+    np.testing.assert_array_equal(np.delete(b, 7, axis=1), np.delete(a, 7, axis=1))
+    np.testing.assert_array_equal(with_target.predict(control, "non-targeting", ""), control)
+    with pytest.raises(DataValidationError, match="target effect"):
+        fit_baseline("control", train, GENES, target_effect=True)
+    unmeasured = train[~train.obs.target_gene.isin(["G0", "G1", "G2", "G3"])].copy()
+    unmeasured.obs["target_gene"] = "non-targeting"
+    unmeasured = ad.concat([unmeasured, train[train.obs.target_gene == "G0"]])
+    unmeasured.obs["target_gene"] = unmeasured.obs.target_gene.replace("G0", "OTHER")
+    with pytest.raises(DataValidationError, match="measured gene"):
+        fit_baseline("mean", unmeasured, GENES, cell_type_col=None, target_effect=True)
