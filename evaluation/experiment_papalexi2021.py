@@ -168,7 +168,8 @@ def run_split(name: str, adata: ad.AnnData, out: Path, args) -> dict:
     timings = {}
     t = time.perf_counter()
     # Zero-shot: a onehot vector of a held-out target is never trained (the predictor refuses
-    # it), so the ST embeds targets by gene vectors derived from the TRAINING cells only.
+    # it), so the ST predicts targets through the generic vector, or by gene vectors derived
+    # from the TRAINING cells only (--zero-shot vectors).
     encoder, generic = [], name == "zero_shot" and args.zero_shot == "generic"
     if generic:  # see the module docstring: the generic vector and the target effect
         encoder = ["model.target_effect=true", f"model.perturbation_dropout={args.dropout}"]

@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from latentcell.data_pipelines.errors import DataValidationError
-from latentcell.models.perturbation_encoders import split_genes
+from latentcell.models.perturbation_encoders import split_genes, target_columns
 from latentcell.trainer.predict import _dense, _gene_matrix, log1p_normalize
 
 __all__ = ["BASELINES", "ShiftBaseline", "TargetEffect", "fit_baseline", "target_factor"]
@@ -78,11 +78,7 @@ class TargetEffect:
         out = self.inner.predict(control, perturbation, cell_type, library, rng)
         if perturbation == self.inner.control_label:
             return out
-        columns = [
-            self._index[g]
-            for g in split_genes(perturbation, "+", self.inner.control_label)
-            if g in self._index
-        ]
+        columns = target_columns(perturbation, self._index, "+", self.inner.control_label)
         out = out.copy()
         out[:, columns] *= self.factor
         return out
@@ -95,10 +91,11 @@ def target_factor(data: _Training, symbols: list[str]) -> float:
     control = data.control_mean()
     ratios = []
     for label in pd.unique(data.pert[~data.is_control]):
-        genes = split_genes(label, "+", data.control_label)
-        if len(genes) == 1 and genes[0] in index and control[index[genes[0]]] > 0:
-            g = index[genes[0]]
-            ratios.append(data.x[data.pert == label, g].mean() / control[g])
+        columns = target_columns(label, index, "+", data.control_label)
+        if len(split_genes(label, "+", data.control_label)) == 1 and columns:
+            g = columns[0]
+            if control[g] > 0:
+                ratios.append(data.x[data.pert == label, g].mean() / control[g])
     if not ratios:
         raise DataValidationError(
             data.source, "perturbation",
@@ -214,25 +211,17 @@ def fit_baseline(
 ) -> ShiftBaseline | LatentArithmetic | TargetEffect:
     """Fit baseline ``name`` on ``train`` (counts) over ``genes`` (the model's gene keys);
     ``gene_symbols`` name the same genes as perturbation labels do (default: the keys)."""
-    if target_effect:
-        if name in ("control", "latent"):
-            raise DataValidationError(
-                source, "--target-effect", f"the {name!r} baseline takes no target effect",
-                "use it with mean, additive or linear",
-            )  # fmt: skip
-        inner = fit_baseline(
-            name, train, genes, pert_col, control_label, cell_type_col, source, n_components,
-            ridge, gene_symbols, vae_run, basal,
-        )  # fmt: skip
-        data = _Training(train, genes, pert_col, control_label, cell_type_col, source)
-        symbols = gene_symbols or genes
-        return TargetEffect(inner, symbols, target_factor(data, symbols))
     if name not in BASELINES:
         raise DataValidationError(
             source, "--baseline", f"unknown baseline {name!r}", f"use one of {BASELINES}"
         )
     if basal not in BASALS:
         raise DataValidationError(source, "--basal", f"unknown {basal!r}", f"use one of {BASALS}")
+    if target_effect and name in ("control", "latent"):
+        raise DataValidationError(
+            source, "--target-effect", f"the {name!r} baseline takes no target effect",
+            "use it with mean, additive or linear",
+        )  # fmt: skip
     if name == "latent":
         if not vae_run:
             raise DataValidationError(
@@ -245,18 +234,28 @@ def fit_baseline(
         data = _Training(train, bridge.genes(), pert_col, control_label, cell_type_col, source)
         return LatentArithmetic(bridge, data, basal)
     data = _Training(train, genes, pert_col, control_label, cell_type_col, source)
-    zero = np.zeros(len(genes), dtype=np.float32)
+    symbols = gene_symbols or genes
+    shift = _shift(name, data, symbols, pert_col, n_components, ridge)
     base = data.control_mean if basal == "train" else None
+    baseline = ShiftBaseline(name, genes, shift, control_label, base)
+    if target_effect:
+        return TargetEffect(baseline, symbols, target_factor(data, symbols))
+    return baseline
+
+
+def _shift(name: str, data: _Training, symbols, pert_col: str, n_components: int, ridge: float):
+    """The ``(perturbation, cell type) -> shift`` function of shift baseline ``name``."""
+    control_label, source = data.control_label, data.source
     if name == "control":
-        return ShiftBaseline(name, genes, lambda p, t: zero, control_label, base)
+        zero = np.zeros(data.x.shape[1], dtype=np.float32)
+        return lambda p, t: zero
     if name == "mean":
         per_type = {
             t: data.shift(~data.is_control & (data.cell_type == t), t)
             for t in pd.unique(data.cell_type[~data.is_control])
         }
         pooled = data.shift(~data.is_control)
-        shift = lambda p, t: per_type.get(t, pooled)  # noqa: E731
-        return ShiftBaseline(name, genes, shift, control_label, base)
+        return lambda p, t: per_type.get(t, pooled)
     singles = data.gene_shifts()
     if name == "additive":
 
@@ -270,10 +269,8 @@ def fit_baseline(
                 )  # fmt: skip
             return np.sum([singles[g] for g in parts], axis=0)
 
-        return ShiftBaseline(name, genes, additive, control_label, base)
-    symbols = gene_symbols or genes
-    linear = _linear(data, symbols, singles, control_label, source, n_components, ridge)
-    return ShiftBaseline("linear", genes, linear, control_label, base)
+        return additive
+    return _linear(data, symbols, singles, control_label, source, n_components, ridge)
 
 
 def _linear(data, symbols, singles, control_label, source, n_components, ridge):

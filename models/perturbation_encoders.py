@@ -64,6 +64,7 @@ __all__ = [
     "make_perturbation_encoder",
     "perturbation_genes",
     "split_genes",
+    "target_columns",
 ]
 
 ENCODER_KINDS = ("onehot", "gene_table", "external")
@@ -115,6 +116,13 @@ def split_genes(
             f"write combinations as 'A{separator}B', or set combo_separator to the one used",
         )
     return tuple(dict.fromkeys(p for p in pieces if p != control_label))
+
+
+def target_columns(
+    label: str, index: dict[str, int], separator: str = "+", control_label: str = "non-targeting"
+) -> list[int]:
+    """Positions (``index``: gene name -> column) of the label's genes that are measured."""
+    return [index[g] for g in split_genes(label, separator, control_label) if g in index]
 
 
 def perturbation_genes(

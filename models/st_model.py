@@ -55,7 +55,7 @@ from .count_vae import normalize_log1p
 from .perturbation_encoders import (
     PerturbationEncoderConfig,
     make_perturbation_encoder,
-    split_genes,
+    target_columns,
 )
 from .set_losses import SetLossConfig, set_loss
 from .set_transformer import SetBlock
@@ -237,9 +237,7 @@ class STModel(nn.Module):
         index = {g: i for i, g in enumerate(self.config.feature_genes)}
         mask = torch.zeros(len(labels), self.config.n_features)
         for row, label in enumerate(labels):
-            for gene in split_genes(label, pert.combo_separator, pert.control_label):
-                if gene in index:
-                    mask[row, index[gene]] = 1.0
+            mask[row, target_columns(label, index, pert.combo_separator, pert.control_label)] = 1.0
         return mask
 
     def _target_mask(self) -> torch.Tensor:
