@@ -193,3 +193,16 @@ def write_json_atomic(path: str | os.PathLike, payload) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_h5ad_atomic(adata, out: str | os.PathLike) -> Path:
+    """Write ``out`` via a temporary sibling file and a rename: never half a file."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        adata.write_h5ad(tmp)
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out

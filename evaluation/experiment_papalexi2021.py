@@ -153,7 +153,8 @@ def run_split(name: str, adata: ad.AnnData, out: Path, args) -> dict:
     from latentcell.data_pipelines.build import build_store
     from latentcell.evaluation.perturbation import evaluate_perturbation
     from latentcell.evaluation.perturbation_baselines import fit_baseline
-    from latentcell.trainer.predict import PopulationRequest, STPredictor, predict_population
+    from latentcell.trainer.predict import PopulationRequest, predict_population
+    from latentcell.trainer.st_predictor import STPredictor
     from latentcell.trainer.st_stage import split_source_rows
 
     out.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     from latentcell.data_pipelines.cli import add_data_commands
     from latentcell.evaluation.cli import add_evaluate_commands
     from latentcell.launch.demo import add_demo_command
+    from latentcell.launch.export import add_export_command
     from latentcell.launch.generate import add_generate_command
     from latentcell.launch.predict import add_predict_command
     from latentcell.launch.train import add_train_command
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_command(sub)
     add_predict_command(sub)
     add_evaluate_commands(sub)
+    add_export_command(sub)
     add_demo_command(sub)
     version = sub.add_parser("version", help="print the installed version")
     version.set_defaults(func=_print_version)

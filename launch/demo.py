@@ -6,7 +6,8 @@ VAE through the shared trainer, tracked in MLflow (SQLite under ``--out``) -> tr
 latent DiT on the VAE's latents -> generate cells of every cell type and judge them against
 real cells with the generation metric suite -> fine-tune a small ST set model on the
 perturbations (held-out cells), predict the test cells' perturbations from their controls and
-judge them with cell-eval beside the training-mean baseline -> print where everything is. Everything stays
+judge them with cell-eval beside the training-mean baseline -> export the DiT run to ONNX and
+sample from the bundle with onnxruntime (no torch) -> print where everything is. Everything stays
 under ``--out`` (default ``runs/demo``); re-running reuses the data and retrains the VAE.
 """
 
@@ -107,6 +108,9 @@ def run_demo(args: argparse.Namespace) -> int:
         step.done("trained the ST set model")
         _predict_and_evaluate(out, h5ad, store, args.seed)
         step.done("predicted the test perturbations and judged them with cell-eval")
+    if args.vae_steps > 0 and args.dit_steps > 0:
+        _export_and_sample(out, args.seed)
+        step.done("exported the DiT run to ONNX and sampled from the bundle without torch")
     print(f"demo finished; outputs in {out}")
     return 0
 
@@ -266,7 +270,8 @@ def _predict_and_evaluate(out: Path, h5ad: Path, store: Path, seed: int) -> None
     from latentcell.evaluation.perturbation import evaluate_perturbation
     from latentcell.evaluation.perturbation_baselines import fit_baseline
     from latentcell.trainer.generate import write_h5ad_atomic
-    from latentcell.trainer.predict import PopulationRequest, STPredictor, predict_population
+    from latentcell.trainer.predict import PopulationRequest, predict_population
+    from latentcell.trainer.st_predictor import STPredictor
     from latentcell.trainer.st_stage import split_source_rows
 
     cells = ad.read_h5ad(h5ad)
@@ -293,6 +298,39 @@ def _predict_and_evaluate(out: Path, h5ad: Path, store: Path, seed: int) -> None
             f"{h['pearson_delta']['model']:.3f}  energy {summary['energy_distance']['model']:.3f}"
         )
     print(f"  predictions: {out}/predicted_*.h5ad; cell-eval summaries: {out}/cell_eval_*/")
+
+
+def _export_and_sample(out: Path, seed: int) -> None:
+    """``latentcell export`` of the DiT run (logged to its MLflow run and registered as
+    ``latentcell-demo-dit``), then ``python -m latentcell.export.runtime generate`` from the
+    bundle in a separate interpreter: the onnxruntime path a service would use."""
+    import subprocess
+    import sys
+
+    from latentcell.launch.export import add_export_command
+
+    parser = argparse.ArgumentParser()
+    add_export_command(parser.add_subparsers())
+    bundle = out / "bundle_dit"
+    args = parser.parse_args(["export", "--run", str(out / "dit"), "--out", str(bundle),
+                              "--register", "latentcell-demo-dit", "--overwrite"])  # fmt: skip
+    args.func(args)
+    metadata = json.loads((bundle / "metadata.json").read_text())
+    parity = {k: f"{v['parity']['max_rel_error']:.1e}" for k, v in metadata["components"].items()}
+    print(
+        f"  bundle: {bundle} (opset {metadata['versions']['opset']}; ORT vs torch, max "
+        f"relative error {parity})"
+    )
+    generated = out / "generated_onnx.h5ad"
+    command = [sys.executable, "-m", "latentcell.export.runtime", "generate", "--bundle",
+               str(bundle), "--n", "200", "--condition", "cell_type=*", "--seed", str(seed),
+               "--out", str(generated)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    report = json.loads(result.stdout)
+    print(
+        f"  onnxruntime generated {report['n_cells']} cells in {report['seconds']} s -> {generated}"
+    )
+    print(f"  serve it: python -m latentcell.export.runtime serve --bundle {bundle} --port 8000")
 
 
 class _Step:

@@ -13,7 +13,7 @@ import argparse
 import json
 import time
 
-from latentcell.data_pipelines.errors import DataValidationError
+from latentcell.models.conditions import parse_conditions
 
 
 def add_generate_command(sub: argparse._SubParsersAction) -> None:
@@ -39,18 +39,6 @@ def add_generate_command(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("--out", required=True, help="output .h5ad (written atomically)")
     p.set_defaults(func=run_generate)
-
-
-def parse_conditions(items: list[str]) -> dict[str, str]:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip() or not value.strip():
-            raise DataValidationError(
-                item, "--condition", "must look like KEY=VALUE", "e.g. --condition cell_type=B"
-            )
-        out[key.strip()] = value.strip()
-    return out
 
 
 def run_generate(args: argparse.Namespace) -> int:

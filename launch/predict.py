@@ -59,7 +59,7 @@ def _predictor(args, controls):
             "latentcell predict", "--run/--baseline", "give exactly one", "pass --run DIR or --baseline NAME"
         )  # fmt: skip
     if args.run:
-        from latentcell.trainer.predict import STPredictor
+        from latentcell.trainer.st_predictor import STPredictor
 
         st = STPredictor(args.run, args.weights, args.unseen)
         roles, card = st.card["roles"], st.card

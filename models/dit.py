@@ -119,15 +119,33 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
+    """Multi-head self-attention over the latent's tokens.
+
+    ``explicit`` (set by the ONNX export) computes the same attention as broadcast products
+    and sums instead of ``scaled_dot_product_attention``. Why: the exported SDPA transposes
+    every key block to (tokens x head_dim) -> (head_dim x tokens), and onnxruntime's generic
+    transpose of such small trailing dimensions took 2 x 3.3 ms of a 15 ms denoiser call at
+    batch 512 (ORT slower than torch); with a few tokens the explicit form costs nothing
+    extra and needs no transpose at all (8.5 ms).
+    """
+
     def __init__(self, hidden: int, heads: int) -> None:
         super().__init__()
         self.heads = heads
         self.qkv = nn.Linear(hidden, 3 * hidden)
         self.proj = nn.Linear(hidden, hidden)
+        self.explicit = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, t, h = x.shape
-        qkv = self.qkv(x).reshape(n, t, 3, self.heads, h // self.heads).permute(2, 0, 3, 1, 4)
+        d = h // self.heads
+        if self.explicit:
+            q, k, v = self.qkv(x).reshape(n, t, 3, self.heads, d).unbind(2)  # (n, t, heads, d)
+            scores = (q.unsqueeze(2) * k.unsqueeze(1)).sum(-1) * d**-0.5  # (n, tq, tk, heads)
+            weights = scores.softmax(dim=2)
+            out = (weights.unsqueeze(-1) * v.unsqueeze(1)).sum(2)  # (n, tq, heads, d)
+            return self.proj(out.reshape(n, t, h))
+        qkv = self.qkv(x).reshape(n, t, 3, self.heads, d).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
         return self.proj(out.transpose(1, 2).reshape(n, t, h))
 

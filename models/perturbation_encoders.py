@@ -52,6 +52,8 @@ from torch import nn
 
 from latentcell.data_pipelines.errors import DataValidationError
 
+from .perturbation_labels import _VOCAB, perturbation_genes, split_genes, target_columns
+
 __all__ = [
     "ENCODER_KINDS",
     "ExternalGeneEncoder",
@@ -68,7 +70,6 @@ __all__ = [
 ]
 
 ENCODER_KINDS = ("onehot", "gene_table", "external")
-_VOCAB = "perturbation labels"  # the "file" of errors about the label vocabulary itself
 
 
 @dataclass(frozen=True)
@@ -101,39 +102,6 @@ class PerturbationEncoderConfig:
 def _preview(names: Sequence[str], k: int = 5) -> str:
     shown = ", ".join(repr(n) for n in names[:k])
     return shown + (f" and {len(names) - k} more" if len(names) > k else "")
-
-
-def split_genes(
-    label: str, separator: str = "+", control_label: str = "non-targeting"
-) -> tuple[str, ...]:
-    """The genes a label perturbs, as a tuple in written order; () for the control."""
-    pieces = [p.strip() for p in label.split(separator)]
-    if any(not p for p in pieces):
-        raise DataValidationError(
-            _VOCAB,
-            "perturbation",
-            f"label {label!r} has an empty gene name around {separator!r}",
-            f"write combinations as 'A{separator}B', or set combo_separator to the one used",
-        )
-    return tuple(dict.fromkeys(p for p in pieces if p != control_label))
-
-
-def target_columns(
-    label: str, index: dict[str, int], separator: str = "+", control_label: str = "non-targeting"
-) -> list[int]:
-    """Positions (``index``: gene name -> column) of the label's genes that are measured."""
-    return [index[g] for g in split_genes(label, separator, control_label) if g in index]
-
-
-def perturbation_genes(
-    labels: Sequence[str], separator: str = "+", control_label: str = "non-targeting"
-) -> tuple[str, ...]:
-    """The gene vocabulary of ``labels``: every gene once, in order of first appearance.
-
-    First appearance (not sorted) so that appending labels never reorders existing genes.
-    """
-    genes = (g for label in labels for g in split_genes(label, separator, control_label))
-    return tuple(dict.fromkeys(genes))
 
 
 def _duplicates(names: Sequence[str]) -> list[str]:

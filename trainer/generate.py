@@ -15,8 +15,6 @@ shows what the DiT adds over the VAE alone.
 from __future__ import annotations
 
 import json
-import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import anndata as ad
@@ -25,28 +23,19 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from latentcell.data_pipelines.atomic import write_h5ad_atomic
 from latentcell.data_pipelines.errors import DataValidationError
+from latentcell.models.conditions import ConditionRows, ConditionSpace
 from latentcell.models.count_vae import CountVAE
 from latentcell.models.latent_diffusion import LatentDiffusion
+from latentcell.models.library_size import LibraryModel
 
 from .dit_stage import MODEL_CLASS, build_latent_diffusion
-from .latent_stats import LibraryModel
 from .trained_runs import load_model_card, load_state, load_vae, weights_path
 
-__all__ = ["CellGenerator", "ConditionRows", "write_h5ad_atomic"]
+__all__ = ["CellGenerator", "condition_space", "write_h5ad_atomic"]
 
 SOURCES = ("dit", "vae_prior")
-
-
-@dataclass
-class ConditionRows:
-    """Per generated cell: DiT codes (n, k), standardized values (n, m), decoder batch
-    codes (n,) or -1 (draw one), and the obs labels to write."""
-
-    codes: np.ndarray
-    values: np.ndarray
-    batch: np.ndarray
-    obs: pd.DataFrame
 
 
 class CellGenerator:
@@ -60,11 +49,10 @@ class CellGenerator:
         library: str = "latent",
     ):
         self.run_dir, self.dit, self.card, self.stats, self.vae = run_dir, dit, card, stats, vae
-        self.categories: dict[str, list[str]] = card["categories"]
         self.categorical = list(dit.config.categorical_keys)
-        self.continuous = list(dit.config.continuous_keys)
         self.library = LibraryModel(stats["library"], mode=library)
         self.batch_column = stats["library"]["batch_column"]
+        self.space = condition_space(run_dir, card, stats)
         genes = stats["genes"]
         self.var = pd.DataFrame(
             {"gene_id": genes["gene_id"], "gene_symbol": genes["gene_symbol"]},
@@ -92,74 +80,9 @@ class CellGenerator:
 
     # -- conditions ---------------------------------------------------------------------------
 
-    def _column(self, key: str) -> str:
-        roles = self.card.get("roles", {})
-        column = key if key in (*self.categories, *self.continuous) else roles.get(key, key)
-        if column in self.categories or column in self.continuous or column == self.batch_column:
-            return column
-        known = sorted(
-            {*self.categories, *self.continuous, *(r for r in roles if roles[r] in self.categories)}
-        )
-        raise DataValidationError(
-            self.run_dir, f"--condition {key}", "not a condition of this model",
-            f"use one of {known}" + (f" or {self.batch_column}" if self.batch_column else ""),
-        )  # fmt: skip
-
-    def _label_code(self, column: str, label: str) -> int:
-        labels = self.categories.get(column) or self.stats["library"]["batch_labels"]
-        if label not in labels:
-            raise DataValidationError(
-                self.run_dir, f"--condition {column}={label}", "unknown label",
-                f"use one of {labels[:20]}{' ...' if len(labels) > 20 else ''}",
-            )  # fmt: skip
-        return labels.index(label)
-
     def condition_rows(self, n: int, conditions: dict[str, str]) -> ConditionRows:
-        """``n`` cells for each combination the conditions describe (``k=*``: every label of
-        column k, so ``cell_type=*`` gives n cells of every cell type)."""
-        resolved: dict[str, list[str]] = {}
-        for key, value in conditions.items():
-            column = self._column(key)
-            if value == "*":
-                if column == self.batch_column and column not in self.categories:
-                    resolved[column] = list(self.stats["library"]["batch_labels"])
-                    continue
-                if column not in self.categories:
-                    raise DataValidationError(
-                        self.run_dir, f"--condition {key}=*", "'*' needs a categorical condition",
-                        "give a value",
-                    )  # fmt: skip
-                resolved[column] = list(self.categories[column])
-            else:
-                resolved[column] = [value]
-        if resolved:
-            combos = pd.MultiIndex.from_product(list(resolved.values()), names=list(resolved))
-            rows = combos.to_frame(index=False)
-        else:  # no condition: the unconditional model
-            rows = pd.DataFrame(index=[0])
-        rows = rows.loc[rows.index.repeat(n)].reset_index(drop=True)
-        total = len(rows)
-        codes, values = (t.numpy() for t in self.dit.dit.null_condition(total, "cpu"))
-        obs = pd.DataFrame(index=[f"gen-{i}" for i in range(total)])
-        for k, column in enumerate(self.categorical):
-            if column in rows:
-                codes[:, k] = [self._label_code(column, v) for v in rows[column]]
-                obs[column] = pd.Categorical(rows[column].to_numpy(), self.categories[column])
-        raw = np.full((total, len(self.continuous)), np.nan, dtype=np.float32)
-        for k, column in enumerate(self.continuous):
-            if column in rows:
-                try:
-                    raw[:, k] = rows[column].astype(float).to_numpy()
-                except ValueError as err:
-                    raise DataValidationError(
-                        self.run_dir, f"--condition {column}", "needs a number", "e.g. 0.5"
-                    ) from err
-                obs[column] = raw[:, k]
-        values = self.dit.standardize(torch.from_numpy(raw)).numpy()
-        batch = np.full(total, -1, dtype=np.int64)
-        if self.batch_column and self.batch_column in rows:
-            batch[:] = [self._label_code(self.batch_column, v) for v in rows[self.batch_column]]
-        return ConditionRows(codes, values, batch, obs)
+        """``n`` cells for each combination the conditions describe (``k=*``: every label)."""
+        return self.space.rows(n, conditions)
 
     # -- sampling -----------------------------------------------------------------------------
 
@@ -204,14 +127,14 @@ class CellGenerator:
         parts, libs, batches, latents = [], [], [], []
         for a in range(0, len(rows.codes), batch_size):
             sl = slice(a, a + batch_size)
-            part = ConditionRows(rows.codes[sl], rows.values[sl], rows.batch[sl], rows.obs[sl])
+            part = rows.take(sl)
             z = self.sample_latents(part, steps, guidance, seed + a, source)
             X, lib, batch = self.decode(z, part, seed + a)
             parts.append(X)
             latents.append(z.numpy())
             libs.append(lib)
             batches.append(batch)
-        obs = rows.obs.copy()
+        obs = rows.obs_frame()
         obs["library_size"] = np.concatenate(libs)
         if self.batch_column and self.vae.config.n_batches:
             labels = self.stats["library"]["batch_labels"]
@@ -233,14 +156,17 @@ class CellGenerator:
         return adata
 
 
-def write_h5ad_atomic(adata: ad.AnnData, out: str | Path) -> Path:
-    """Write ``out`` via a temporary sibling file and a rename: never half a file."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        adata.write_h5ad(tmp)
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+def condition_space(run_dir: str | Path, card: dict, stats: dict) -> ConditionSpace:
+    """What a latent-diffusion run conditions on, from its model card and latent stats."""
+    config = card["config"]
+    continuous = tuple(config["continuous_keys"])
+    return ConditionSpace(
+        source=str(run_dir),
+        categories={c: list(card["categories"][c]) for c in config["categorical_keys"]},
+        continuous=continuous,
+        continuous_mean=tuple(config["continuous_mean"]),
+        continuous_std=tuple(config["continuous_std"]),
+        roles=dict(card.get("roles", {})),
+        batch_column=stats["library"]["batch_column"],
+        batch_labels=tuple(stats["library"]["batch_labels"]),
+    )

@@ -333,6 +333,8 @@ def _write_run_files(stage, config, accelerator, ema, tracker, result: FitResult
         "checkpoints": sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")),
         "final_weights": str(final_dir / "model.safetensors"),
         "checks": checks,
+        # where the run is tracked: `latentcell export` logs its bundle to this run
+        "mlflow": {"run_id": tracker.run_id, "tracking_uri": tracker.uri or None},
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     tracker.log_metrics(

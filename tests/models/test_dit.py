@@ -48,6 +48,20 @@ def test_tokens_pad_the_latent_to_whole_patches():
     assert model(x, t, codes, values).shape == (6, 10)
 
 
+def test_explicit_attention_equals_sdpa():
+    """The export's transpose-free attention is the same function as the SDPA one."""
+    model = perturbed(DiT(DiTConfig(n_latent=10, patch_size=2, hidden=32, depth=2, heads=4,
+                                    n_categories=(3, 2), n_continuous=1)))  # fmt: skip
+    x, t, c, v = inputs()
+    with torch.no_grad():
+        reference = model(x, t, c, v)
+        for block in model.blocks:
+            block.attn.explicit = True
+        explicit = model(x, t, c, v)
+    assert reference.abs().max() > 0.1
+    torch.testing.assert_close(explicit, reference, atol=1e-5, rtol=1e-5)
+
+
 def test_each_condition_changes_the_output_and_nan_means_null():
     model = perturbed(DiT(DiTConfig(n_latent=4, hidden=16, depth=1, heads=2,
                                     n_categories=(3,), n_continuous=1)))  # fmt: skip

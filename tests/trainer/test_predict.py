@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from latentcell.trainer.predict import TARGET_SUM, log1p_normalize, to_counts
+from latentcell.models.expression import TARGET_SUM, log1p_normalize, to_counts
 
 
 def test_to_counts_keeps_the_mean_log1p_expression():

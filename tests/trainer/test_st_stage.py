@@ -17,7 +17,8 @@ from latentcell.data_pipelines.errors import DataValidationError
 from latentcell.models.st_model import STModel
 from latentcell.trainer.config import load_config
 from latentcell.trainer.loop import fit
-from latentcell.trainer.predict import PopulationRequest, STPredictor, predict_population
+from latentcell.trainer.predict import PopulationRequest, predict_population
+from latentcell.trainer.st_predictor import STPredictor
 from latentcell.trainer.st_stage import SetPredictor, STRunConfig, STStage, load_matching
 
 
@@ -139,7 +140,7 @@ def test_latent_space_model_and_latent_arithmetic_baseline(st_run, small_store, 
     assert out.shape == x.shape and (out >= 0).all()
     # on the prediction path (library sizes given) decoded cells are SAMPLED from the VAE's
     # likelihood at each control's library: whole counts, varying from cell to cell
-    from latentcell.trainer.predict import TARGET_SUM
+    from latentcell.models.expression import TARGET_SUM
 
     library = np.array([500.0, 2000.0, 8000.0])
     cells = scgen.predict(x, perts[0], "", library, np.random.default_rng(0))

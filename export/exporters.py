@@ -1,0 +1,281 @@
+"""``latentcell export``: a finished run -> a bundle of ONNX files and their metadata.
+
+What a run exports is decided by its model card's class (``EXPORTERS``):
+
+- a count VAE run: ``vae_encoder`` and ``vae_decoder``;
+- a latent-diffusion (DiT) run: its ``denoiser`` plus the encoder and decoder of the VAE it
+  was trained on (generation decodes through it), and the generation settings: condition
+  vocabularies, the noise schedule or flow settings, the latent scale, the library-size model;
+- an ST run: its ``set_model`` (plus the VAE's encoder and decoder for ``space="latent"``) and
+  the prediction settings: the perturbation vocabulary and which labels were trained;
+- an ST pretraining run: its ``set_model`` (a masked-set imputer, kind "pretraining").
+
+A later model type exports the same way: a graph in ``graphs.py`` and a function here that
+returns the components and the metadata sections. Every file is exported, checked, reloaded
+in onnxruntime and compared with torch on random inputs before the bundle is published (one
+rename of a temporary directory), so a bundle on disk is always whole and verified.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import os
+from collections.abc import Callable, Sequence
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+
+from latentcell.data_pipelines.atomic import AtomicDir, sha256_file, write_json_atomic
+from latentcell.data_pipelines.errors import DataValidationError
+from latentcell.models.count_vae import TARGET_SUM, CountVAE
+from latentcell.trainer.trained_runs import load_model_card, load_vae, weights_path
+
+from .graphs import DenoiserGraph, ExportGraph, SetModelGraph, VAEDecoderGraph, VAEEncoderGraph
+from .onnx_io import DEFAULT_OPSET, TOLERANCE, export_graph, parity
+from .runtime.bundle import FORMAT, FORMAT_VERSION, METADATA, component_props
+
+__all__ = ["EXPORTERS", "ExportPlan", "export_run", "run_tracking"]
+
+
+@dataclasses.dataclass
+class ExportPlan:
+    """kind: "autoencoder" | "generation" | "prediction" | "pretraining"; components: name ->
+    graph; sections: metadata sections beside the common ones (genes, vae, generation, ...)."""
+
+    kind: str
+    components: dict[str, ExportGraph]
+    sections: dict
+    weights: Path
+
+
+def run_tracking(run_dir: Path) -> dict:
+    """The run's MLflow run id and tracking URI (None when the run was not tracked): from
+    its summary.json, or for runs written before summaries recorded them, from the last
+    checkpoint's trainer state and the run config's tracking URI."""
+    import tomllib
+
+    from latentcell.trainer.tracking import default_uri
+
+    summary = run_dir / "summary.json"
+    mlflow = json.loads(summary.read_text()).get("mlflow") if summary.exists() else None
+    if mlflow:
+        return {"mlflow_run_id": mlflow.get("run_id"), "tracking_uri": mlflow.get("tracking_uri")}
+    states = sorted(run_dir.glob("checkpoints/step_*/trainer_state.json"),
+                    key=lambda p: int(p.parent.name.removeprefix("step_")))  # fmt: skip
+    run_id = json.loads(states[-1].read_text()).get("mlflow_run_id") if states else None
+    config = tomllib.loads((run_dir / "config.toml").read_text())
+    root = config["run"].get("root") or run_dir.resolve().parent
+    uri = config.get("tracking", {}).get("uri") or default_uri(Path(root))
+    return {"mlflow_run_id": run_id, "tracking_uri": uri if run_id else None}
+
+
+def _store_genes(store: str, keys: Sequence[str] | None = None) -> dict[str, list[str]]:
+    """gene_key / gene_id / gene_symbol of a store, in order (``keys`` checks the order)."""
+    from latentcell.data_pipelines.stores import open_store
+
+    if not store or not Path(store).exists():
+        raise DataValidationError(
+            store or "<none>", "genes", "the run's training store is not available, and its "
+            "gene vocabulary is needed in the bundle", "keep the run's store where it was trained",
+        )  # fmt: skip
+    var = open_store(store).meta.var
+    genes = {
+        "gene_key": [str(g) for g in var.index],
+        "gene_id": [str(g) for g in var["gene_id"]],
+        "gene_symbol": [str(g) for g in var["gene_symbol"]],
+    }
+    if keys is not None and list(keys) != genes["gene_key"]:
+        raise DataValidationError(
+            store, "genes", "the store's genes differ from the run's", "restore the run's store"
+        )
+    return genes
+
+
+def _vae_section(vae: CountVAE, provenance: dict, batch_column, batch_labels) -> dict:
+    c = vae.config
+    return {
+        "likelihood": c.likelihood,
+        "n_latent": c.n_latent,
+        "n_genes": c.n_genes,
+        "encode_covariates": c.encode_covariates,
+        "batch_column": batch_column if c.n_batches else None,
+        "batch_labels": list(batch_labels) if c.n_batches else [],
+        **provenance,
+    }
+
+
+def _vae_components(vae: CountVAE) -> dict[str, ExportGraph]:
+    return {"vae_encoder": VAEEncoderGraph(vae), "vae_decoder": VAEDecoderGraph(vae)}
+
+
+def plan_vae(run_dir: Path, card: dict, weights: str, **_) -> ExportPlan:
+    import tomllib
+
+    vae, provenance = load_vae(run_dir, weights)
+    store = tomllib.loads((run_dir / "config.toml").read_text())["data"].get("path", "")
+    genes = _store_genes(store)
+    batch = _batch_labels(store) if vae.config.n_batches else (None, [])
+    sections = {"genes": genes, "vae": _vae_section(vae, provenance, *batch)}
+    return ExportPlan("autoencoder", _vae_components(vae), sections, weights_path(run_dir, weights))
+
+
+def _batch_labels(store: str) -> tuple[str | None, list[str]]:
+    from latentcell.data_pipelines.stores import open_store
+
+    meta = open_store(store).meta
+    column = meta.roles.get("batch")
+    return column, list(meta.categories[column]) if column else []
+
+
+def plan_dit(run_dir: Path, card: dict, weights: str, **_) -> ExportPlan:
+    from latentcell.trainer.generate import CellGenerator
+
+    gen = CellGenerator.load(run_dir, weights)
+    model, stats = gen.dit, gen.stats
+    d = model.config.diffusion
+    diffusion = dataclasses.asdict(d)
+    if d.objective == "ddpm":
+        diffusion["alphas_cumprod"] = [float(a) for a in model.process.alphas_cumprod]
+    library = stats["library"]
+    sections = {
+        "genes": {k: list(stats["genes"][k]) for k in ("gene_key", "gene_id", "gene_symbol")},
+        "vae": _vae_section(gen.vae, card["vae"], library["batch_column"], library["batch_labels"]),
+        "generation": {
+            "conditions": gen.space.to_dict(),
+            "latent_shift": [float(x) for x in model.latent_shift],
+            "latent_scale": float(model.latent_scale),
+            "diffusion": diffusion,
+            "library": library,
+        },
+    }
+    components = {"denoiser": DenoiserGraph(model.dit), **_vae_components(gen.vae)}
+    return ExportPlan("generation", components, sections, weights_path(run_dir, weights))
+
+
+def plan_st(run_dir: Path, card: dict, weights: str, add_perturbations=(), **_) -> ExportPlan:
+    from latentcell.trainer.st_stage import build_st_model
+    from latentcell.trainer.trained_runs import load_state
+    from latentcell.trainer.vae_bridge import VAEBridge
+
+    path = weights_path(run_dir, weights)
+    model = build_st_model(card).eval()  # STPretrainModel adds no parameter to STModel
+    model.load_state_dict(load_state(path))
+    if add_perturbations:
+        model.extend(list(add_perturbations))  # new combinations of trained genes
+    vae = card.get("vae")
+    bridge = None
+    if model.config.space == "latent":
+        bridge = VAEBridge(vae["vae_run"], "ema" if "ema" in vae["weights"] else "model")
+    c = model.config
+    pretraining = card["class"].endswith("STPretrainModel")
+    genes = _store_genes(card.get("store", ""), card["genes"]) if Path(card.get("store", "")).exists() else {
+        "gene_key": list(card["genes"]), "gene_id": list(card["genes"]),
+        "gene_symbol": list(card.get("gene_symbols", card["genes"])),
+    }  # fmt: skip
+    roles = card.get("roles", {})
+    sections = {
+        "genes": genes,
+        "prediction": {
+            "space": c.space,
+            "encoder": c.perturbation.kind,
+            "labels": list(model.perturbation.labels),
+            "trained": card.get("trained_perturbations"),
+            "control_label": c.perturbation.control_label,
+            "combo_separator": c.perturbation.combo_separator,
+            "feature_genes": list(c.feature_genes),
+            "cell_types": list(card["categories"].get("cell_type", [])) if c.n_cell_types else [],
+            "set_size": int(card.get("set_size", 128)),
+            "pert_col": roles.get("perturbation"),
+            "cell_type_col": roles.get("cell_type"),
+            "basal": c.basal,
+            "target_effect": c.target_effect,
+            "generic": c.perturbation_dropout > 0,
+        },
+    }
+    components: dict[str, ExportGraph] = {"set_model": SetModelGraph(model)}
+    if bridge is not None:
+        components.update(_vae_components(bridge.vae))
+        sections["vae"] = _vae_section(bridge.vae, bridge.provenance, None, [])
+    kind = "pretraining" if pretraining else "prediction"
+    return ExportPlan(kind, components, sections, path)
+
+
+EXPORTERS: dict[str, Callable[..., ExportPlan]] = {
+    "latentcell.models.count_vae.CountVAE": plan_vae,
+    "latentcell.models.latent_diffusion.LatentDiffusion": plan_dit,
+    "latentcell.models.st_model.STModel": plan_st,
+    "latentcell.models.st_pretrain.STPretrainModel": plan_st,
+}
+
+
+def _versions(opset: int) -> dict:
+    import onnx
+    import onnxruntime
+    import torch
+
+    return {"latentcell": version("latentcell"), "torch": torch.__version__,
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "numpy": np.__version__, "opset": opset}  # fmt: skip
+
+
+def export_run(
+    run_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    opset: int = DEFAULT_OPSET,
+    weights: str = "auto",
+    add_perturbations: Sequence[str] = (),
+    overwrite: bool = False,
+) -> dict:
+    """Export every trained component of ``run_dir`` into the bundle ``out``; returns the
+    bundle's metadata. Nothing is written at ``out`` unless every component exported and
+    matched torch within ``TOLERANCE``."""
+    run_dir = Path(run_dir)
+    card = load_model_card(run_dir)
+    exporter = EXPORTERS.get(card.get("class"))
+    if exporter is None:
+        raise DataValidationError(
+            run_dir, "class", f"no exporter for {card.get('class')}",
+            f"export a run of one of {sorted(EXPORTERS)}",
+        )  # fmt: skip
+    plan = exporter(run_dir, card, weights, add_perturbations=tuple(add_perturbations))
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "kind": plan.kind,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": _versions(opset),
+        "source": {
+            "run": str(run_dir.absolute()),
+            "class": card["class"],
+            "weights": plan.weights.name,
+            "weights_sha256": sha256_file(plan.weights),
+            **run_tracking(run_dir),
+        },  # fmt: skip
+        "normalization": {
+            "features": "log1p(counts / library_size * target_sum)",
+            "target_sum": TARGET_SUM,
+            "library_size": "sum of the cell's counts",
+        },  # fmt: skip
+        **plan.sections,
+    }
+    components, files = {}, {}
+    with AtomicDir(out, overwrite=overwrite) as build:
+        for name, graph in plan.components.items():
+            path = build.tmp / f"{name}.onnx"
+            export_graph(graph, path, component_props(metadata, name), opset)
+            measured = parity(graph, path)
+            if measured.max_rel_error > TOLERANCE:
+                raise DataValidationError(
+                    run_dir, name, f"onnxruntime differs from torch by {measured.max_rel_error:.2e}"
+                    f" (relative), above {TOLERANCE:g}", "report this export as a bug",
+                )  # fmt: skip
+            components[name] = {"file": path.name, **graph.describe(), "parity": measured.to_dict()}
+            files[path.name] = sha256_file(path)
+        metadata["components"] = components
+        metadata["files"] = files
+        write_json_atomic(build.tmp / METADATA, metadata)
+        build.commit()
+    return metadata
