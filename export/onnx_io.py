@@ -89,7 +89,7 @@ def _resized(graph: ExportGraph, n: int, s: int, seed: int) -> tuple[torch.Tenso
             x = torch.poisson(torch.rand(shape, generator=g) * 3, generator=g)
             x = x if name == "counts" else torch.log1p(x)
         elif name == "library_size":
-            x = torch.full(shape, 1e4) if n else torch.zeros(shape)
+            x = torch.full(shape, 1e4)
         elif name == "targets":
             x = (torch.rand(shape, generator=g) < 0.01).float()
         elif name == "t":

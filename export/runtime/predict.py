@@ -63,9 +63,21 @@ class OnnxSetPredictor:
             if g not in known
         ]
 
+    def _vocabulary_label(self, label: str) -> str:
+        """``label`` itself, or for gene-sum encoders (gene_table, external), where ``B+A``
+        embeds exactly as ``A+B``, the vocabulary label with the same genes."""
+        p = self.settings
+        if label in self.labels or p["encoder"] == "onehot":
+            return label
+        genes = set(split_genes(label, p["combo_separator"], p["control_label"]))
+        same = [x for x in self.labels
+                if set(split_genes(x, p["combo_separator"], p["control_label"])) == genes]  # fmt: skip
+        return same[0] if same else label
+
     def _embedding(self, label: str) -> dict[str, np.ndarray]:
         """The set model's perturbation inputs for one set."""
         p = self.settings
+        label = self._vocabulary_label(label)
         known = label in self.labels and not self.untrained(label)
         if not known and self.unseen != "generic":
             why = "not in the bundle's vocabulary" if label not in self.labels else (
@@ -95,6 +107,7 @@ class OnnxSetPredictor:
         return feeds
 
     def is_trained(self, label: str) -> bool:
+        label = self._vocabulary_label(label)
         return label in self.labels and not self.untrained(label)
 
     # -- the Predictor interface ----------------------------------------------------------------

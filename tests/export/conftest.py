@@ -87,7 +87,12 @@ def more_runs(runs):
     train("st-pretrain", f"data.path={store}", f"run.dir={pretrain}", "data.set_size=16",
           "data.sets_per_batch=4", "data.val_fraction=0.15", "model.hidden=32", "model.depth=1",
           "model.heads=2", "train.max_steps=4", "tracking.enabled=false")  # fmt: skip
-    return SimpleNamespace(st_latent=latent, st_pretrain=pretrain)
+    table = root / "st_gene_table"
+    train("st", f"data.path={store}", f"split.file={runs.split}", f"run.dir={table}",
+          "model.perturbation_encoder=gene_table", "data.set_size=16", "data.sets_per_batch=4",
+          "model.hidden=32", "model.depth=1", "model.heads=2", "train.max_steps=4",
+          "tracking.enabled=false")  # fmt: skip
+    return SimpleNamespace(st_latent=latent, st_pretrain=pretrain, st_gene_table=table)
 
 
 @pytest.fixture(scope="session")

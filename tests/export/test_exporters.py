@@ -149,3 +149,28 @@ def test_latent_st_and_pretraining_runs_export(more_runs, tmp_path):
     assert pre["kind"] == "pretraining" and set(pre["components"]) == {"set_model"}
     with pytest.raises(DataValidationError, match="does not predict"):
         OnnxSetPredictor(Bundle.load(tmp_path / "pre"))
+
+
+def test_new_combinations_of_trained_genes_are_added_at_export(more_runs, tmp_path):
+    """A gene_table model embeds any combination of trained genes: --add-perturbations puts
+    one in the bundle's vocabulary, and the runtime predicts it as torch does."""
+    from latentcell.export.runtime import Bundle, OnnxSetPredictor
+    from latentcell.trainer.st_predictor import STPredictor
+
+    torch_st = STPredictor(more_runs.st_gene_table)
+    a, b = [x for x in torch_st.trained if x != "non-targeting"][:2]
+    combo = f"{a}+{b}"
+    meta = export(more_runs.st_gene_table, tmp_path / "b", add_perturbations=[combo])
+    assert combo in meta["prediction"]["labels"]
+    onnx_st = OnnxSetPredictor(Bundle.load(tmp_path / "b"))
+    x = np.log1p(np.random.default_rng(0).poisson(1.0, (16, len(torch_st.genes)))).astype(
+        np.float32
+    )
+    cell_type = torch_st.cell_types[0]
+    np.testing.assert_allclose(onnx_st.predict(x, combo, cell_type),
+                               torch_st.predict(x, combo, cell_type), atol=1e-5)  # fmt: skip
+    with pytest.raises(DataValidationError, match="--add-perturbations"):
+        OnnxSetPredictor(Bundle.load(bundles_dir := tmp_path / "b")).predict(
+            x, f"{b}+{a}x", cell_type
+        )
+    assert bundles_dir.exists()

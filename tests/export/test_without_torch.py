@@ -40,6 +40,17 @@ def runtime(env, *args, check=True):
     return result
 
 
+def test_the_library_and_service_import_only_numpy_and_onnxruntime(env):
+    """anndata (with pandas, scipy, h5py) is imported by the commands that read or write
+    h5ad files only; the runtime itself and its HTTP service need numpy and onnxruntime."""
+    code = ("import sys, latentcell.export.runtime, latentcell.export.runtime.service; "
+            "print([m for m in ('torch', 'anndata', 'pandas', 'scipy', 'h5py', 'mlflow') "
+            "if m in sys.modules])")  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
 def test_generate_without_torch(env, bundles, tmp_path):
     out = tmp_path / "gen.h5ad"
     result = runtime(env, "generate", "--bundle", bundles.dit, "--n", 7,
