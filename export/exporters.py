@@ -171,10 +171,12 @@ def plan_st(run_dir: Path, card: dict, weights: str, add_perturbations=(), **_) 
         bridge = VAEBridge(vae["vae_run"], "ema" if "ema" in vae["weights"] else "model")
     c = model.config
     pretraining = card["class"].endswith("STPretrainModel")
-    genes = _store_genes(card.get("store", ""), card["genes"]) if Path(card.get("store", "")).exists() else {
-        "gene_key": list(card["genes"]), "gene_id": list(card["genes"]),
-        "gene_symbol": list(card.get("gene_symbols", card["genes"])),
-    }  # fmt: skip
+    store = card.get("store", "")
+    if store and Path(store).exists():
+        genes = _store_genes(store, card["genes"])
+    else:  # the card alone: its keys and symbols (the gene ids lived in the store)
+        genes = {"gene_key": list(card["genes"]), "gene_id": list(card["genes"]),
+                 "gene_symbol": list(card.get("gene_symbols", card["genes"]))}  # fmt: skip
     roles = card.get("roles", {})
     sections = {
         "genes": genes,

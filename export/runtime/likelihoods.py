@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from latentcell.models.expression import TARGET_SUM
+
 __all__ = ["mean_log1p", "sample_counts"]
 
-TARGET_SUM = 1e4
 _TINY = np.finfo(np.float32).tiny
 
 
