@@ -72,8 +72,8 @@ def run_tracking(run_dir: Path) -> dict:
     return {"mlflow_run_id": run_id, "tracking_uri": uri if run_id else None}
 
 
-def _store_genes(store: str, keys: Sequence[str] | None = None) -> dict[str, list[str]]:
-    """gene_key / gene_id / gene_symbol of a store, in order (``keys`` checks the order)."""
+def _store_meta(store: str):
+    """The run's training store's metadata (its genes go into the bundle)."""
     from latentcell.data_pipelines.stores import open_store
 
     if not store or not Path(store).exists():
@@ -81,7 +81,12 @@ def _store_genes(store: str, keys: Sequence[str] | None = None) -> dict[str, lis
             store or "<none>", "genes", "the run's training store is not available, and its "
             "gene vocabulary is needed in the bundle", "keep the run's store where it was trained",
         )  # fmt: skip
-    var = open_store(store).meta.var
+    return open_store(store).meta
+
+
+def _store_genes(meta, keys: Sequence[str] | None = None) -> dict[str, list[str]]:
+    """gene_key / gene_id / gene_symbol of a store, in order (``keys`` checks the order)."""
+    var = meta.var
     genes = {
         "gene_key": [str(g) for g in var.index],
         "gene_id": [str(g) for g in var["gene_id"]],
@@ -89,7 +94,7 @@ def _store_genes(store: str, keys: Sequence[str] | None = None) -> dict[str, lis
     }
     if keys is not None and list(keys) != genes["gene_key"]:
         raise DataValidationError(
-            store, "genes", "the store's genes differ from the run's", "restore the run's store"
+            meta.path, "genes", "the store's genes differ from the run's", "restore the run's store"
         )
     return genes
 
@@ -115,19 +120,11 @@ def plan_vae(run_dir: Path, card: dict, weights: str, **_) -> ExportPlan:
     import tomllib
 
     vae, provenance = load_vae(run_dir, weights)
-    store = tomllib.loads((run_dir / "config.toml").read_text())["data"].get("path", "")
-    genes = _store_genes(store)
-    batch = _batch_labels(store) if vae.config.n_batches else (None, [])
-    sections = {"genes": genes, "vae": _vae_section(vae, provenance, *batch)}
-    return ExportPlan("autoencoder", _vae_components(vae), sections, weights_path(run_dir, weights))
-
-
-def _batch_labels(store: str) -> tuple[str | None, list[str]]:
-    from latentcell.data_pipelines.stores import open_store
-
-    meta = open_store(store).meta
+    meta = _store_meta(tomllib.loads((run_dir / "config.toml").read_text())["data"].get("path", ""))
     column = meta.roles.get("batch")
-    return column, list(meta.categories[column]) if column else []
+    labels = meta.categories[column] if column else []
+    sections = {"genes": _store_genes(meta), "vae": _vae_section(vae, provenance, column, labels)}
+    return ExportPlan("autoencoder", _vae_components(vae), sections, weights_path(run_dir, weights))
 
 
 def plan_dit(run_dir: Path, card: dict, weights: str, **_) -> ExportPlan:
@@ -173,7 +170,7 @@ def plan_st(run_dir: Path, card: dict, weights: str, add_perturbations=(), **_) 
     pretraining = card["class"].endswith("STPretrainModel")
     store = card.get("store", "")
     if store and Path(store).exists():
-        genes = _store_genes(store, card["genes"])
+        genes = _store_genes(_store_meta(store), card["genes"])
     else:  # the card alone: its keys and symbols (the gene ids lived in the store)
         genes = {"gene_key": list(card["genes"]), "gene_id": list(card["genes"]),
                  "gene_symbol": list(card.get("gene_symbols", card["genes"]))}  # fmt: skip

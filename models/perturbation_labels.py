@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from latentcell.data_pipelines.errors import DataValidationError
 
-__all__ = ["perturbation_genes", "split_genes", "target_columns"]
+__all__ = ["perturbation_genes", "split_genes", "target_columns", "untrained_parts"]
 
 _VOCAB = "perturbation labels"  # the "file" of errors about the label vocabulary itself
 
@@ -46,3 +46,22 @@ def perturbation_genes(
     """
     genes = (g for label in labels for g in split_genes(label, separator, control_label))
     return tuple(dict.fromkeys(genes))
+
+
+def untrained_parts(
+    label: str,
+    trained: Sequence[str] | None,
+    encoder: str,
+    separator: str = "+",
+    control_label: str = "non-targeting",
+) -> list[str]:
+    """What of ``label`` never had a trained embedding ([] when it is usable): the label
+    itself for a onehot encoder, its genes absent from every ``trained`` label for
+    gene_table; never anything for external vectors (fixed, not learned) or for runs that
+    did not record ``trained`` (None)."""
+    if trained is None or encoder == "external":
+        return []
+    if encoder == "onehot":
+        return [] if label in trained else [label]
+    known = set(perturbation_genes(trained, separator, control_label))
+    return [g for g in split_genes(label, separator, control_label) if g not in known]

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from latentcell.data_pipelines.errors import DataValidationError
+from latentcell.models.perturbation_labels import untrained_parts
 
 from .trained_runs import load_model_card, load_state, weights_path
 
@@ -53,18 +54,10 @@ class STPredictor:
         """A onehot / gene_table vector the split kept out of training was never trained (it
         is still its random initialisation): refuse it rather than predict from noise."""
         encoder = self.model.perturbation.config
-        if self.trained is None or encoder.kind == "external":
-            return
-        if encoder.kind == "onehot":
-            untrained = [] if perturbation in self.trained else [perturbation]
-        else:
-            from latentcell.models.perturbation_labels import perturbation_genes, split_genes
-
-            known = set(
-                perturbation_genes(self.trained, encoder.combo_separator, encoder.control_label)
-            )
-            genes = split_genes(perturbation, encoder.combo_separator, encoder.control_label)
-            untrained = [g for g in genes if g not in known]
+        untrained = untrained_parts(
+            perturbation, self.trained, encoder.kind, encoder.combo_separator,
+            encoder.control_label,
+        )  # fmt: skip
         if untrained:
             raise DataValidationError(
                 "--perturbations", perturbation,

@@ -15,7 +15,7 @@ import numpy as np
 
 from latentcell.data_pipelines.errors import DataValidationError
 from latentcell.models.expression import TARGET_SUM, log1p_normalize
-from latentcell.models.perturbation_labels import perturbation_genes, split_genes, target_columns
+from latentcell.models.perturbation_labels import split_genes, target_columns, untrained_parts
 
 from .bundle import Bundle
 from .likelihoods import mean_log1p, sample_counts
@@ -52,16 +52,9 @@ class OnnxSetPredictor:
     def untrained(self, label: str) -> list[str]:
         """What of ``label`` never had a trained embedding ([] when it is usable)."""
         p = self.settings
-        if self.trained is None or p["encoder"] == "external":
-            return []
-        if p["encoder"] == "onehot":
-            return [] if label in self.trained else [label]
-        known = set(perturbation_genes(self.trained, p["combo_separator"], p["control_label"]))
-        return [
-            g
-            for g in split_genes(label, p["combo_separator"], p["control_label"])
-            if g not in known
-        ]
+        return untrained_parts(
+            label, self.trained, p["encoder"], p["combo_separator"], p["control_label"]
+        )
 
     def _vocabulary_label(self, label: str) -> str:
         """``label`` itself, or for gene-sum encoders (gene_table, external), where ``B+A``
