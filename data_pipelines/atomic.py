@@ -9,10 +9,16 @@ temporary path is a sibling and not somewhere under ``/tmp``.
 
 With ``overwrite=True`` the old store is first renamed aside and deleted only after the new
 one is in place, so a failure at any step leaves either the old or the new store readable.
+
+A build holds an exclusive ``flock`` on ``<tmp>/.building`` while it runs. A killed build
+leaves its temporary directory behind, but not its lock (the kernel drops locks with the
+process), so the next build of the same ``out`` removes every ``<out>.tmp-*`` whose lock it
+can take, and never one a build still running holds.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -43,8 +49,10 @@ class AtomicDir:
         self.overwrite = overwrite
         self._check_destination()
         self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.removed_stale = remove_stale_builds(self.out)
         self.tmp = self.out.parent / f"{self.out.name}.tmp-{secrets.token_hex(6)}"
         self.tmp.mkdir()
+        self._lock = _lock(self.tmp)
         self.committed = False
 
     def _check_destination(self) -> None:
@@ -69,6 +77,7 @@ class AtomicDir:
         if self.committed:
             return self.out
         self._check_destination()
+        self._unlock()
         old = None
         if self.out.exists():
             old = self.out.parent / f"{self.out.name}.old-{secrets.token_hex(6)}"
@@ -89,12 +98,55 @@ class AtomicDir:
         """Remove the temporary directory (idempotent; a no-op after commit)."""
         if not self.committed:
             shutil.rmtree(self.tmp, ignore_errors=True)
+            self._unlock()
+
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            (self.tmp / _LOCK_NAME).unlink(missing_ok=True)
+            os.close(self._lock)  # closing the descriptor releases the flock
+            self._lock = None
 
     def __enter__(self) -> AtomicDir:
         return self
 
     def __exit__(self, *exc) -> None:
         self.abort()
+
+
+_LOCK_NAME = ".building"
+
+
+def _lock(directory: Path) -> int:
+    """An exclusive flock on ``directory/.building``, held until the descriptor closes."""
+    fd = os.open(directory / _LOCK_NAME, os.O_CREAT | os.O_RDWR, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def remove_stale_builds(out: Path) -> list[Path]:
+    """Remove the ``<out>.tmp-*`` directories of builds that died (nobody holds their lock);
+    returns what was removed. A directory without a lock file is left alone: it is not ours,
+    or a build is between creating it and locking it."""
+    removed = []
+    for tmp in sorted(out.parent.glob(f"{out.name}.tmp-*")):
+        lock_file = tmp / _LOCK_NAME
+        if tmp.is_symlink() or not tmp.is_dir() or not lock_file.is_file():
+            continue
+        try:
+            fd = os.open(lock_file, os.O_RDWR)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: a build is running
+            os.close(fd)
+            continue
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+        finally:
+            os.close(fd)
+    return removed
 
 
 def _fsync_dir(path: Path) -> None:
@@ -149,6 +201,17 @@ class AtomicWriter:
     """
 
     _done = False
+    _atomic: AtomicDir
+
+    @property
+    def scratch(self) -> Path:
+        """The build's temporary directory (scratch files there vanish with a failed build)."""
+        return self._atomic.tmp
+
+    @property
+    def removed_stale(self) -> list[Path]:
+        """Temporary directories of killed builds of the same ``out`` removed at start."""
+        return self._atomic.removed_stale
 
     def append(self, block) -> None:
         """Add ``block`` as the next rows (its ``rows`` are ignored: rows are assigned here).

@@ -28,6 +28,7 @@ import scipy.sparse as sp
 import torch
 
 from .blocks import ROLES, CellBlock, StoreMeta
+from .errors import DataValidationError
 
 OUTPUTS = ("csr", "dense")
 
@@ -73,24 +74,26 @@ class BatchSpec:
             columns = [c for c in meta.categories if not c.startswith("_")]
         unknown = [c for c in columns if c not in meta.categories]
         if unknown:
-            raise ValueError(
-                f"columns {unknown} are not categorical obs columns of {meta.path}; "
-                f"available: {sorted(meta.categories)}"
-            )
+            raise DataValidationError(
+                meta.path, "columns", f"{unknown} are not categorical obs columns of the store",
+                f"use some of {sorted(meta.categories)}",
+            )  # fmt: skip
         unknown = [c for c in numeric_columns if c not in meta.numeric_columns]
         if unknown:
-            raise ValueError(
-                f"numeric_columns {unknown} are not numeric obs columns of {meta.path}; "
-                f"available: {sorted(meta.numeric_columns)}"
-            )
+            raise DataValidationError(
+                meta.path, "numeric_columns", f"{unknown} are not numeric obs columns",
+                f"use some of {sorted(meta.numeric_columns)}",
+            )  # fmt: skip
         roles = tuple((r, meta.roles[r]) for r in ROLES if meta.roles.get(r))
         for role, column in roles:
             if role != column and role in meta.categories:
-                raise ValueError(
-                    f"role {role!r} maps to column {column!r}, but {meta.path} also has an obs "
-                    f"column named {role!r}; obs[{role!r}] would be ambiguous. Rename one of them "
-                    "when building the store."
-                )
+                raise DataValidationError(
+                    meta.path, f"obs/{role}", f"the {role} role is column {column!r}, but the "
+                    f"store also has an obs column named {role!r}, so obs[{role!r}] would be "
+                    "ambiguous (stores built before latentcell refused this at build time)",
+                    f"rebuild the store without the column {role!r} or with it as the {role} "
+                    "column",
+                )  # fmt: skip
         return cls(
             n_genes=meta.n_genes,
             output=output,

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -104,6 +103,7 @@ def plan_obs(inputs: list[InputFile]) -> ObsPlan:
         for col, kind in kinds.items()
         if kind == "categorical"
     }
+    _check_role_names(inputs, roles, categories)
     categories[SOURCE_FILE_COLUMN] = [inp.path for inp in inputs]
     numeric = {col: kind for col, kind in kinds.items() if kind != "categorical"}
     numeric[SOURCE_ROW_COLUMN] = "int64"
@@ -127,6 +127,25 @@ def _agreed_column(inputs: list[InputFile], role: str) -> str | None:
             f"rename the column to one name in every input, or pass {ROLE_FLAGS[role]}",
         )
     return found.pop() if found else None
+
+
+def _check_role_names(inputs: list[InputFile], roles: dict, categories: dict) -> None:
+    """Loaders deliver each role column under its role's name too (``obs["cell_type"]``), so
+    a label column named like a role but not playing it would be ambiguous in every training
+    run: refuse it here, where the fix is one flag away."""
+    for role in STORE_ROLES:
+        column = roles[role]
+        if column is None or column == role or role not in categories:
+            continue
+        holder = next(inp.path for inp in inputs if role in inp.file.obs.columns)
+        raise DataValidationError(
+            holder,
+            f"obs/{role}",
+            f"the {role} role is column {column!r}, but the file also has a column named "
+            f"{role!r}, which training would confuse with it",
+            f"pass {ROLE_FLAGS[role]} {role} to use that column instead, or drop or rename "
+            f"obs[{role!r}] in the input",
+        )
 
 
 def _implicit_column_name(inputs: list[InputFile]) -> str:
@@ -571,14 +590,18 @@ def build_store(
             inputs=[_input_record(inp, plan) for inp, plan in zip(opened, plans, strict=True)],
             build_options=options,
         )
-        settings = WriteSettings(
-            read_cells=read_cells,
-            validate=not validated,
-            integer=integer_counts,
-            spill_dir=str(spill_dir or Path(out).absolute().parent),
-            bucket_nnz=bucket_nnz,
-        )
         with make_writer(format, out, spec, overwrite=overwrite, **writer_opts) as writer:
+            for stale in writer.removed_stale:
+                print(f"removed {stale}: the temporary directory of a build that was killed")
+            settings = WriteSettings(
+                read_cells=read_cells,
+                validate=not validated,
+                integer=integer_counts,
+                # inside the build's own temporary directory unless asked otherwise, so a
+                # killed build's spill files go with it (see ``atomic.remove_stale_builds``)
+                spill_dir=str(spill_dir or writer.scratch),
+                bucket_nnz=bucket_nnz,
+            )
             write_store(opened, obs, genes, stored, plans, writer, settings)
             return writer.finish()
     finally:
@@ -603,7 +626,7 @@ def open_inputs(paths: list[str], schema: Schema) -> list[InputFile]:
 
 def _input_paths(inputs) -> list[str]:
     if not inputs:
-        raise ValueError("no input files given")
+        raise _option("inputs", "no input files given", "pass at least one .h5ad")
     paths = [os.path.abspath(os.fspath(p)) for p in inputs]
     seen = set()
     for p in paths:
@@ -618,23 +641,34 @@ def _writer_options(format, chunk_cells, block_cells, cells_per_shard, codec=Non
     zarr_opts = {"chunk_cells": chunk_cells, "codec": codec}
     wds_opts = {"block_cells": block_cells, "cells_per_shard": cells_per_shard}
     mine, other = (zarr_opts, wds_opts) if format == "zarr" else (wds_opts, zarr_opts)
-    wrong = [k for k, v in other.items() if v is not None]
+    wrong = ["--" + k.replace("_", "-") for k, v in other.items() if v is not None]
+    small = [f"--{k.replace('_', '-')}" for k, v in mine.items() if isinstance(v, int) and v < 1]
+    if small:
+        raise _option(small[0], "must be at least 1", "pass a positive number")
     if wrong and format in ("zarr", "webdataset"):
-        raise ValueError(f"options {wrong} do not apply to format {format!r}")
+        raise _option(wrong[0], f"options {wrong} do not apply to --format {format}", "drop them")
     return {k: v for k, v in mine.items() if v is not None}
+
+
+def _option(flag: str, problem: str, fix: str) -> DataValidationError:
+    return DataValidationError("latentcell data build", flag, problem, fix)
 
 
 def _check_options(hvg, combine_targets, genes_file, gene_join, read_cells) -> None:
     if hvg is not None and genes_file is not None:
-        raise ValueError("--hvg and --genes are alternatives: pass one of them")
+        raise _option("--hvg", "--hvg and --genes are alternatives", "pass one of them")
     if combine_targets and hvg is None:
-        raise ValueError("--combine-targets adds perturbed genes to HVGs: it needs --hvg N")
+        raise _option(
+            "--combine-targets",
+            "adds perturbed genes to HVGs: it needs --hvg N",
+            "pass --hvg N too",
+        )
     if hvg is not None and hvg < 1:
-        raise ValueError("--hvg must be at least 1")
+        raise _option("--hvg", f"{hvg} genes", "pass at least 1")
     if gene_join not in GENE_JOINS:
-        raise ValueError(f"gene join must be one of {GENE_JOINS}")
+        raise _option("--gene-join", repr(gene_join), f"use one of {GENE_JOINS}")
     if read_cells < 1:
-        raise ValueError("read_cells must be at least 1")
+        raise _option("--read-cells", str(read_cells), "pass at least 1")
 
 
 def _check_out(out, overwrite: bool) -> None:
@@ -712,7 +746,9 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
         help="cells per read from an input",
     )
     parser.add_argument(
-        "--spill-dir", help="where large inputs are sorted on disk (default: beside --out)"
+        "--spill-dir",
+        help="where large inputs are sorted on disk (default: in the build's temporary "
+        "directory beside --out)",
     )
     parser.add_argument(
         "--allow-non-integer", action="store_true", help="accept non-integer values in X"
@@ -723,33 +759,29 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
 def run_build(args: argparse.Namespace) -> int:
     """Run the build from parsed arguments; prints one line and returns the exit code."""
     start = time.perf_counter()
-    try:
-        path = build_store(
-            args.inputs,
-            args.out,
-            format=args.format,
-            schema=args.schema,
-            hvg=args.hvg,
-            combine_targets=args.combine_targets,
-            genes_file=args.genes,
-            pert_col=args.pert_col,
-            control=args.control,
-            batch_col=args.batch_col,
-            cell_type_col=args.cell_type_col,
-            guide_col=args.guide_col,
-            gene_join=args.gene_join,
-            chunk_cells=args.chunk_cells,
-            codec=args.codec,
-            block_cells=args.block_cells,
-            cells_per_shard=args.cells_per_shard,
-            read_cells=args.read_cells,
-            overwrite=args.overwrite,
-            hvg_sample_cells=args.hvg_sample_cells,
-            integer_counts=not args.allow_non_integer,
-            spill_dir=args.spill_dir,
-        )
-    except (DataValidationError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    path = build_store(
+        args.inputs,
+        args.out,
+        format=args.format,
+        schema=args.schema,
+        hvg=args.hvg,
+        combine_targets=args.combine_targets,
+        genes_file=args.genes,
+        pert_col=args.pert_col,
+        control=args.control,
+        batch_col=args.batch_col,
+        cell_type_col=args.cell_type_col,
+        guide_col=args.guide_col,
+        gene_join=args.gene_join,
+        chunk_cells=args.chunk_cells,
+        codec=args.codec,
+        block_cells=args.block_cells,
+        cells_per_shard=args.cells_per_shard,
+        read_cells=args.read_cells,
+        overwrite=args.overwrite,
+        hvg_sample_cells=args.hvg_sample_cells,
+        integer_counts=not args.allow_non_integer,
+        spill_dir=args.spill_dir,
+    )
     print(f"built {path} in {time.perf_counter() - start:.1f}s")
     return 0

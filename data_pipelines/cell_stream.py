@@ -57,6 +57,7 @@ Resume
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -68,8 +69,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .batches import OUTPUTS, BatchSpec, make_batch
 from .blocks import CellBlock, StoreReader
+from .errors import UserInputError
+from .integrity import ON_CORRUPT
+from .skipping_reader import SKIPPED_KEY, SkippingReader
 
 TAILS = ("pad", "drop", "partial")
+ERROR_KEY = "_error"  # an item carrying a worker's UserInputError to the main process
 
 # Tags that keep the random streams of different decisions independent.
 _UNIT_ORDER, _POOL_ORDER = 0, 1
@@ -159,6 +164,8 @@ def check_stream_options(config) -> None:
         raise ValueError(f"tail must be one of {TAILS}, got {config.tail!r}")
     if config.output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got {config.output!r}")
+    if config.on_corrupt not in ON_CORRUPT:
+        raise ValueError(f"on_corrupt must be one of {ON_CORRUPT}, got {config.on_corrupt!r}")
     if config.columns is not None:
         object.__setattr__(config, "columns", tuple(config.columns))
     object.__setattr__(config, "numeric_columns", tuple(config.numeric_columns))
@@ -196,8 +203,12 @@ class ShardedIterable(IterableDataset):
         self._init_topology(rank, world_size, num_workers)
 
     def _get_reader(self) -> StoreReader:
+        """This process's reader; with ``on_corrupt="skip"``, damaged units read as
+        placeholder cells (``skipping_reader``), padded out of every batch."""
         if self._reader is None:
             self._reader = self._factory()
+        if self.config.on_corrupt == "skip" and not isinstance(self._reader, SkippingReader):
+            self._reader = SkippingReader(self._reader)
         return self._reader
 
     def __getstate__(self) -> dict:
@@ -293,7 +304,25 @@ class ShardedIterable(IterableDataset):
         counts = self.rank_counts()
         offsets, first = round_robin_resume(counts, self.resume_offset())
         local = (worker + first) % k
-        return self._iter_slot(self.rank * k + local, int(offsets[local]))
+        return self._reported(self._iter_slot(self.rank * k + local, int(offsets[local])))
+
+    def _reported(self, items: Iterator[dict]) -> Iterator[dict]:
+        """Items with the damaged units found while making them (``SKIPPED_KEY``); in a
+        DataLoader worker, a user-facing error becomes an item (``ERROR_KEY``) so that the
+        main process raises it as itself (the DataLoader would turn it into a RuntimeError
+        holding a traceback)."""
+        in_worker = get_worker_info() is not None
+        try:
+            for item in items:
+                if isinstance(self._reader, SkippingReader):
+                    new = self._reader.drain()
+                    if new:
+                        item[SKIPPED_KEY] = new
+                yield item
+        except UserInputError as err:
+            if not in_worker:
+                raise
+            yield {ERROR_KEY: err}
 
     def _iter_slot(self, slot: int, start_item: int) -> Iterator[dict]:
         raise NotImplementedError
@@ -325,6 +354,7 @@ class StreamLoader:
         self.dataset = dataset
         self.dataloader_kwargs = dataloader_kwargs
         self.batches_consumed = dataset.resume_offset()
+        self._skipped: dict[str, str] = {}
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -332,8 +362,28 @@ class StreamLoader:
     def __iter__(self) -> Iterator[dict]:
         self.batches_consumed = self.dataset.resume_offset()
         for item in self._items():
+            if ERROR_KEY in item:
+                raise item[ERROR_KEY]
+            skipped = item.pop(SKIPPED_KEY, None)
+            if skipped:
+                self._note_skipped(skipped)
             self.batches_consumed += 1
             yield item
+
+    def _note_skipped(self, skipped: dict[str, str]) -> None:
+        for file, problem in skipped.items():
+            if file not in self._skipped:
+                self._skipped[file] = problem
+                print(
+                    f"warning: skipping damaged data {file} ({problem}); its cells are left "
+                    'out of training (data.on_corrupt = "skip")',
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+    def corrupt_units(self) -> list[dict]:
+        """Damaged files this loader skipped so far (``on_corrupt="skip"``), in order found."""
+        return [{"file": f, "problem": p} for f, p in self._skipped.items()]
 
     def _items(self) -> Iterator[dict]:
         """In-process streams skip the DataLoader: it would only add per-batch overhead
@@ -369,6 +419,8 @@ class CellStreamConfig:
     buffer_cells, when set, overrides buffer_units as the pool size in cells.
     columns: categorical obs columns in ``obs`` (None: all but ``_``-prefixed ones; the role
     columns are always added under their role names). numeric_columns: numeric obs columns.
+    on_corrupt: "error" stops at a damaged unit (``CorruptDataError`` naming the file);
+    "skip" pads its cells out and reports it (``skipping_reader``).
     """
 
     batch_size: int = 256
@@ -380,6 +432,7 @@ class CellStreamConfig:
     output: str = "csr"
     columns: tuple[str, ...] | None = None
     numeric_columns: tuple[str, ...] = ()
+    on_corrupt: str = "error"
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -462,7 +515,8 @@ class CellStream(ShardedIterable):
         for a in range(start_batch * size, n_out, size):
             b = min(a + size, n_out)
             block = cells.positions(a, b)
-            yield make_batch(block, self.spec, is_pad=np.arange(a, b) >= cells.n)
+            pad = (np.arange(a, b) >= cells.n) | (block.rows < 0)  # rows < 0: skipped units
+            yield make_batch(block, self.spec, is_pad=pad)
 
 
 class _Background:

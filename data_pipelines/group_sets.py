@@ -53,6 +53,7 @@ import torch
 
 from .batches import make_batch
 from .blocks import ROLES, StoreReader
+from .errors import DataValidationError
 from .set_epochs import RowRanges, SetEpochs, SetsConfig, read_pieces
 
 __all__ = [
@@ -126,10 +127,10 @@ def split_groups(index: pd.DataFrame, val_fraction: float, seed: int = 0) -> Gro
     if val_fraction == 0.0:
         return GroupSplit(keys, [], int(n.sum()), 0)
     if len(keys) < 2:
-        raise ValueError(
-            f"cannot hold out whole groups: the store has {len(keys)} group(s) "
-            "(cell type x batch); set the validation fraction to 0"
-        )
+        raise DataValidationError(
+            "store", "data.val_fraction", f"cannot hold out whole groups: the store has "
+            f"{len(keys)} group(s) (cell type x batch)", "set data.val_fraction=0",
+        )  # fmt: skip
     target = val_fraction * float(n.sum())
     held = np.zeros(len(keys), dtype=bool)
     total = 0
@@ -199,10 +200,11 @@ class GroupSetSampler(SetEpochs):
                 self.group_keys.append(tuple(int(k) for k in key))
                 kept.append(cells)
         if not self.group_keys:
-            raise ValueError(
-                f"{self.meta.path}: no group has at least min_group_cells="
-                f"{self.config.min_group_cells} cells"
-            )
+            raise DataValidationError(
+                self.meta.path, "data.min_group_cells", "no group has at least "
+                f"min_group_cells={self.config.min_group_cells} cells",
+                "lower data.min_group_cells, or train on a store with larger groups",
+            )  # fmt: skip
         self.n_cells = int(self._cut_into_sets(kept).sum())
 
     def group_table(self) -> pd.DataFrame:
@@ -234,6 +236,7 @@ class GroupSetSampler(SetEpochs):
         plan = self.set_plan(set_id)
         ct, pt, b = self.group_keys[plan["group"]]
         block = self._range_cache().gather(plan["rows"])
+        is_pad = is_pad or bool((block.rows < 0).any())  # rows < 0: skipped damaged units
         return {
             "cells": make_batch(block, self.spec, np.full(self.config.set_size, is_pad)),
             "cell_type": ct,

@@ -181,6 +181,40 @@ class H5adFile:
             self._data, self._indices = self._x["data"], self._x["indices"]
         if self.encoding == "csr":
             self._indptr = self._x["indptr"][:].astype(np.int64)
+            self._check_pointers(self._indptr, self.n_cells)
+        elif self.encoding == "csc":
+            self._check_pointers(self._x["indptr"][:].astype(np.int64), self.n_genes)
+
+    def _check_pointers(self, indptr: np.ndarray, n: int) -> None:
+        """A sparse X's pointer array: one entry per row (column for CSC) plus one, from 0,
+        never decreasing, ending at the number of stored entries. Checked once at open, so
+        no read can slice outside ``data``/``indices``."""
+        nnz = len(self._data)
+        problem = None
+        if len(self._indices) != nnz:
+            problem = f"X/data has {nnz} entries but X/indices has {len(self._indices)}"
+        elif len(indptr) != n + 1:
+            problem = f"X/indptr has {len(indptr)} entries, expected {n + 1}"
+        elif indptr[0] != 0 or indptr[-1] != nnz:
+            problem = f"X/indptr runs from {indptr[0]} to {indptr[-1]}, expected 0 to {nnz}"
+        elif (np.diff(indptr) < 0).any():
+            row = int(np.flatnonzero(np.diff(indptr) < 0)[0])
+            problem = f"X/indptr decreases at position {row}"
+        if problem:
+            raise DataValidationError(
+                self.path, "X/indptr", f"malformed sparse matrix: {problem}",
+                "re-write the file with anndata (adata.write_h5ad) from a valid matrix",
+            )  # fmt: skip
+
+    def _checked_indices(self, indices: np.ndarray, limit: int) -> np.ndarray:
+        """Stored column (row, for CSC) indices must lie in [0, limit)."""
+        if len(indices) and (int(indices.min()) < 0 or int(indices.max()) >= limit):
+            bad = indices[(indices < 0) | (indices >= limit)][0]
+            raise DataValidationError(
+                self.path, "X/indices", f"index {int(bad)} outside [0, {limit})",
+                "re-write the file with anndata (adata.write_h5ad) from a valid matrix",
+            )  # fmt: skip
+        return indices
 
     def release(self) -> None:
         """Close the HDF5 handle (keeping obs/var); the next read reopens it.
@@ -228,7 +262,7 @@ class H5adFile:
             lo, hi = int(self._indptr[start]), int(self._indptr[stop])
             indptr = self._indptr[start : stop + 1] - lo
             data = self._data[lo:hi]
-            indices = self._indices[lo:hi]
+            indices = self._checked_indices(self._indices[lo:hi], self.n_genes)
             return sp.csr_matrix((data, indices, indptr), shape=(stop - start, self.n_genes))
         if self.encoding == "dense":
             return sp.csr_matrix(self._x[start:stop])
@@ -260,7 +294,7 @@ class H5adFile:
             lo, hi = int(starts[a]), int(stops[b - 1])
             take = _ranges_to_index(starts[a:b] - lo, lengths[a:b])
             data.append(self._data[lo:hi][take])
-            indices.append(self._indices[lo:hi][take])
+            indices.append(self._checked_indices(self._indices[lo:hi][take], self.n_genes))
         indptr = np.concatenate([[0], np.cumsum(lengths)])
         shape = (len(rows), self.n_genes)
         if not data:
@@ -285,7 +319,7 @@ class H5adFile:
         keep_r, keep_c, keep_v = [], [], []
         for lo in range(0, nnz, CSC_SLAB):
             hi = min(lo + CSC_SLAB, nnz)
-            pos = position[self._indices[lo:hi]]
+            pos = position[self._checked_indices(self._indices[lo:hi], self.n_cells)]
             hit = np.flatnonzero(pos >= 0)
             if len(hit):
                 keep_r.append(pos[hit])

@@ -31,6 +31,11 @@ def summarize_store(path: str) -> dict:
             c: len(meta.categories[c]) for c in meta.categories if not c.startswith("_")
         },
         "inputs": meta.manifest.get("inputs", []),
+        "format_version": int(meta.manifest["version"]),
+        # what reads check (``integrity``): version 1 stores predate the checks
+        "integrity": "checksummed units, sealed manifest"
+        if "manifest_sha256" in meta.manifest
+        else "none (built before format version 2: rebuild for read-time checks)",
     }
 
 
@@ -44,7 +49,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
-    for key in ("path", "format", "n_cells", "n_genes", "nnz", "n_groups", "n_units"):
+    for key in ("path", "format", "n_cells", "n_genes", "nnz", "n_groups", "n_units", "integrity"):
         print(f"{key:>13}: {summary[key]}")
     print(f"{'roles':>13}: {summary['roles']} (control: {summary['control_label']})")
     for col, n in summary["categories"].items():

@@ -28,9 +28,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from .atomic import AtomicDir, sha256_file, sha256_tree
 from .blocks import CellBlock, StoreReader
+from .integrity import corrupt
 from .store_common import (
     check_row_range,
     latentcell_version,
@@ -65,20 +67,22 @@ def write_latent_store(
     with AtomicDir(out, overwrite=overwrite) as build:
         root = zarr.open_group(build.tmp, mode="w", zarr_format=3)
         chunk = min(chunk_cells, max(n, 1))
-        arrays = {
-            "z": root.create_array("z", shape=(n, n_latent), chunks=(chunk, n_latent),
-                                   dtype=np.float32),
-            "library_size": root.create_array("library_size", shape=(n,), chunks=(chunk,),
-                                              dtype=np.float32),
-        }  # fmt: skip
+
+        def array(name: str, width: int | None, dtype) -> zarr.Array:
+            """Checksummed chunks, every one written (``integrity``)."""
+            shape, chunks = ((n, width), (chunk, width)) if width else ((n,), (chunk,))
+            return root.create_array(
+                name, shape=shape, chunks=chunks, dtype=dtype,
+                compressors=[ZstdCodec(), Crc32cCodec()], config={"write_empty_chunks": True},
+            )  # fmt: skip
+
+        arrays = {"z": array("z", n_latent, np.float32)}
+        arrays["library_size"] = array("library_size", None, np.float32)
         for col in cat_cols:
-            arrays[f"obs/{col}/codes"] = root.create_array(
-                f"obs/{col}/codes", shape=(n,), chunks=(chunk,), dtype=np.int32
-            )
+            arrays[f"obs/{col}/codes"] = array(f"obs/{col}/codes", None, np.int32)
         for col in num_cols:
-            dtype = np.dtype(numeric_dtypes.get(col, "float64"))
-            arrays[f"obs/{col}"] = root.create_array(
-                f"obs/{col}", shape=(n,), chunks=(chunk,), dtype=dtype
+            arrays[f"obs/{col}"] = array(
+                f"obs/{col}", None, np.dtype(numeric_dtypes.get(col, "float64"))
             )
         rows = _RowBuffer(arrays, chunk)
         for unit in range(len(meta.unit_sizes)):
@@ -167,7 +171,10 @@ class LatentStoreReader:
         if manifest["format"] != LATENT_FORMAT:
             raise ValueError(f"{self.path} is a {manifest['format']} store, not a latent store")
         self.manifest = manifest
-        self.meta = meta_from_manifest(manifest, str(self.path), manifest["unit_sizes"])
+        sizes = manifest.get("unit_sizes")
+        if not isinstance(sizes, list):
+            raise corrupt(self.path / MANIFEST_NAME, "unit_sizes", "missing or not a list")
+        self.meta = meta_from_manifest(manifest, str(self.path), sizes)
         self._starts = np.concatenate([[0], np.cumsum(self.meta.unit_sizes)])
         self.cache_bytes = cache_bytes
         self._arrays: dict | None = None
@@ -189,11 +196,35 @@ class LatentStoreReader:
         if self._arrays is None or self._pid != os.getpid():
             group = zarr.open_group(self.path, mode="r", zarr_format=3)
             arrays = {name: group[name] for name in self._names()}
+            for name, a in arrays.items():
+                self._check_array(name, a)
             size = sum(a.nbytes for a in arrays.values())
             if size <= self.cache_bytes:
-                arrays = {name: a[:] for name, a in arrays.items()}
+                arrays = {name: self._read(name, a, slice(None)) for name, a in arrays.items()}
             self._arrays, self._pid = arrays, os.getpid()
         return self._arrays
+
+    def _check_array(self, name: str, array: zarr.Array) -> None:
+        """Its length is the manifest's; with checksummed chunks, every chunk file exists
+        (zarr would read a missing one as zeros)."""
+        if array.shape[0] != self.meta.n_cells:
+            raise corrupt(self.path / name, "shape", f"{array.shape[0]} rows, expected "
+                          f"{self.meta.n_cells} (manifest.json)")  # fmt: skip
+        if not any(isinstance(c, Crc32cCodec) for c in array.metadata.codecs):
+            return  # written before per-chunk checksums (format version 1)
+        for i in range(-(-array.shape[0] // array.chunks[0])):
+            key = array.metadata.encode_chunk_key((i, 0) if array.ndim == 2 else (i,))
+            if not (self.path / name / key).is_file():
+                raise corrupt(self.path / name / key, "chunk", "the chunk file is missing")
+
+    def _read(self, name: str, array, rows: slice) -> np.ndarray:
+        """``array[rows]``; zarr verifies the chunks' checksums, a failure names the array."""
+        if isinstance(array, np.ndarray):
+            return array[rows]
+        try:
+            return array[rows]
+        except Exception as err:  # noqa: BLE001 - a codec failure is a damaged chunk
+            raise corrupt(self.path / name, "chunk", f"cannot read ({err})") from err
 
     def read_unit(self, unit: int) -> CellBlock:
         if not 0 <= unit < len(self.meta.unit_sizes):
@@ -202,13 +233,17 @@ class LatentStoreReader:
 
     def read_rows(self, start: int, stop: int) -> CellBlock:
         check_row_range(start, stop, self.meta.n_cells)
-        a = self._open()
+        a, rows = self._open(), slice(start, stop)
+
+        def read(name: str, dtype=None) -> np.ndarray:
+            return np.array(self._read(name, a[name], rows), dtype=dtype)
+
         return CellBlock(
-            X=np.array(a["z"][start:stop], dtype=np.float32),
+            X=read("z", np.float32),
             rows=np.arange(start, stop, dtype=np.int64),
-            library_size=np.array(a["library_size"][start:stop], dtype=np.float32),
-            codes={c: np.array(a[f"obs/{c}/codes"][start:stop]) for c in self.meta.categories},
-            numeric={c: np.array(a[f"obs/{c}"][start:stop]) for c in self.meta.numeric_columns},
+            library_size=read("library_size", np.float32),
+            codes={c: read(f"obs/{c}/codes") for c in self.meta.categories},
+            numeric={c: read(f"obs/{c}") for c in self.meta.numeric_columns},
         )
 
     def group_index(self) -> pd.DataFrame:

@@ -29,7 +29,8 @@ class SetsConfig:
     """The options every set sampler has. output: "dense" or "csr" X. columns /
     numeric_columns: as in ``CellStreamConfig``. buffer_sets: sets shuffled together (more =
     better mixing, more groups in the cache at once). cache_mb: range-cache budget per reader
-    (per worker). max_read_cells: longest single ``read_rows``."""
+    (per worker). max_read_cells: longest single ``read_rows``. on_corrupt: as in
+    ``CellStreamConfig``; a set holding skipped cells is padded out whole."""
 
     set_size: int = 128
     seed: int = 0
@@ -41,6 +42,7 @@ class SetsConfig:
     buffer_sets: int = 64
     cache_mb: float = 512.0
     max_read_cells: int = 8192
+    on_corrupt: str = "error"
 
     def __post_init__(self):
         if self.set_size < 1:

@@ -61,6 +61,7 @@ import torch
 
 from .batches import make_batch
 from .blocks import StoreReader
+from .errors import DataValidationError
 from .set_epochs import RowRanges, SetEpochs, SetsConfig, read_pieces
 
 MATCH_LEVELS = ("batch", "cell_type", "global")
@@ -173,10 +174,11 @@ class SetSampler(SetEpochs):
     def _control_code(self) -> int:
         pert_col, label = self.meta.roles.get("perturbation"), self.meta.control_label
         if pert_col is None or label is None:
-            raise ValueError(
-                f"{self.meta.path}: the set sampler needs a perturbation role column and a "
-                f"control label (roles={self.meta.roles}, control_label={label!r})"
-            )
+            raise DataValidationError(
+                self.meta.path, "roles", "perturbation sets need a perturbation column and a "
+                f"control label (roles={self.meta.roles}, control_label={label!r})",
+                "build the store with --pert-col COLUMN and --control LABEL",
+            )  # fmt: skip
         return self.meta.categories[pert_col].index(label)
 
     def _build_groups(self, index: pd.DataFrame) -> None:
@@ -222,17 +224,18 @@ class SetSampler(SetEpochs):
         )
         if self.config.allow_global_controls:
             if self.n_sets and self._global.n == 0:
-                raise ValueError(
-                    f"{self.meta.path}: no control cells ({self.meta.control_label!r}) at all"
-                    f"{where}"
-                )
+                raise DataValidationError(
+                    self.meta.path, "controls",
+                    f"no control cells ({self.meta.control_label!r}) at all{where}",
+                    "train on data with control cells",
+                )  # fmt: skip
             return
         missing = sorted({ct for ct, _ in self.group_keys if ct not in self._by_type})
         if missing:
             names = [self._cell_type_name(ct) for ct in missing]
-            message = (
-                f"{self.meta.path}: cell type(s) {names} have perturbed cells but no control "
-                f"cells ({self.meta.control_label!r}){where}; "
+            problem = (
+                f"cell type(s) {names} have perturbed cells but no control "
+                f"cells ({self.meta.control_label!r}){where}"
             )
             outside = 0
             if subset is not None:
@@ -240,18 +243,18 @@ class SetSampler(SetEpochs):
                 sizes = (ctrl["stop"] - ctrl["start"])[ctrl["cell_type"].isin(missing)]
                 outside = int(sizes.sum())
             if outside:
-                message += (
+                fix = (
                     f"the store has {outside} controls of them, all outside the subset: a "
                     "split that holds out all controls of a cell type must hold out its "
                     "perturbed cells too (hold out the cell type), or keep some controls in "
                     "the subset; or set allow_global_controls=True"
                 )
             else:
-                message += (
+                fix = (
                     "add controls for them, drop them, or set allow_global_controls=True to "
                     "match them with controls of any cell type"
                 )
-            raise ValueError(message)
+            raise DataValidationError(self.meta.path, "controls", problem, fix)
 
     def _cell_type_name(self, code: int) -> str:
         col = self.meta.roles.get("cell_type")
@@ -302,12 +305,14 @@ class SetSampler(SetEpochs):
         """The pair dict for one set of the current epoch."""
         plan = self.set_plan(set_id)
         cache = self._range_cache()
+        control, perturbed = cache.gather(plan["control_rows"]), cache.gather(plan["rows"])
+        is_pad = is_pad or bool((control.rows < 0).any() or (perturbed.rows < 0).any())
         pad = np.full(self.config.set_size, is_pad)
         ct, pt = self.group_keys[plan["group"]]
         levels = plan["levels"]
         return {
-            "control": make_batch(cache.gather(plan["control_rows"]), self.spec, pad),
-            "perturbed": make_batch(cache.gather(plan["rows"]), self.spec, pad),
+            "control": make_batch(control, self.spec, pad),
+            "perturbed": make_batch(perturbed, self.spec, pad),
             "perturbation": pt,
             "cell_type": ct,
             "match_level": MATCH_LEVELS[int(levels.max())],

@@ -17,7 +17,8 @@ import scipy.sparse as sp
 
 from .blocks import ROLES, CellBlock, StoreMeta, StoreSpec
 from .errors import DataValidationError
-from .store_layout import FORMAT_VERSION, MANIFEST_NAME
+from .integrity import check_manifest_seal, corrupt, seal_manifest
+from .store_layout import FORMAT_VERSION, MANIFEST_NAME, SEALED_SINCE
 
 
 def latentcell_version() -> str:
@@ -168,8 +169,10 @@ def base_manifest(
 
 
 def write_manifest(directory: Path, manifest: dict) -> None:
+    """The manifest, sealed with its own sha256 (``integrity``): written last by a build."""
+    sealed = seal_manifest(json.loads(json.dumps(manifest, default=_json_default)))
     with open(directory / MANIFEST_NAME, "w") as f:
-        json.dump(manifest, f, indent=1, default=_json_default)
+        json.dump(sealed, f, indent=1)
         f.write("\n")
 
 
@@ -218,7 +221,10 @@ def read_manifest(path: str | Path) -> dict:
         raise DataValidationError(
             mpath, "format", "missing or unknown store format", "rebuild the store"
         )
-    if int(manifest.get("version", -1)) > FORMAT_VERSION:
+    version = manifest.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise corrupt(mpath, "version", f"{version!r} is not a store format version")
+    if version > FORMAT_VERSION:
         raise DataValidationError(
             mpath,
             "version",
@@ -226,27 +232,106 @@ def read_manifest(path: str | Path) -> dict:
             f"understands ({FORMAT_VERSION})",
             "upgrade latentcell",
         )
+    check_manifest_seal(manifest, mpath, sealed=version >= SEALED_SINCE)
     return manifest
 
 
-def meta_from_manifest(manifest: dict, path: str, unit_sizes: np.ndarray) -> StoreMeta:
-    var = pd.DataFrame(
-        {"gene_id": manifest["var"]["gene_id"], "gene_symbol": manifest["var"]["gene_symbol"]},
-        index=pd.Index(manifest["var"]["gene_key"], name="gene_key"),
+def meta_from_manifest(manifest: dict, path: str, unit_sizes) -> StoreMeta:
+    """The store's metadata, after checking the manifest's structure and that its counts agree
+    with each other and with ``unit_sizes`` (what the format's own files say); a mismatch is
+    a ``CorruptDataError`` naming manifest.json and the field."""
+    mpath = Path(path) / MANIFEST_NAME
+    n_cells = manifest_int(manifest, "n_cells", mpath)
+    n_genes = manifest_int(manifest, "n_genes", mpath)
+    manifest_int(manifest, "nnz", mpath)
+    sizes = np.asarray(unit_sizes, dtype=np.int64) if len(unit_sizes) else np.zeros(0, np.int64)
+    if (sizes < 0).any() or int(sizes.sum()) != n_cells:
+        raise corrupt(
+            mpath, "n_cells", f"{n_cells} cells, but the read units hold {int(sizes.sum())}"
+        )
+    var = _section(manifest, "var", mpath)
+    for key in ("gene_key", "gene_id", "gene_symbol"):
+        values = var.get(key)
+        if not isinstance(values, list) or len(values) != n_genes:
+            raise corrupt(mpath, f"var.{key}", f"expected a list of {n_genes} gene names")
+    obs = _section(manifest, "obs", mpath)
+    categories = obs.get("categorical")
+    numeric = obs.get("numeric")
+    if not isinstance(categories, dict) or not all(
+        isinstance(v, list) for v in categories.values()
+    ):
+        raise corrupt(mpath, "obs.categorical", "expected {column: [categories]}")
+    if not isinstance(numeric, dict):
+        raise corrupt(mpath, "obs.numeric", "expected {column: dtype}")
+    roles = _section(manifest, "roles", mpath)
+    for role, col in roles.items():
+        if col is not None and col not in categories:
+            raise corrupt(mpath, f"roles.{role}", f"names {col!r}, not a categorical column")
+    counts = manifest.get("category_counts", {})
+    for col, cats in categories.items():
+        c = counts.get(col) if isinstance(counts, dict) else None
+        if c is not None and (
+            not isinstance(c, list) or len(c) != len(cats) or sum(int(x) for x in c) > n_cells
+        ):
+            raise corrupt(
+                mpath, f"category_counts.{col}", "does not fit the categories and n_cells"
+            )
+    frame = pd.DataFrame(
+        {"gene_id": var["gene_id"], "gene_symbol": var["gene_symbol"]},
+        index=pd.Index(var["gene_key"], name="gene_key"),
     )
     return StoreMeta(
         format=manifest["format"],
         path=str(path),
-        n_cells=int(manifest["n_cells"]),
-        n_genes=int(manifest["n_genes"]),
-        var=var,
-        categories={c: list(v) for c, v in manifest["obs"]["categorical"].items()},
-        numeric_columns=list(manifest["obs"]["numeric"]),
-        roles=dict(manifest["roles"]),
+        n_cells=n_cells,
+        n_genes=n_genes,
+        var=frame,
+        categories={c: list(v) for c, v in categories.items()},
+        numeric_columns=list(numeric),
+        roles=dict(roles),
         control_label=manifest.get("control_label"),
-        unit_sizes=np.asarray(unit_sizes, dtype=np.int64),
+        unit_sizes=sizes,
         manifest=manifest,
     )
+
+
+def manifest_int(manifest: dict, key: str, mpath: Path, minimum: int = 0) -> int:
+    """``manifest[key]`` as an int >= ``minimum``, or a CorruptDataError naming the field."""
+    value = manifest.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise corrupt(mpath, key, f"{value!r} is not an integer >= {minimum}")
+    return value
+
+
+def _section(manifest: dict, key: str, mpath: Path) -> dict:
+    value = manifest.get(key)
+    if not isinstance(value, dict):
+        raise corrupt(mpath, key, "missing or not an object")
+    return value
+
+
+def check_group_index(groups: pd.DataFrame, meta: StoreMeta, source: str | Path) -> pd.DataFrame:
+    """Group ranges must tile [0, n_cells) in order, with role codes inside their categories:
+    the set samplers index rows with them, so a bad range would read the wrong cells."""
+    starts, stops = groups["start"].to_numpy(), groups["stop"].to_numpy()
+    n = meta.n_cells
+    tiled = (
+        (len(starts) == 0 and n == 0)
+        or len(starts)
+        and starts[0] == 0
+        and stops[-1] == n
+        and (stops > starts).all()
+        and (starts[1:] == stops[:-1]).all()
+    )
+    if not tiled:
+        raise corrupt(source, "groups", f"the group ranges do not tile rows [0, {n})")
+    for role in ROLES:
+        col = meta.roles.get(role)
+        codes = groups[role].to_numpy()
+        limit = len(meta.categories[col]) if col is not None else 0
+        if len(codes) and (codes.min() < -1 or codes.max() >= limit):
+            raise corrupt(source, f"groups.{role}", "role codes outside the categories")
+    return groups
 
 
 def check_row_range(start: int, stop: int, n_cells: int) -> None:

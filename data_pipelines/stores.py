@@ -12,7 +12,9 @@ from pathlib import Path
 from .atomic import sha256_file, sha256_tree
 from .blocks import StoreReader, StoreSpec, StoreWriter
 from .errors import DataValidationError
+from .safe_paths import resolve_inside
 from .store_common import read_manifest
+from .store_layout import MANIFEST_NAME
 from .webdataset_store import WebDatasetStoreReader, WebDatasetStoreWriter
 from .zarr_store import ZarrStoreReader, ZarrStoreWriter
 
@@ -46,15 +48,27 @@ def open_store(path: str | os.PathLike, **opts) -> StoreReader:
 
 
 def verify_store(path: str | os.PathLike) -> list[str]:
-    """Recompute every checksum in the manifest; returns the problems (empty: intact)."""
+    """Check the manifest (its seal and counts, as opening does) and recompute every sha256
+    it lists; returns the problems (empty: intact). Names in the manifest are followed only
+    inside the store (``safe_paths``)."""
     root = Path(path)
-    manifest = read_manifest(root)
+    try:
+        manifest = read_manifest(root)
+        reader = open_store(root)  # the manifest's structure and counts against the files
+        if manifest["format"] != "latent":  # latent stores have no group index
+            reader.group_index()
+    except DataValidationError as err:
+        return [str(err)]
     if not isinstance(manifest.get("checksums"), dict):
         return [f"{root}: manifest has no checksums"]
     checksums = manifest["checksums"]
     problems = []
     for name, expected in sorted(checksums.items()):
-        target = root / name
+        try:
+            target = resolve_inside(root, name, root / MANIFEST_NAME, "checksums")
+        except DataValidationError as err:
+            problems.append(str(err))
+            continue
         if not target.exists():
             problems.append(f"{name}: missing")
             continue

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from .blocks import CellBlock, StoreMeta, StoreReader
+from .errors import DataValidationError
 from .stores import open_store
 
 __all__ = [
@@ -110,7 +111,14 @@ def warn_lopsided_split(
 def split_store_units(reader: StoreReader, fraction: float, seed: int):
     """``split_units`` over the store's read units, warning when the held-out units take most
     of a cell type (``warn_lopsided_split``): what every stage's validation split needs."""
-    train_units, val_units = split_units(len(reader.meta.unit_sizes), fraction, seed)
+    n_units = len(reader.meta.unit_sizes)
+    if fraction > 0 and n_units < 2:
+        raise DataValidationError(
+            reader.meta.path, "data.val_fraction", f"the store has {reader.meta.n_cells} cells "
+            f"in {n_units} read unit(s), too few to hold a validation split out",
+            "pass a separate validation store (data.val_path) or set data.val_fraction=0",
+        )  # fmt: skip
+    train_units, val_units = split_units(n_units, fraction, seed)
     warn_lopsided_split(reader, val_units)
     return train_units, val_units
 

@@ -20,8 +20,10 @@ from 0), rows int64, library_size float32, names fixed-width unicode, ``code.<co
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
+import re
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,22 +33,26 @@ import pandas as pd
 import scipy.sparse as sp
 import webdataset as wds
 
-from .atomic import AtomicDir, AtomicWriter, sha256_file
+from .atomic import AtomicDir, AtomicWriter
 from .blocks import ROLES, CellBlock, StoreSpec
 from .errors import DataValidationError
+from .integrity import corrupt, crc32c
 from .npz_reader import read_npz
+from .safe_paths import name_problem, resolve_inside
 from .store_common import (
     GroupRanges,
     base_manifest,
     category_counts,
     check_block,
+    check_group_index,
     check_row_range,
     check_spec,
+    manifest_int,
     meta_from_manifest,
     read_manifest,
     write_manifest,
 )
-from .store_layout import DEFAULT_BLOCK_CELLS
+from .store_layout import DEFAULT_BLOCK_CELLS, MANIFEST_NAME, SEALED_SINCE
 
 # A shard is the loader's read unit and a pool holds 8 units, so shard size bounds loader
 # memory and sets how many random places a pool mixes: 4096 cells keeps pools near Zarr's
@@ -162,13 +168,16 @@ class WebDatasetStoreWriter(AtomicWriter):
         shard = self._shards[-1]
         shard["n_cells"] += block.n_cells
         shard["n_samples"] += 1
+        shard["nnz"] = shard.get("nnz", 0) + block.X.nnz
         self._written += block.n_cells
 
     def _close_shard(self) -> None:
         if self._tar is not None:
             self._tar.close()
             self._file.close()
-            self._shards[-1]["sha256"] = sha256_file(self._atomic.tmp / self._shards[-1]["name"])
+            shard = self._shards[-1]
+            raw = np.fromfile(self._atomic.tmp / shard["name"], dtype=np.uint8)
+            shard.update(sha256=hashlib.sha256(raw).hexdigest(), crc32c=crc32c(raw), bytes=len(raw))
             self._tar = self._file = None
 
     def _finish(self) -> Path:
@@ -202,9 +211,11 @@ class WebDatasetStoreReader:
     """Reads a WebDataset store (``StoreReader``); units are shards. Picklable (no handles).
 
     names: include obs names in the blocks (off by default, as in ZarrStoreReader).
+    verify: check each shard's size and checksum when reading it (``integrity``); False
+    exists only to measure what the check costs (``benchmark_integrity``).
     """
 
-    def __init__(self, path: str | os.PathLike, names: bool = False):
+    def __init__(self, path: str | os.PathLike, names: bool = False, verify: bool = True):
         self.path = Path(path).absolute()
         manifest = read_manifest(self.path)
         if manifest["format"] != "webdataset":
@@ -214,33 +225,69 @@ class WebDatasetStoreReader:
                 f"a {manifest['format']} store, not webdataset",
                 "use open_store",
             )
-        self.shards = manifest["shards"]
+        mpath = self.path / MANIFEST_NAME
+        self.shards = _checked_shards(manifest, mpath, self.path)
         sizes = np.array([s["n_cells"] for s in self.shards], dtype=np.int64)
         self.meta = meta_from_manifest(manifest, str(self.path), sizes)
         self.first_rows = np.array([s["first_row"] for s in self.shards], dtype=np.int64)
-        self.block_cells = int(manifest["block_cells"])
-        self.names = names
+        self.block_cells = manifest_int(manifest, "block_cells", mpath, minimum=1)
+        self.names, self.verify = names, verify
 
     def shard_path(self, unit: int) -> Path:
         return self.path / self.shards[unit]["name"]
 
     def _samples(self, unit: int) -> Iterator[tuple[int, memoryview]]:
+        """(first row, npz bytes) of each sample of shard ``unit``, after the shard's size and
+        checksum and its members' names and types were checked (``integrity``)."""
         if not 0 <= unit < len(self.shards):
             raise IndexError(f"unit {unit} outside [0, {len(self.shards)})")
-        path = self.shard_path(unit)
-        with tarfile.open(path, "r:") as tf:
-            members = [m for m in tf.getmembers() if m.isfile() and m.name.endswith(SAMPLE_SUFFIX)]
-        raw = np.empty(path.stat().st_size, np.uint8)  # writable (so are the arrays); no zero-fill
-        with open(path, "rb", buffering=0) as f:
-            f.readinto(raw)
-        view = memoryview(raw)
-        for m in members:
-            yield int(m.name[: -len(SAMPLE_SUFFIX)]), view[m.offset_data : m.offset_data + m.size]
+        shard, path = self.shards[unit], self.shard_path(unit)
+        try:
+            with open(path, "rb", buffering=0) as f:
+                # writable (so are the arrays), no zero-fill: 2x faster than np.fromfile
+                raw = np.empty(os.fstat(f.fileno()).st_size, np.uint8)
+                if f.readinto(raw) != len(raw):
+                    raise corrupt(path, "shard", "the shard changed while it was read")
+        except FileNotFoundError:
+            raise corrupt(path, "shard", "the shard file is missing") from None
+        if "crc32c" in shard and self.verify:
+            if len(raw) != shard["bytes"]:
+                raise corrupt(
+                    path, "bytes", f"{len(raw)} bytes, the manifest says {shard['bytes']}"
+                )
+            if crc32c(raw) != shard["crc32c"]:
+                raise corrupt(path, "crc32c", "the shard does not match its checksum")
+        for key, start, size in _sample_members(path, len(raw)):
+            yield key, memoryview(raw)[start : start + size]
+
+    def _blocks(self, unit: int, keep=None) -> Iterator[CellBlock]:
+        """Decoded samples of shard ``unit`` (only those whose (first row, cells) pass
+        ``keep``). Sample keys are their first rows, so each sample's size is known before
+        decoding it: keys must run from the shard's ``first_row`` up to its end in order."""
+        path, shard = self.shard_path(unit), self.shards[unit]
+        samples = list(self._samples(unit))
+        keys = [key for key, _ in samples]
+        end = int(shard["first_row"]) + int(shard["n_cells"])
+        bounds, nnz = [*keys, end], 0
+        if (keys and keys[0] != shard["first_row"]) or (not keys and shard["n_cells"]):
+            raise corrupt(
+                path, "samples", f"rows start at {keys[:1]}, expected {shard['first_row']}"
+            )
+        for i, (key, raw) in enumerate(samples):
+            n = bounds[i + 1] - key
+            member = f"{key:012d}{SAMPLE_SUFFIX}"
+            if n <= 0:
+                raise corrupt(path, member, f"sample keys out of order or past row {end}")
+            if keep is None or keep(key, n):
+                block = _decode_checked(raw, self.meta.n_genes, self.names, path, member, key, n)
+                nnz += block.X.nnz
+                yield block
+        if keep is None and "nnz" in shard and nnz != shard["nnz"]:
+            raise corrupt(path, "nnz", f"holds {nnz} counts, the manifest says {shard['nnz']}")
 
     def iter_unit_blocks(self, unit: int) -> Iterator[CellBlock]:
         """The samples of shard ``unit`` as blocks, in row order."""
-        for _, raw in self._samples(unit):
-            yield decode_sample(raw, self.meta.n_genes, self.names)
+        return self._blocks(unit)
 
     def read_unit(self, unit: int) -> CellBlock:
         """The whole shard ``unit`` as one block."""
@@ -255,11 +302,10 @@ class WebDatasetStoreReader:
         last = int(np.searchsorted(self.first_rows, stop - 1, side="right")) - 1
         parts = []
         for unit in range(first, last + 1):
-            for row0, raw in self._samples(unit):
-                if row0 < stop and row0 + self.block_cells > start:
-                    block = decode_sample(raw, self.meta.n_genes, self.names)
-                    a, b = max(start - row0, 0), min(stop - row0, block.n_cells)
-                    parts.append(block.slice(a, b))
+            for block in self._blocks(unit, keep=lambda r, n: r < stop and r + n > start):
+                row0 = int(block.rows[0])
+                a, b = max(start - row0, 0), min(stop - row0, block.n_cells)
+                parts.append(block.slice(a, b))
         return CellBlock.concat(parts)
 
     def _empty(self) -> CellBlock:
@@ -275,7 +321,85 @@ class WebDatasetStoreReader:
         )
 
     def group_index(self) -> pd.DataFrame:
-        g = self.meta.manifest["groups"]
-        out = {role: np.asarray(g[role], dtype=np.int32) for role in ROLES}
-        out.update(start=np.asarray(g["start"], np.int64), stop=np.asarray(g["stop"], np.int64))
-        return pd.DataFrame(out)
+        mpath = self.path / MANIFEST_NAME
+        try:
+            g = self.meta.manifest["groups"]
+            out = {role: np.asarray(g[role], dtype=np.int32) for role in ROLES}
+            out.update(start=np.asarray(g["start"], np.int64), stop=np.asarray(g["stop"], np.int64))
+            frame = pd.DataFrame(out)
+        except (KeyError, TypeError, ValueError) as err:
+            raise corrupt(mpath, "groups", f"unreadable group ranges ({err})") from err
+        return check_group_index(frame, self.meta, mpath)
+
+
+_MEMBER = re.compile(r"^(\d{12})" + re.escape(SAMPLE_SUFFIX) + "$")
+_SHARD_KEYS = {"name": str, "n_cells": int, "n_samples": int, "first_row": int}
+
+
+def _checked_shards(manifest: dict, mpath: Path, root: Path) -> list[dict]:
+    """The manifest's shard list, each entry typed, named inside the store, and placed: shards
+    hold consecutive rows from 0, so ``first_row`` is the running total of ``n_cells``."""
+    shards = manifest.get("shards")
+    if not isinstance(shards, list):
+        raise corrupt(mpath, "shards", "missing or not a list")
+    sealed = manifest["version"] >= SEALED_SINCE
+    keys = {**_SHARD_KEYS, **({"crc32c": int, "bytes": int, "nnz": int} if sealed else {})}
+    row = 0
+    for i, shard in enumerate(shards):
+        field = f"shards[{i}]"
+        if not isinstance(shard, dict) or any(
+            not isinstance(shard.get(k), t) or isinstance(shard.get(k), bool)
+            for k, t in keys.items()
+        ):
+            raise corrupt(mpath, field, f"expected {sorted(keys)} with the right types")
+        resolve_inside(root, shard["name"], mpath, f"{field}.name")
+        if shard["n_cells"] < 0 or shard["first_row"] != row:
+            raise corrupt(mpath, field, f"first_row {shard['first_row']}, expected {row}")
+        row += shard["n_cells"]
+    if sealed and sum(s["nnz"] for s in shards) != manifest.get("nnz"):
+        raise corrupt(mpath, "nnz", "differs from the sum of the shards' nnz")
+    return shards
+
+
+def _sample_members(path: Path, size: int) -> list[tuple[int, int, int]]:
+    """(key, data offset, size) of each sample of a shard, in order. Every member must be a
+    regular file named ``<12-digit key>.cells.npz`` (no links, directories, absolute or
+    ``..`` names, other files) and each key must appear once: anything else is damage or
+    tampering, named by shard and member, never skipped."""
+    try:
+        with tarfile.open(path, "r:") as tf:
+            members = tf.getmembers()
+    except (tarfile.TarError, OSError, EOFError) as err:
+        raise corrupt(path, "tar", f"not a readable tar file ({err})") from err
+    out, seen = [], set()
+    for m in members:
+        match = _MEMBER.match(m.name)  # a match is a plain relative name already
+        if match is None:
+            problem = name_problem(m.name) or f"is not a <12-digit key>{SAMPLE_SUFFIX} sample"
+            raise corrupt(path, m.name, problem)
+        if not m.isreg():
+            raise corrupt(path, m.name, "is not a regular file (a link, directory or device)")
+        key = int(match.group(1))
+        if key in seen:
+            raise corrupt(path, m.name, "a duplicate sample key")
+        if m.offset_data + m.size > size:
+            raise corrupt(path, m.name, "runs past the end of the shard (truncated)")
+        seen.add(key)
+        out.append((key, m.offset_data, m.size))
+    return out
+
+
+def _decode_checked(raw, n_genes: int, names: bool, path: Path, member: str, row0: int, n: int):
+    """``decode_sample`` whose failures and inconsistent arrays name the shard and member."""
+    try:
+        block = decode_sample(raw, n_genes, names)
+        X = block.X
+        # the shard's checksum vouches for the bytes; what the loaders rely on is the size
+        ok = X.shape[0] == n == len(block.library_size) and X.indptr[-1] == len(X.data)
+    except Exception as err:  # noqa: BLE001 - any parse failure of a sample is damage
+        raise corrupt(
+            path, member, f"cannot decode the sample ({type(err).__name__}: {err})"
+        ) from err
+    if not ok:
+        raise corrupt(path, member, "the sample's arrays are inconsistent")
+    return block

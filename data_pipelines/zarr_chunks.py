@@ -11,8 +11,17 @@ blosc-lz4 store (codec_benchmark).
 The format is still zarr's: arrays are created, written and described by zarr, and this class
 only reads what the Zarr v3 spec fixes (chunk key encoding from the metadata, the codec chain,
 the fill value for missing chunks, full-size edge chunks). Codec chains it does not know
-(sharding, filters other than the bytes/vlen-utf8 serialiser plus one compressor) return
-``None`` from :func:`chunk_reader`, and callers fall back to zarr.
+(sharding, filters other than the bytes/vlen-utf8 serialiser plus one compressor and an
+optional trailing ``crc32c``) return ``None`` from :func:`chunk_reader`, and callers fall
+back to zarr.
+
+Integrity (``integrity``): when the chain ends with ``crc32c`` (every array of a version-2
+store), each chunk's checksum is verified before decoding, and compared with the store's
+table of checksums by position (so a chunk moved or copied from elsewhere is caught too);
+a missing chunk file is an error rather than fill values, because such stores write every
+chunk. A chunk that fails
+its checksum, cannot be decoded or decodes to the wrong size raises ``CorruptDataError``
+naming the chunk file.
 """
 
 from __future__ import annotations
@@ -22,7 +31,10 @@ from pathlib import Path
 import numcodecs
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, BytesCodec, GzipCodec, VLenUTF8Codec, ZstdCodec
+from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, GzipCodec, VLenUTF8Codec, ZstdCodec
+
+from .errors import CorruptDataError
+from .integrity import corrupt, crc32c
 
 _VLEN = numcodecs.VLenUTF8()
 
@@ -44,9 +56,14 @@ def _compressor(codec) -> numcodecs.abc.Codec | None:
 
 
 class ChunkReader:
-    """Decodes element ranges of one 1-D Zarr v3 array from its chunk files."""
+    """Decodes element ranges of one 1-D Zarr v3 array from its chunk files.
 
-    def __init__(self, array: zarr.Array, directory: Path, serializer, compressor):
+    checksum: the chain ends with ``crc32c``; chunks are then verified and must all exist.
+    """
+
+    def __init__(
+        self, array, directory: Path, serializer, compressor, checksum, verify=True, table=None
+    ):
         md = array.metadata
         self.n = int(md.shape[0])
         self.chunk = int(md.chunk_grid.chunk_shape[0])
@@ -63,40 +80,86 @@ class ChunkReader:
             self.dtype = native.newbyteorder(order) if native.itemsize > 1 else native
             self.fill = md.fill_value
         self._compressor = compressor
+        self._checksum, self._verify, self._table = checksum, verify, table
+        if table is not None and len(table) != -(-self.n // self.chunk):
+            raise corrupt(directory, "crc32c", f"the chunk checksum table has {len(table)} "
+                          f"entries for {-(-self.n // self.chunk)} chunks")  # fmt: skip
         # Whole chunks can be decoded in place when no byte swap or object decoding is needed.
         self._direct = not self._vlen and self.dtype.isnative
 
     def _path(self, i: int) -> str:
         return f"{self._dir}/{self._key((i,))}"
 
-    def _chunk(self, i: int) -> np.ndarray:
+    def _payload(self, i: int) -> np.ndarray | None:
+        """Chunk ``i``'s stored bytes, checksum verified and stripped; None when the chunk
+        file does not exist and the array may omit chunks (then it reads as fill values)."""
+        path = self._path(i)
         try:
-            with open(self._path(i), "rb") as f:
-                raw = f.read()
+            with open(path, "rb", buffering=0) as f:
+                raw = np.frombuffer(f.read(), dtype=np.uint8)
         except FileNotFoundError:
+            if self._checksum:
+                raise corrupt(path, "chunk", "the chunk file is missing") from None
+            return None
+        if not self._checksum:
+            return raw
+        if len(raw) < 4:
+            raise corrupt(path, "crc32c", "the chunk file is too short to hold its checksum")
+        if self._verify:
+            stored = int(raw[-4:].view("<u4")[0])
+            if crc32c(raw[:-4]) != stored:
+                raise corrupt(path, "crc32c", "the chunk does not match its checksum")
+            if self._table is not None and stored != int(self._table[i]):
+                raise corrupt(path, "crc32c", "the chunk is intact but not the one written at "
+                              "this position (moved or copied from elsewhere)")  # fmt: skip
+        return raw[:-4]
+
+    def _decoded(self, i: int, raw: np.ndarray, out: np.ndarray | None = None):
+        """``raw`` decompressed (into ``out`` when given); decoding failures name the file."""
+        try:
+            if self._compressor is None:
+                if out is None:
+                    return raw
+                if raw.nbytes != out.nbytes:
+                    raise ValueError(f"{raw.nbytes} bytes, expected {out.nbytes}")
+                out.view(np.uint8)[:] = raw
+                return out
+            return self._compressor.decode(raw, out=out)
+        except CorruptDataError:
+            raise
+        except Exception as err:  # noqa: BLE001 - any codec failure is a damaged chunk
+            raise corrupt(
+                self._path(i), "chunk", f"cannot decode ({type(err).__name__}: {err})"
+            ) from err
+
+    def _chunk(self, i: int) -> np.ndarray:
+        raw = self._payload(i)
+        if raw is None:
             return np.full(self.chunk, self.fill, dtype=self.dtype)
-        if self._compressor is not None:
-            raw = self._compressor.decode(raw)
+        decoded = self._decoded(i, raw)
         if self._vlen:
-            return _VLEN.decode(raw)
-        return np.frombuffer(raw, dtype=self.dtype)
+            try:
+                values = _VLEN.decode(decoded)
+            except Exception as err:  # noqa: BLE001
+                raise corrupt(self._path(i), "chunk", f"cannot decode strings ({err})") from err
+        else:
+            values = np.frombuffer(decoded, dtype=self.dtype)
+        if len(values) != self.chunk:
+            raise corrupt(
+                self._path(i), "chunk", f"holds {len(values)} values, expected {self.chunk}"
+            )
+        return values
 
     def _chunk_into(self, i: int, out: np.ndarray) -> None:
         """Decode whole chunk ``i`` straight into ``out`` (saves a copy of every chunk)."""
         if not self._direct:
             out[:] = self._chunk(i)
             return
-        try:
-            with open(self._path(i), "rb", buffering=0) as f:
-                if self._compressor is None:
-                    if f.readinto(out) != out.nbytes:
-                        raise OSError(f"{self._path(i)}: short chunk file")
-                    return
-                raw = f.read()
-        except FileNotFoundError:
+        raw = self._payload(i)
+        if raw is None:
             out[:] = self.fill
             return
-        self._compressor.decode(raw, out=out)
+        self._decoded(i, raw, out=out)
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """Elements [start, stop) as a new native-endian array (object dtype for strings)."""
@@ -119,15 +182,22 @@ class ChunkReader:
         return out
 
 
-def chunk_reader(array: zarr.Array, store_root: Path) -> ChunkReader | None:
+def chunk_reader(
+    array: zarr.Array, store_root: Path, verify: bool = True, crc_table: np.ndarray | None = None
+) -> ChunkReader | None:
     """A :class:`ChunkReader` for ``array`` in the local directory store at ``store_root``,
-    or ``None`` when the array's layout is one this module does not decode."""
+    or ``None`` when the array's layout is one this module does not decode. ``verify=False``
+    strips checksums without checking them (only to measure what checking costs).
+    ``crc_table``: the checksum each chunk must carry, by position."""
     md = array.metadata
     if getattr(md, "zarr_format", None) != 3 or len(md.shape) != 1:
         return None
     if type(md.chunk_grid).__name__ != "RegularChunkGrid":
         return None
     codecs = list(md.codecs)
+    checksum = bool(codecs) and isinstance(codecs[-1], Crc32cCodec)
+    if checksum:
+        codecs = codecs[:-1]
     if not codecs or not isinstance(codecs[0], (BytesCodec, VLenUTF8Codec)) or len(codecs) > 2:
         return None
     compressor = None
@@ -135,4 +205,6 @@ def chunk_reader(array: zarr.Array, store_root: Path) -> ChunkReader | None:
         compressor = _compressor(codecs[1])
         if compressor is None:
             return None
-    return ChunkReader(array, store_root / array.path, codecs[0], compressor)
+    return ChunkReader(
+        array, store_root / array.path, codecs[0], compressor, checksum, verify, crc_table
+    )

@@ -21,23 +21,26 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import zarr
-from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from .atomic import AtomicDir, AtomicWriter, sha256_tree
 from .blocks import ROLES, CellBlock, StoreSpec
-from .errors import DataValidationError
+from .errors import CorruptDataError, DataValidationError
+from .integrity import corrupt
 from .store_common import (
     GroupRanges,
     base_manifest,
     category_counts,
     check_block,
+    check_group_index,
     check_row_range,
     check_spec,
+    manifest_int,
     meta_from_manifest,
     read_manifest,
     write_manifest,
 )
-from .store_layout import DEFAULT_CHUNK_CELLS, FORMAT_VERSION, NAMES_COLUMN
+from .store_layout import DEFAULT_CHUNK_CELLS, FORMAT_VERSION, MANIFEST_NAME, NAMES_COLUMN
 from .zarr_chunks import chunk_reader
 
 
@@ -152,16 +155,18 @@ class ZarrStoreWriter(AtomicWriter):
 
     # -- layout ------------------------------------------------------------------------
     def _array(self, name: str, shape: int, chunk: int, dtype) -> zarr.Array:
-        """A 1-D array; strings keep zarr's default (vlen-utf8 + zstd), numbers get the codec."""
+        """A 1-D array; strings get zstd (zarr's default), numbers the store's codec; every
+        chain ends with the crc32c checksum and every chunk is written (``integrity``)."""
         is_str = dtype is str
-        kwargs = {} if is_str else {"compressors": CODECS[self.codec]()}
+        compressor = ZstdCodec() if is_str else CODECS[self.codec]()
         arr = self.root.create_array(
             name,
             shape=(shape,),
             chunks=(chunk,),
             dtype=dtype,
             fill_value="" if is_str else 0,
-            **kwargs,
+            compressors=[c for c in (compressor, Crc32cCodec()) if c is not None],
+            config={"write_empty_chunks": True},
         )
         self._array_names.append(name)
         return arr
@@ -247,6 +252,7 @@ class ZarrStoreWriter(AtomicWriter):
             arr = self._array(f"groups/{col}", len(values), max(len(values), 1), values.dtype)
             if len(values):
                 arr[:] = values
+        self._write_crc_tables()
         tmp = self._atomic.tmp
         manifest = base_manifest("zarr", self.spec, self.n_cells, self.nnz, self._cat_counts)
         manifest.update(
@@ -260,27 +266,67 @@ class ZarrStoreWriter(AtomicWriter):
         write_manifest(tmp, manifest)
         return self._atomic.commit()
 
+    def _write_crc_tables(self) -> None:
+        """``crc32c/<array>``: each chunk's checksum by position. A chunk's own checksum
+        proves its bytes are intact; the table proves it is the chunk written at that
+        position (not one moved or copied from elsewhere). Read from the chunk files'
+        trailers once the data is final."""
+        for name in list(self._array_names):
+            array = self.root[name]
+            n_chunks = -(-array.shape[0] // array.chunks[0])
+            table = np.empty(n_chunks, np.uint32)
+            for i in range(n_chunks):
+                with open(
+                    self._atomic.tmp / name / array.metadata.encode_chunk_key((i,)), "rb"
+                ) as f:
+                    f.seek(-4, os.SEEK_END)
+                    table[i] = np.frombuffer(f.read(4), "<u4")[0]
+            out = self._array(
+                crc_table_name(name), n_chunks, max(min(n_chunks, 1 << 20), 1), np.uint32
+            )
+            if n_chunks:
+                out[:] = table
+
     def _discard(self) -> None:
         self._atomic.abort()
 
 
-class _ZarrRange:
-    """Fallback range reader through zarr itself (codec chains zarr_chunks does not decode)."""
+CRC_TABLES = "crc32c"
 
-    def __init__(self, array: zarr.Array):
-        self.array = array
+
+def crc_table_name(array: str) -> str:
+    """Where the per-position chunk checksums of ``array`` live (``_write_crc_tables``)."""
+    return f"{CRC_TABLES}/{array}"
+
+
+class _ZarrRange:
+    """Fallback range reader through zarr itself (codec chains zarr_chunks does not decode);
+    zarr verifies a crc32c codec itself, and any failure names the array."""
+
+    def __init__(self, array: zarr.Array, path: Path):
+        self.array, self.path = array, path
         self.n = int(array.shape[0])
 
     def read(self, start: int, stop: int) -> np.ndarray:
-        out = self.array[start:stop]
+        try:
+            out = self.array[start:stop]
+        except Exception as err:  # noqa: BLE001 - a codec or file failure is a damaged array
+            raise corrupt(self.path, "chunk", f"cannot read ({type(err).__name__}: {err})") from err
         return out.astype(object) if out.dtype.kind == "T" else out
 
 
 class _Opened:
     """Per-process handles and caches (never pickled; see ZarrStoreReader.__getstate__)."""
 
-    def __init__(self, path: Path, meta, cache_bytes: int, direct: bool):
-        self.pid = os.getpid()
+    def _table(self, name: str) -> np.ndarray | None:
+        """The array's chunk checksums by position (None for stores without tables: v1)."""
+        table = crc_table_name(name)
+        if table not in self.group:
+            return None
+        return _ZarrRange(self.group[table], self.path / table).read(0, None)
+
+    def __init__(self, path: Path, meta, cache_bytes: int, direct: bool, verify: bool):
+        self.pid, self.path = os.getpid(), path
         self.group = zarr.open_group(path, mode="r", zarr_format=3)
         per_cell = ["X/indptr", "library_size"]
         per_cell += [f"obs/{c}/codes" for c in meta.categories]
@@ -288,13 +334,16 @@ class _Opened:
         self.readers = {}
         for name in [*per_cell, "X/data", "X/indices", f"obs/{NAMES_COLUMN}"]:
             arr = self.group[name]
-            fast = chunk_reader(arr, path) if direct else None
-            self.readers[name] = fast or _ZarrRange(arr)
+            fast = chunk_reader(arr, path, verify, self._table(name)) if direct else None
+            self.readers[name] = fast or _ZarrRange(arr, path / name)
         row_bytes = 12 + 4 * len(meta.categories) + 8 * len(meta.numeric_columns)
         self.cached = meta.n_cells * row_bytes <= cache_bytes
         self.cache = {}
         if self.cached:
-            self.cache = {n: self.readers[n].read(0, self.readers[n].n) for n in per_cell}
+            try:
+                self.cache = {n: self.readers[n].read(0, self.readers[n].n) for n in per_cell}
+            except CorruptDataError:  # read by range instead: only the damaged unit fails
+                self.cached, self.cache = False, {}
 
 
 class ZarrStoreReader:
@@ -305,7 +354,8 @@ class ZarrStoreReader:
     memory when they fit in this many bytes (read once per process, then sliced).
     direct: read chunk files directly (``zarr_chunks``); False reads through zarr's API
     (slower; for comparison and for layouts the direct path does not decode, which fall back
-    to zarr anyway).
+    to zarr anyway). verify: check each chunk's checksum (``integrity``); False exists only
+    to measure what the check costs (``benchmark_integrity``).
     """
 
     def __init__(
@@ -314,6 +364,7 @@ class ZarrStoreReader:
         names: bool = False,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         direct: bool = True,
+        verify: bool = True,
     ):
         self.path = Path(path).absolute()
         manifest = read_manifest(self.path)
@@ -321,15 +372,19 @@ class ZarrStoreReader:
             raise DataValidationError(
                 self.path, "format", f"a {manifest['format']} store, not zarr", "use open_store"
             )
-        n, c = int(manifest["n_cells"]), int(manifest["chunk_cells"])
+        mpath = self.path / MANIFEST_NAME
+        n = manifest_int(manifest, "n_cells", mpath)
+        c = manifest_int(manifest, "chunk_cells", mpath, minimum=1)
         sizes = np.full(-(-n // c), c, dtype=np.int64)
         if n % c:
             sizes[-1] = n % c
         self.meta = meta_from_manifest(manifest, str(self.path), sizes)
         self.chunk_cells = c
+        _check_arrays(self.path, self.meta)
         self.names = names
         self.cache_bytes = cache_bytes
         self.direct = direct
+        self.verify = verify
         self._opened: _Opened | None = None
         self._groups: pd.DataFrame | None = None
 
@@ -341,7 +396,9 @@ class ZarrStoreReader:
     def _o(self) -> _Opened:
         o = self._opened
         if o is None or o.pid != os.getpid():
-            o = self._opened = _Opened(self.path, self.meta, self.cache_bytes, self.direct)
+            o = self._opened = _Opened(
+                self.path, self.meta, self.cache_bytes, self.direct, self.verify
+            )
         return o
 
     def _per_cell(self, o: _Opened, name: str, start: int, stop: int) -> np.ndarray:
@@ -388,7 +445,48 @@ class ZarrStoreReader:
     def group_index(self) -> pd.DataFrame:
         if self._groups is None:
             group = self._o().group
-            self._groups = pd.DataFrame(
-                {col: group[f"groups/{col}"][:] for col in (*ROLES, "start", "stop")}
+            groups = pd.DataFrame(
+                {
+                    col: _ZarrRange(group[f"groups/{col}"], self.path / "groups" / col).read(
+                        0, None
+                    )
+                    for col in (*ROLES, "start", "stop")
+                }
             )
+            self._groups = check_group_index(groups, self.meta, self.path / "groups")
         return self._groups.copy()
+
+
+def _check_arrays(root: Path, meta) -> None:
+    """The arrays' shapes and chunking agree with the manifest (zarr.json of each array), and
+    X/indptr starts at 0 and ends at nnz: a count edited in one place is caught at open."""
+    mpath = root / MANIFEST_NAME
+    manifest = meta.manifest
+    try:
+        group = zarr.open_group(root, mode="r", zarr_format=3)
+        per_cell = ["library_size", f"obs/{NAMES_COLUMN}"]
+        per_cell += [f"obs/{c}/codes" for c in meta.categories]
+        per_cell += [f"obs/{c}" for c in meta.numeric_columns]
+        nnz = int(manifest["nnz"])
+        n_ranges = manifest.get("n_group_ranges")
+        expected = {name: (meta.n_cells, meta.manifest["chunk_cells"]) for name in per_cell}
+        expected["X/indptr"] = (meta.n_cells + 1, meta.manifest["chunk_cells"])
+        expected.update({"X/data": (nnz, None), "X/indices": (nnz, None)})
+        expected.update({f"var/{k}": (meta.n_genes, None) for k in meta.manifest["var"]})
+        if n_ranges is not None:
+            expected.update({f"groups/{c}": (n_ranges, None) for c in (*ROLES, "start", "stop")})
+        for name, (length, chunk) in expected.items():
+            array = group[name]
+            if array.shape != (length,) or (chunk is not None and array.chunks != (chunk,)):
+                raise corrupt(
+                    mpath, name, f"the manifest implies {length} values in chunks of {chunk}, "
+                    f"the array has shape {array.shape} in chunks of {array.chunks}",
+                )  # fmt: skip
+        indptr = chunk_reader(group["X/indptr"], root) or _ZarrRange(group["X/indptr"], root)
+        ends = (int(indptr.read(0, 1)[0]), int(indptr.read(meta.n_cells, meta.n_cells + 1)[0]))
+    except (KeyError, FileNotFoundError, ValueError, TypeError) as err:
+        if isinstance(err, DataValidationError):
+            raise
+        raise corrupt(root, "arrays", f"cannot open the store's arrays ({err})") from err
+    if ends != (0, nnz):
+        raise corrupt(root / "X" / "indptr", "X/indptr", f"runs {ends[0]}..{ends[1]}, not 0..{nnz}")

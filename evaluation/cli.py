@@ -110,16 +110,9 @@ def parse_baselines(specs: list[str]) -> dict[str, Path]:
 
 
 def _read(path: Path):
-    import anndata as ad
+    from latentcell.data_pipelines.read_h5ad import read_h5ad
 
-    if not path.is_file():
-        raise DataValidationError(path, "file", "file not found", "check the path")
-    try:
-        return ad.read_h5ad(path)
-    except Exception as exc:  # any reader failure is a bad input file
-        raise DataValidationError(
-            path, "file", f"not a readable h5ad ({type(exc).__name__}: {exc})", "pass an .h5ad"
-        ) from exc
+    return read_h5ad(path)
 
 
 def format_table(scores: dict[str, dict[str, float | None]]) -> str:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import json
 import os
 from collections.abc import Callable, Sequence
 from importlib.metadata import version
@@ -31,7 +30,12 @@ import numpy as np
 from latentcell.data_pipelines.atomic import AtomicDir, sha256_file, write_json_atomic
 from latentcell.data_pipelines.errors import DataValidationError
 from latentcell.models.count_vae import TARGET_SUM, CountVAE
-from latentcell.trainer.trained_runs import load_model_card, load_vae, weights_path
+from latentcell.trainer.trained_runs import (
+    load_model_card,
+    load_vae,
+    read_run_json,
+    weights_path,
+)
 
 from .graphs import DenoiserGraph, ExportGraph, SetModelGraph, VAEDecoderGraph, VAEEncoderGraph
 from .onnx_io import DEFAULT_OPSET, TOLERANCE, export_graph, parity
@@ -51,6 +55,14 @@ class ExportPlan:
     weights: Path
 
 
+def _object(value) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _text(value) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
 def run_tracking(run_dir: Path) -> dict:
     """The run's MLflow run id and tracking URI (None when the run was not tracked): from
     its summary.json, or for runs written before summaries recorded them, from the last
@@ -60,15 +72,21 @@ def run_tracking(run_dir: Path) -> dict:
     from latentcell.trainer.tracking import default_uri
 
     summary = run_dir / "summary.json"
-    mlflow = json.loads(summary.read_text()).get("mlflow") if summary.exists() else None
-    if mlflow:
-        return {"mlflow_run_id": mlflow.get("run_id"), "tracking_uri": mlflow.get("tracking_uri")}
+    mlflow = _object(read_run_json(summary)).get("mlflow") if summary.exists() else None
+    if isinstance(mlflow, dict):
+        return {"mlflow_run_id": _text(mlflow.get("run_id")),
+                "tracking_uri": _text(mlflow.get("tracking_uri"))}  # fmt: skip
     states = sorted(run_dir.glob("checkpoints/step_*/trainer_state.json"),
                     key=lambda p: int(p.parent.name.removeprefix("step_")))  # fmt: skip
-    run_id = json.loads(states[-1].read_text()).get("mlflow_run_id") if states else None
-    config = tomllib.loads((run_dir / "config.toml").read_text())
-    root = config["run"].get("root") or run_dir.resolve().parent
-    uri = config.get("tracking", {}).get("uri") or default_uri(Path(root))
+    run_id = _text(_object(read_run_json(states[-1])).get("mlflow_run_id")) if states else None
+    try:
+        config = tomllib.loads((run_dir / "config.toml").read_text())
+        root = config["run"].get("root") or run_dir.resolve().parent
+        uri = config.get("tracking", {}).get("uri") or default_uri(Path(root))
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as err:
+        raise DataValidationError(
+            run_dir / "config.toml", "run", f"unreadable ({err})", "restore the run's config.toml"
+        ) from err
     return {"mlflow_run_id": run_id, "tracking_uri": uri if run_id else None}
 
 
@@ -154,12 +172,12 @@ def plan_dit(run_dir: Path, card: dict, weights: str, **_) -> ExportPlan:
 
 def plan_st(run_dir: Path, card: dict, weights: str, add_perturbations=(), **_) -> ExportPlan:
     from latentcell.trainer.st_stage import build_st_model
-    from latentcell.trainer.trained_runs import load_state
+    from latentcell.trainer.trained_runs import load_weights
     from latentcell.trainer.vae_bridge import VAEBridge
 
     path = weights_path(run_dir, weights)
     model = build_st_model(card).eval()  # STPretrainModel adds no parameter to STModel
-    model.load_state_dict(load_state(path))
+    load_weights(model, path)
     if add_perturbations:
         model.extend(list(add_perturbations))  # new combinations of trained genes
     vae = card.get("vae")

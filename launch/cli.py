@@ -1,7 +1,8 @@
 """The ``latentcell`` command: one parser, one subcommand per stage.
 
-Each package registers its own subcommands, so this file only dispatches. Bad input
-(DataValidationError) prints one ``error:`` line and exits 2, with nothing written.
+Each package registers its own subcommands, so this file only dispatches. Every failure
+leaves through ``errors.run_cli``: one ``error:`` line, exit 2 for bad input (1 for anything
+else), the traceback only with ``--debug`` or ``LATENTCELL_DEBUG=1``.
 """
 
 from __future__ import annotations
@@ -9,8 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from latentcell.data_pipelines.errors import DataValidationError
-from latentcell.trainer.config import ConfigError
+from latentcell.data_pipelines.errors import debug_requested, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="latentcell", description="Generative models of single cells."
+    )
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of a failure (any position)"
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_data_commands(sub)
@@ -46,12 +49,9 @@ def _print_version(_args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    debug, argv = debug_requested(sys.argv[1:] if argv is None else list(argv))
     args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except (DataValidationError, ConfigError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: args.func(args), debug)
 
 
 if __name__ == "__main__":

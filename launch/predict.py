@@ -70,14 +70,13 @@ def _predictor(args, controls):
             "latentcell predict", "--train", "a baseline is fitted on training cells",
             "pass --train TRAIN.h5ad",
         )  # fmt: skip
-    import anndata as ad
-
+    from latentcell.data_pipelines.read_h5ad import read_h5ad
     from latentcell.evaluation.perturbation_baselines import fit_baseline
 
     pert_col = args.pert_col or "target_gene"
     control = args.control_label or "non-targeting"
     cell_type_col = args.cell_type_col or "cell_type"
-    train = ad.read_h5ad(args.train)
+    train = read_h5ad(args.train, "--train")
     genes = [str(g) for g in controls.var_names]
     baseline = fit_baseline(
         args.baseline, train, genes, pert_col, control, cell_type_col, source=args.train,
@@ -88,13 +87,12 @@ def _predictor(args, controls):
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    import anndata as ad
-
+    from latentcell.data_pipelines.read_h5ad import read_h5ad
     from latentcell.trainer.generate import write_h5ad_atomic
     from latentcell.trainer.predict import PopulationRequest, predict_population
 
     start = time.perf_counter()
-    controls = ad.read_h5ad(args.controls)
+    controls = read_h5ad(args.controls, "--controls")
     predictor, pert_col, control, cell_type_col, labels = _predictor(args, controls)
     wanted = labels if args.perturbations == "all" else args.perturbations.split(",")
     request = PopulationRequest(

@@ -5,6 +5,9 @@
 
 Identical under ``accelerate launch [args] -m latentcell.launch train vae ...``: the
 launcher's environment decides DDP / DeepSpeed / nodes, never this command.
+
+A run stopped by SIGTERM or Ctrl-C saves a checkpoint, says so in one line, and exits with
+128 + the signal's number (143, 130), as a process killed by it would.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ def add_train_command(sub: argparse._SubParsersAction) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from latentcell.trainer.config import config_to_dict, load_config
-    from latentcell.trainer.loop import fit
+    from latentcell.trainer.loop import TrainingStopped, fit
 
     config_cls, stage_cls = _stages()[args.stage]
     config = load_config(config_cls, args.config, args.overrides)
@@ -64,7 +67,10 @@ def run_train(args: argparse.Namespace) -> int:
 
         print(tomli_w.dumps(config_to_dict(config)), end="")
         return 0
-    result = fit(stage_cls(config), config, resume=args.resume)
+    try:
+        result = fit(stage_cls(config), config, resume=args.resume)
+    except TrainingStopped as stopped:  # its line is already printed
+        return stopped.exit_code
     from accelerate import PartialState
 
     if PartialState().is_main_process:

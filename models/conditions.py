@@ -18,6 +18,8 @@ from latentcell.data_pipelines.errors import DataValidationError
 
 __all__ = ["ConditionRows", "ConditionSpace", "parse_conditions"]
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
 
 @dataclass
 class ConditionRows:
@@ -157,11 +159,20 @@ class ConditionSpace:
         for k, column in enumerate(self.continuous):
             if column in columns:
                 try:
-                    raw[:, k] = columns[column].astype(float)
+                    values = columns[column].astype(np.float64)
                 except ValueError as err:
                     raise DataValidationError(
                         self.source, f"--condition {column}", "needs a number", "e.g. 0.5"
                     ) from err
+                # NaN is the null ("not conditioned on"), and inf or a value past float32's
+                # range would become inf: all fail this comparison
+                if not (np.abs(values) <= FLOAT32_MAX).all():
+                    raise DataValidationError(
+                        self.source, f"--condition {column}",
+                        f"needs a finite number, got {columns[column][0]}",
+                        f"e.g. 0.5 (at most {FLOAT32_MAX:.1e} in size: values are float32)",
+                    )  # fmt: skip
+                raw[:, k] = values
                 obs[column] = raw[:, k].copy()
         batch = np.full(total, -1, dtype=np.int64)
         if self.batch_column and self.batch_column in columns:

@@ -43,6 +43,21 @@ def ensure_builtin_store(root: Path, create: bool = True) -> Path:
     return store
 
 
+def check_count_store(path: Path) -> None:
+    """``data.path`` must be a store of counts (Zarr or WebDataset), not a latent store: one
+    clear line here instead of a shape error deep inside a model."""
+    from latentcell.data_pipelines.errors import DataValidationError
+    from latentcell.data_pipelines.store_common import read_manifest
+
+    fmt = read_manifest(path)["format"]
+    if fmt not in ("zarr", "webdataset"):
+        raise DataValidationError(
+            path, "data.path", f"a {fmt} store (per-cell VAE latents), not a store of counts",
+            "pass the store `latentcell data build` wrote; the DiT stage makes its latent "
+            "store itself from the VAE run",
+        )  # fmt: skip
+
+
 class CountStoreInput:
     """The count store a stage trains on: ``data.path``, or the built-in synthetic set under
     the run root, which the main process creates in ``prepare_data`` (``ensure_store``)."""
@@ -50,11 +65,15 @@ class CountStoreInput:
     def __init__(self, data_path: str, run_root: Path) -> None:
         self._path: Path | None = Path(data_path) if data_path else None
         self._root = run_root
+        self._checked = False
 
     @property
     def store(self) -> Path:
         if self._path is None:
             self._path = ensure_builtin_store(self._root, create=False)
+        elif not self._checked:
+            check_count_store(self._path)
+            self._checked = True
         return self._path
 
     def ensure_store(self) -> Path:

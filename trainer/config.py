@@ -14,12 +14,15 @@ this needs only ``dataclasses``, ``tomllib`` and ``tomli_w``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import types
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
+
+from latentcell.data_pipelines.errors import UserInputError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -39,7 +42,7 @@ __all__ = [
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserInputError):
     """A config key or value that does not fit the run config's schema."""
 
 
@@ -127,6 +130,8 @@ def _coerce(tp: Any, value: Any, key: str, base: Any = None) -> Any:
         raise ConfigError(f"{key} must be an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # TOML reads nan and inf as floats
+                raise ConfigError(f"{key} must be a finite number, got {value!r}")
             return float(value)
         raise ConfigError(f"{key} must be a number, got {value!r}")
     if tp is str:

@@ -38,7 +38,7 @@ from .config import ConfigError, tomllib
 from .latent_stats import training_stats
 from .sections import DataConfig, OptimConfig, RunSection, TrainConfig, VAERef
 from .tracking import TrackingConfig
-from .trained_runs import load_vae
+from .trained_runs import load_model_card, load_vae, read_run_json
 
 __all__ = ["DiTModelSection", "DiTRunConfig", "DiTStage", "VAERef", "build_latent_diffusion"]
 
@@ -123,7 +123,7 @@ class DiTStage:
     @property
     def stats(self) -> dict:
         if self._stats is None:
-            self._stats = json.loads(self.stats_path.read_text())
+            self._stats = read_run_json(self.stats_path)
         return self._stats
 
     # -- data ---------------------------------------------------------------------------------
@@ -165,7 +165,7 @@ class DiTStage:
 
     def _vae_card(self) -> dict:
         path = Path(self.config.vae.run) / "final" / "model_config.json"
-        return json.loads(path.read_text())["config"] if path.exists() else {}
+        return load_model_card(self.config.vae.run)["config"] if path.exists() else {}
 
     def _vae_needs_batch(self) -> bool:
         return bool(self._vae_card().get("n_batches"))
@@ -278,6 +278,7 @@ class DiTStage:
             output="dense",
             columns=self.condition_columns(),
             numeric_columns=self.continuous_columns(),
+            on_corrupt=data.on_corrupt,
         )
         return CellStream(source, config, rank=rank, world_size=world_size).loader()
 

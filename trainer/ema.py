@@ -2,8 +2,11 @@
 
 ``torch.optim.swa_utils.AveragedModel`` does the averaging (its first update copies the
 weights, later ones apply ``decay``); this wrapper only adds what the trainer needs: a
-frozen copy, a ``state_dict`` that ``accelerator.register_for_checkpointing`` can save, and
-the averaged module for validation and export.
+frozen copy, a ``state_dict`` of plain tensors (``n_averaged`` and ``module.*``) that the
+checkpoint writes as ``ema.safetensors``, and the averaged module for validation and export.
+It is deliberately not registered with ``accelerator.register_for_checkpointing``: Accelerate
+saves registered objects as ``custom_checkpoint_<i>.pkl`` and unpickles them with
+``weights_only=False`` on resume (see ``checkpoint.py``).
 """
 
 from __future__ import annotations

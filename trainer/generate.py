@@ -31,7 +31,7 @@ from latentcell.models.latent_diffusion import LatentDiffusion
 from latentcell.models.library_size import LibraryModel
 
 from .dit_stage import MODEL_CLASS, build_latent_diffusion
-from .trained_runs import load_model_card, load_state, load_vae, weights_path
+from .trained_runs import load_model_card, load_vae, load_weights, read_run_json, weights_path
 
 __all__ = ["CellGenerator", "condition_space", "write_h5ad_atomic"]
 
@@ -65,9 +65,9 @@ class CellGenerator:
     ) -> CellGenerator:
         run_dir = Path(run_dir)
         card = load_model_card(run_dir, MODEL_CLASS)
-        stats = json.loads((run_dir / "latent_stats.json").read_text())
+        stats = read_run_json(run_dir / "latent_stats.json")
         dit = build_latent_diffusion(card, stats)
-        dit.load_state_dict(load_state(weights_path(run_dir, weights)))
+        load_weights(dit, weights_path(run_dir, weights))
         which = {"ema.safetensors": "ema", "model.safetensors": "model"}[card["vae"]["weights"]]
         vae, provenance = load_vae(card["vae"]["vae_run"], which)
         if provenance["weights_sha256"] != card["vae"]["weights_sha256"]:

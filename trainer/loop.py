@@ -6,12 +6,20 @@ Shape of a run: build (accelerator, model, AdamW + schedule, optional EMA) -> ma
 Only the main process logs, draws the progress bar and writes run-level files; every
 collective (metric reduction, checkpoint, validation) is reached by all processes at the
 same step, so no rank waits for one that took another branch.
+
+What the console says, in one line each (stderr, main process): where a resume started; a
+batch skipped for a nan/inf loss (the first, then at most one per ``NONFINITE_EVERY_S``: a
+long run is not flooded, the count is in the metrics and ``summary.json``); corrupt data
+units the loader skipped; what did not reach MLflow; a stop on SIGTERM/Ctrl-C
+(``signals.py``).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import signal
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,8 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import send_to_device, set_seed
+from accelerate.utils import gather_object, send_to_device, set_seed
 from torch import nn
+
+from latentcell.data_pipelines.errors import DataValidationError
 
 from .checkpoint import CheckpointManager, resolve_resume, write_safetensors
 from .config import ConfigError, config_to_dict, dump_toml
@@ -28,11 +38,14 @@ from .distributed import is_deepspeed, make_accelerator, zero_stage
 from .ema import EMA
 from .figures import plot_training_curves
 from .optim import build_optimizer, build_scheduler
+from .signals import StopRequest, TrainingStopped
 from .stage import Loader, Stage
 from .step_metrics import MetricAverager
 from .tracking import default_uri, flatten_config, make_tracker, pip_requirements
 
-__all__ = ["FitResult", "NonFiniteLossError", "fit"]
+__all__ = ["FitResult", "NonFiniteLossError", "TrainingStopped", "fit"]
+
+NONFINITE_EVERY_S = 60.0  # at most one "skipped a non-finite batch" line per minute
 
 
 class NonFiniteLossError(RuntimeError):
@@ -54,18 +67,57 @@ class FitResult:
 
 
 def _epochs(loader: Loader, epoch: int) -> Iterator[dict]:
-    """Batches forever, moving the loader to the next epoch when one ends."""
+    """Batches forever, moving the loader to the next epoch when one ends. Two epochs in a row
+    without a batch mean there is nothing to train on: an error, not an endless loop."""
+    empty = 0
     while True:
-        yield from loader
+        n = 0
+        for n, batch in enumerate(loader, 1):  # noqa: B007 - n counts the batches
+            yield batch
+        empty = 0 if n else empty + 1
+        if empty >= 2:
+            raise DataValidationError(
+                "training data", "data", "the training loader yields no batch in a whole "
+                "epoch (too few cells or groups for the batch or set size, or a split that "
+                "leaves no training cells)", "check data.path, the split and data.batch_size",
+            )  # fmt: skip
         epoch += 1
         loader.set_epoch(epoch)
 
 
-def _any_rank_nonfinite(loss: torch.Tensor, accelerator) -> bool:
-    bad = (~torch.isfinite(loss.detach())).to(torch.float32).reshape(1)
+def _step_flags(loss: torch.Tensor, accelerator, stop: bool) -> tuple[int, bool]:
+    """(processes whose loss is nan/inf, whether any process was asked to stop), from one
+    all-reduce: the stop request rides on the reduction the non-finite guard needs anyway,
+    so every process learns of it at the same micro-batch and no collective is added."""
+    flags = torch.stack(
+        [(~torch.isfinite(loss.detach())).to(torch.float32).reshape(()),
+         torch.tensor(float(stop), device=loss.device)]
+    )  # fmt: skip
     if accelerator.num_processes > 1:
-        bad = accelerator.reduce(bad, reduction="sum")
-    return bool(bad.item() > 0)
+        flags = accelerator.reduce(flags, reduction="sum")
+    bad, stops = flags.tolist()
+    return int(bad), stops > 0
+
+
+def _say(line: str) -> None:
+    """One console line on stderr (stdout carries the command's JSON result)."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(line, file=sys.stderr)
+
+
+def _dedupe_units(units) -> list[dict[str, str]]:
+    """Corrupt data units as ``{"file", "problem"}``, each once, in the order first seen."""
+    out, seen = [], set()
+    for unit in units:
+        if not isinstance(unit, dict):
+            continue
+        item = {"file": str(unit.get("file", "")), "problem": str(unit.get("problem", ""))}
+        key = (item["file"], item["problem"])
+        if key not in seen:
+            seen.add(key)
+            out.append(item)
+    return out
 
 
 def _zero_loss(model: nn.Module) -> torch.Tensor:
@@ -99,7 +151,10 @@ def _save_weights(accelerator, model: nn.Module, path: Path) -> None:
 
 
 def fit(stage: Stage, config: Any, resume: str | None = None) -> FitResult:
-    """Train ``stage`` as described by its run config; returns where everything went."""
+    """Train ``stage`` as described by its run config; returns where everything went.
+
+    Raises ``TrainingStopped`` (after saving a checkpoint) when SIGTERM or Ctrl-C asked the
+    run to stop, and ``DataValidationError`` when a checkpoint cannot be resumed from."""
     t, run = config.train, config.run
     run_dir = run.dir_path
     accelerator = make_accelerator(t, config.data.batch_size, config.optim.grad_clip)
@@ -117,12 +172,13 @@ def fit(stage: Stage, config: Any, resume: str | None = None) -> FitResult:
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if ema is not None:
         ema.averaged.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
 
     rank, world = accelerator.process_index, accelerator.num_processes
     train_loader = stage.train_loader(rank, world)
     val_loader = stage.val_loader(rank, world)
-    checkpoints = CheckpointManager(accelerator, run_dir, t.keep_last)
+    checkpoints = CheckpointManager(
+        accelerator, run_dir, t.keep_last, model, optimizer, scheduler, ema
+    )
 
     step, mlflow_run_id, state = 0, None, {}
     resume_path = resolve_resume(resume, run_dir)
@@ -130,7 +186,13 @@ def fit(stage: Stage, config: Any, resume: str | None = None) -> FitResult:
         state, loader_state = checkpoints.load(resume_path)
         step, mlflow_run_id = int(state["step"]), state.get("mlflow_run_id")
         train_loader.load_state_dict(loader_state)
+        if main:
+            epoch = loader_state.get("epoch")
+            _say(f"resumed from {resume_path} at step {step}"
+                 + (f" (epoch {epoch})" if epoch is not None else ""))  # fmt: skip
     else:
+        if resume and main:
+            _say(f"--resume {resume}: no checkpoint in {checkpoints.root}; starting at step 0")
         set_seed(t.seed, device_specific=True)  # different dropout noise per process
 
     uri = config.tracking.uri or default_uri(run.root_path)
@@ -151,27 +213,34 @@ def fit(stage: Stage, config: Any, resume: str | None = None) -> FitResult:
             resume_run_id=mlflow_run_id,
         )
 
-    try:
-        result = _train(
-            stage, config, accelerator, model, optimizer, scheduler, ema, train_loader,
-            val_loader, checkpoints, tracker, step, mlflow_run_id, state,
-        )  # fmt: skip
-    except BaseException:
-        tracker.end("FAILED" if main else "FINISHED")
-        raise
+    with StopRequest() as stop:
+        try:
+            result = _train(
+                stage, config, accelerator, model, optimizer, scheduler, ema, train_loader,
+                val_loader, checkpoints, tracker, step, mlflow_run_id, state, stop,
+            )  # fmt: skip
+        except TrainingStopped:
+            raise  # the run was ended as KILLED, with a checkpoint
+        except BaseException:
+            tracker.end("FAILED" if main else "FINISHED")
+            if main and (line := tracker.lost_line(run_dir)):
+                _say(line)
+            raise
     result.tracking_uri, result.mlflow_run_id = uri, mlflow_run_id
     return result
 
 
 def _train(
     stage, config, accelerator, model, optimizer, scheduler, ema, train_loader, val_loader,
-    checkpoints, tracker, step, mlflow_run_id, resume_state,
+    checkpoints, tracker, step, mlflow_run_id, resume_state, stop,
 ) -> FitResult:  # fmt: skip
     t, run = config.train, config.run
     run_dir, main = run.dir_path, accelerator.is_main_process
     log_every = max(1, config.tracking.log_every)
     deepspeed = is_deepspeed(accelerator)
     metrics_log = run_dir / "metrics.jsonl"
+    corrupt_units = getattr(train_loader, "corrupt_units", None)
+    earlier_units = _dedupe_units(resume_state.get("skipped_units") or [])
 
     def record(metrics: dict[str, float]) -> None:
         if main:
@@ -179,14 +248,20 @@ def _train(
             with metrics_log.open("a") as f:
                 f.write(json.dumps({"step": step, **metrics}) + "\n")
 
+    def skipped_units() -> list[dict[str, str]]:
+        """Every process's corrupt units so far (a collective when the loader reports them)."""
+        if corrupt_units is None:
+            return earlier_units
+        mine = list(corrupt_units())
+        found = gather_object(mine) if accelerator.num_processes > 1 else mine
+        return _dedupe_units([*earlier_units, *found])
+
     def save_checkpoint() -> Path:
         tracker.flush()  # MLflow holds every metric up to the checkpoint a resume starts from
-        return checkpoints.save(
-            step,
-            {"mlflow_run_id": mlflow_run_id, "stage": stage.name, "skipped_batches": skipped},
-            train_loader.state_dict(),
-            model,
-        )
+        state = {"mlflow_run_id": mlflow_run_id, "stage": stage.name, "skipped_batches": skipped}
+        if corrupt_units is not None or earlier_units:
+            state["skipped_units"] = skipped_units()
+        return checkpoints.save(step, state, train_loader.state_dict())
 
     def validate() -> dict[str, float]:
         metrics = {}
@@ -215,8 +290,9 @@ def _train(
     batches = _epochs(train_loader, train_loader.state_dict()["epoch"])
     last_checkpoint: Path | None = None
     train_metrics: dict[str, float] = {}
-    nonfinite, window_ok, grad_norm = 0, False, None
+    nonfinite, window_ok, grad_norm, stopping = 0, False, None, False
     skipped = int(resume_state.get("skipped_batches", 0))
+    said_nonfinite = -math.inf
     loop_start = last_log = time.perf_counter()
     total_cells = 0.0
     model.train()
@@ -225,7 +301,8 @@ def _train(
         with accelerator.accumulate(model):
             out = model(batch, step=step)
             loss = out.loss
-            if _any_rank_nonfinite(loss, accelerator):
+            bad, stopping = _step_flags(loss, accelerator, stop.requested)
+            if bad:
                 nonfinite += 1
                 if nonfinite >= t.max_nonfinite or zero_stage(accelerator) == 3:
                     raise NonFiniteLossError(
@@ -235,6 +312,14 @@ def _train(
                     )
                 loss = _zero_loss(model)
                 skipped += 1
+                if main and time.monotonic() - said_nonfinite >= NONFINITE_EVERY_S:
+                    said_nonfinite = time.monotonic()
+                    _say(
+                        f"step {step}: non-finite loss on {bad} of {accelerator.num_processes} "
+                        f"process(es): batch skipped with no update, {skipped} so far (said at "
+                        f"most once a minute; train.max_nonfinite={t.max_nonfinite} in a row "
+                        "stop the run)"
+                    )
             else:
                 nonfinite, window_ok = 0, True
                 averager.add(out.metrics(), out.n_cells)
@@ -274,6 +359,9 @@ def _train(
                 cells_s=f"{train_metrics['train/cells_per_s']:,.0f}",
                 refresh=False,
             )
+        if stopping and step < t.max_steps:  # every process saw the same flag
+            bar.close()
+            _stop(accelerator, tracker, stop, step, last_checkpoint, save_checkpoint, run_dir)
         if t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
             validate()
         if t.checkpoint_every and step % t.checkpoint_every == 0:
@@ -284,6 +372,7 @@ def _train(
     if last_checkpoint is None or not last_checkpoint.name.endswith(f"_{step}"):
         last_checkpoint = save_checkpoint()
     val_metrics = validate()
+    units = skipped_units() if corrupt_units is not None or earlier_units else None
     final_dir = run_dir / "final"
     _save_weights(accelerator, model, final_dir / "model.safetensors")
     if ema is not None and main:
@@ -299,13 +388,31 @@ def _train(
         model=accelerator.unwrap_model(model),
     )
     if main:
-        _write_run_files(stage, config, accelerator, ema, tracker, result)
+        _write_run_files(stage, config, accelerator, ema, tracker, result, skipped, units)
     accelerator.wait_for_everyone()
     return result
 
 
-def _write_run_files(stage, config, accelerator, ema, tracker, result: FitResult) -> None:
-    """final/ model card, summary.json, the training-curve figure; all logged to MLflow."""
+def _stop(accelerator, tracker, stop, step, last_checkpoint, save_checkpoint, run_dir):
+    """Checkpoint (unless this step's already exists), end MLflow as KILLED, one line, raise."""
+    if last_checkpoint is None or last_checkpoint.name != f"step_{step}":
+        last_checkpoint = save_checkpoint()
+    tracker.end("KILLED")
+    signum = stop.signum or int(signal.SIGTERM)  # only another process got the signal
+    stopped = TrainingStopped(signum, step, last_checkpoint)
+    if accelerator.is_main_process:
+        if line := tracker.lost_line(run_dir):
+            _say(line)
+        _say(f"{stopped}; resume with --resume auto")
+    raise stopped
+
+
+def _write_run_files(
+    stage, config, accelerator, ema, tracker, result: FitResult, skipped: int, units
+) -> None:
+    """final/ model card, summary.json, the training-curve figure; all logged to MLflow.
+    Afterwards, if anything did not reach MLflow, summary.json says what (``mlflow.lost``)
+    and one console line says where the local copies are."""
     from safetensors.torch import load_file
 
     run_dir, final_dir = result.run_dir, result.final_dir
@@ -329,6 +436,7 @@ def _write_run_files(stage, config, accelerator, ema, tracker, result: FitResult
         "cells_per_s": result.cells_per_s,
         "train": result.train_metrics,
         "val": result.val_metrics,
+        "skipped_batches": skipped,  # nan/inf losses skipped with no update
         "last_checkpoint": str(result.last_checkpoint),
         "checkpoints": sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")),
         "final_weights": str(final_dir / "model.safetensors"),
@@ -336,14 +444,24 @@ def _write_run_files(stage, config, accelerator, ema, tracker, result: FitResult
         # where the run is tracked: `latentcell export` logs its bundle to this run
         "mlflow": {"run_id": tracker.run_id, "tracking_uri": tracker.uri or None},
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    tracker.log_metrics(
-        {f"final/{k}": v for k, v in {**result.train_metrics, **result.val_metrics}.items()}
-        | {f"check/{k}": v for k, v in checks.items()},
-        step=result.step,
-    )
+    final_metrics = {
+        f"final/{k}": v for k, v in {**result.train_metrics, **result.val_metrics}.items()
+    }
+    if units is not None:
+        summary["data"] = {"skipped_units": units, "n_skipped_units": len(units)}
+        final_metrics["data/skipped_units"] = float(len(units))
+        if units:
+            first = units[0]
+            _say(f"skipped {len(units)} corrupt data unit(s) (data.on_corrupt=skip), first "
+                 f"{first['file']}: {first['problem']}; all listed in "
+                 f"{run_dir / 'summary.json'}")  # fmt: skip
+    summary_path = run_dir / "summary.json"
+    summary_path.write_text(json.dumps(summary, indent=1))
+    tracker.flush(force=True)  # one try even if the backend failed lately: it may be back
+    tracker.log_metrics(final_metrics | {f"check/{k}": v for k, v in checks.items()},
+                        step=result.step)  # fmt: skip
     tracker.log_artifact(run_dir / "config.toml")
-    tracker.log_artifact(run_dir / "summary.json")
+    tracker.log_artifact(summary_path)
     tracker.log_artifact(final_dir / "model_config.json", "model_card")
     if figure is not None:
         tracker.log_artifact(figure, "figures")
@@ -351,3 +469,8 @@ def _write_run_files(stage, config, accelerator, ema, tracker, result: FitResult
         module, example = stage.serving_module(trained_copy())
         tracker.log_model(module, "model", example, pip_requirements())
     tracker.end("FINISHED")
+    lost = tracker.lost()
+    if lost is not None:
+        summary["mlflow"]["lost"] = lost
+        summary_path.write_text(json.dumps(summary, indent=1))
+        _say(tracker.lost_line(run_dir))

@@ -8,6 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")
+ON_CORRUPT = ("error", "skip")  # data_pipelines.integrity.ON_CORRUPT
+
+
+def check_on_corrupt(value: str) -> None:
+    if value not in ON_CORRUPT:
+        raise ValueError(f"on_corrupt must be one of {ON_CORRUPT}, got {value!r}")
+
+
 SCHEDULES = ("cosine", "constant")
 
 
@@ -35,7 +43,9 @@ class DataConfig:
     """path: a store written by ``latentcell data build`` (Zarr or WebDataset); "" uses the
     built-in synthetic dataset, generated once under ``<run root>/builtin_data``.
     val_path: a separate validation store; else ``val_fraction`` of the store's read units
-    (Zarr chunks / shards, chosen by ``split_seed``) are held out."""
+    (Zarr chunks / shards, chosen by ``split_seed``) are held out. on_corrupt: "error" stops
+    at a damaged unit naming its file; "skip" leaves its cells out, prints it and records it
+    in summary.json (``data_pipelines.skipping_reader``)."""
 
     path: str = ""
     val_path: str = ""
@@ -44,8 +54,10 @@ class DataConfig:
     batch_size: int = 256
     num_workers: int = 0
     buffer_units: int = 8
+    on_corrupt: str = "error"
 
     def __post_init__(self) -> None:
+        check_on_corrupt(self.on_corrupt)
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.batch_size < 1 or self.num_workers < 0 or self.buffer_units < 1:

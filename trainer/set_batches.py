@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["SetBatches", "stack_pairs"]
+__all__ = ["SetBatches", "require_sets", "stack_pairs"]
 
 _SIDES = ("control", "perturbed")
 _SCALARS = ("perturbation", "cell_type", "set_id", "is_pad")
@@ -35,6 +35,20 @@ def stack_pairs(pairs: list[dict]) -> dict:
         batch[key] = torch.tensor([p[key] for p in pairs])
     batch["match_levels"] = torch.stack([p["match_levels"] for p in pairs])
     return batch
+
+
+def require_sets(sampler, store) -> None:
+    """A training sampler with no set at all would loop over empty epochs forever: refuse it
+    with the reason instead (too few cells, or no perturbed group with matching controls)."""
+    if sampler.n_sets == 0:
+        from latentcell.data_pipelines.errors import DataValidationError
+
+        raise DataValidationError(
+            store, "data.path", f"no sets of cells to train on ({sampler.meta.n_cells} cells in "
+            "the store; a set needs a group of cells, and for perturbations, a perturbed group "
+            "whose cell type has control cells in the training split)",
+            "train on a store with more cells and groups, or check the split file",
+        )  # fmt: skip
 
 
 class SetBatches:
@@ -70,3 +84,7 @@ class SetBatches:
 
     def load_state_dict(self, state: dict) -> None:
         self.pairs.load_state_dict(state)
+
+    def corrupt_units(self) -> list[dict]:
+        """Damaged units the underlying loader skipped (``data.on_corrupt = "skip"``)."""
+        return self.pairs.corrupt_units()

@@ -10,7 +10,7 @@ import torch
 from latentcell.data_pipelines.errors import DataValidationError
 from latentcell.models.perturbation_labels import untrained_parts
 
-from .trained_runs import load_model_card, load_state, weights_path
+from .trained_runs import load_model_card, load_weights, weights_path
 
 __all__ = ["UNSEEN", "STPredictor"]
 
@@ -35,7 +35,7 @@ class STPredictor:
         self.unseen = unseen
         self.card = load_model_card(run_dir, MODEL_CLASS)
         self.model = build_st_model(self.card).eval()
-        self.model.load_state_dict(load_state(weights_path(run_dir, weights)))
+        load_weights(self.model, weights_path(run_dir, weights))
         self.genes = list(self.card["genes"])
         self.gene_symbols = list(self.card.get("gene_symbols", []))
         self.set_size = int(self.card.get("set_size", 128))

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from latentcell.data_pipelines.errors import DataValidationError
 from latentcell.data_pipelines.group_sets import (
     GroupSetConfig,
     GroupSetSampler,
@@ -51,7 +52,7 @@ from latentcell.models.st_model import STConfig, STShape
 from latentcell.models.st_pretrain import MaskedSetObjective, STPretrainModel
 
 from .sections import OptimConfig, RunSection, TrainConfig
-from .set_batches import SetBatches
+from .set_batches import SetBatches, require_sets
 from .st_sections import SetDataSection, store_card
 from .store_stage import CountStoreStage
 from .tracking import TrackingConfig
@@ -130,7 +131,10 @@ class STPretrainStage(CountStoreStage):
         if self._split is None:
             d = self.config.data
             index = open_store(self.store).group_index()
-            self._split = split_groups(index, d.val_fraction, d.split_seed)
+            try:
+                self._split = split_groups(index, d.val_fraction, d.split_seed)
+            except DataValidationError as err:  # name the store, not just its index
+                raise DataValidationError(self.store, err.field, err.problem, err.fix) from err
         return self._split
 
     def prepare_data(self, is_main_process: bool) -> None:
@@ -180,6 +184,8 @@ class STPretrainStage(CountStoreStage):
             partial(open_store, self.store), config, rank=rank, world_size=world_size,
             num_workers=d.num_workers if train else 0, groups=groups,
         )  # fmt: skip
+        if train:
+            require_sets(sampler, self.store)
         return SetBatches(sampler.loader(), d.sets_per_batch, stack=stack_sets)
 
     def train_loader(self, rank: int, world_size: int) -> SetBatches:

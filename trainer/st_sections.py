@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 from latentcell.data_pipelines.blocks import StoreMeta
 
+from .sections import check_on_corrupt
+
 __all__ = ["SetDataSection", "role_categories", "store_card"]
 
 
@@ -15,15 +17,18 @@ __all__ = ["SetDataSection", "role_categories", "store_card"]
 class SetDataSection:
     """path: the store ("" = the built-in one). set_size: cells per set (STATE's small model
     uses 128); sets_per_batch: sets per step per process; num_workers: DataLoader workers;
-    buffer_sets: sets shuffled together."""
+    buffer_sets: sets shuffled together. on_corrupt: as ``data.on_corrupt`` of the VAE; a set
+    touching a skipped unit is left out whole."""
 
     path: str = ""
     set_size: int = 64
     sets_per_batch: int = 8
     num_workers: int = 0
     buffer_sets: int = 64
+    on_corrupt: str = "error"
 
     def __post_init__(self) -> None:
+        check_on_corrupt(self.on_corrupt)
         if min(self.set_size, self.sets_per_batch, self.buffer_sets) < 1 or self.num_workers < 0:
             raise ValueError("set_size, sets_per_batch, buffer_sets >= 1; num_workers >= 0")
 
@@ -43,6 +48,7 @@ class SetDataSection:
             "columns": (),  # the role columns (batch, cell type) are always in obs
             "buffer_sets": self.buffer_sets,
             "tail": "pad",
+            "on_corrupt": self.on_corrupt,
         }
 
 

@@ -47,7 +47,7 @@ from latentcell.models.st_model import (
 from .config import ConfigError
 from .predict import _dense, log1p_normalize
 from .sections import OptimConfig, RunSection, TrainConfig, VAERef
-from .set_batches import SetBatches
+from .set_batches import SetBatches, require_sets
 from .st_sections import SetDataSection, role_categories, store_card
 from .store_stage import CountStoreStage
 from .tracking import TrackingConfig
@@ -217,6 +217,8 @@ class STStage(CountStoreStage):
             partial(open_store, self.store), config, rank=rank, world_size=world_size,
             num_workers=d.num_workers if train else 0, rows=rows,
         )  # fmt: skip
+        if train:
+            require_sets(sampler, self.store)
         bridge = self.bridge
         transform = None if bridge is None else partial(latent_features, bridge)
         return SetBatches(sampler.loader(), d.sets_per_batch, transform)

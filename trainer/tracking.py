@@ -4,10 +4,20 @@ Everything goes through ``MlflowClient`` with an explicit run id (no fluent acti
 nothing leaks between stages or tests), and mlflow is imported lazily because ``import mlflow``
 costs about 2 s. A tracking backend must never stop training: every failure becomes one
 ``RuntimeWarning`` per kind of operation and the tracker keeps going.
+
+A backend that dies mid-run must not slow the run down nor leave it unclear what was lost.
+After a failure the tracker is "down": it sends nothing for ``RETRY_S`` seconds, doubling
+with each failure in a row up to ``MAX_RETRY_S`` (metrics stay buffered, up to
+``MAX_PENDING``), then tries again. At the end of the run it tries once more (a forced flush)
+and skips the artifact and model uploads if the backend is still down. It counts what never
+arrived (metric steps and values, artifacts, the model, the params, a run it could not end,
+which MLflow then shows as RUNNING forever); :meth:`Tracker.lost` returns that for
+``summary.json`` and :meth:`Tracker.lost_line` says it in one line.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import os
 import re
@@ -34,8 +44,11 @@ MAX_PARAM_VALUE = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH in MLflow
 MAX_PARAMS_PER_BATCH = 100  # MAX_PARAMS_TAGS_PER_BATCH
 MAX_METRICS_PER_BATCH = 1000  # MAX_METRICS_PER_BATCH
 MAX_PENDING = 100_000  # metrics kept for a retry while the backend is failing
+RETRY_S = 60.0  # after a failure, no call for this long; doubled per failure in a row,
+MAX_RETRY_S = 1800.0  # up to this: a server that hangs (30 s per call) costs a few % of a run
 _TRUNCATED = "...[truncated]"
 _PERMANENT = ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST")  # MlflowException codes
+_SKIPPED = ConnectionError("not tried: the backend failed less than RETRY_S ago")
 
 
 @dataclass(frozen=True)
@@ -117,6 +130,15 @@ class Tracker:
         self._calls = 0
         self._keys: dict[str, str] = {}
         self._warned: set[str] = set()
+        self._retry_at: float | None = None  # set while the backend is down
+        self._failures = 0  # in a row
+        self._start_failed = False
+        self._sent_steps: set[int] = set()
+        self._lost_steps: set[int] = set()
+        self._lost_metrics = 0
+        self._lost_artifacts: list[str] = []
+        self._lost_params = False
+        self._not_ended = False
 
     @property
     def run_id(self) -> str | None:
@@ -137,6 +159,29 @@ class Tracker:
     @property
     def _active(self) -> bool:
         return self._run_id is not None and not self._ended
+
+    def _call(self, kind: str, fn, force: bool = False) -> BaseException | None:
+        """Run one backend call: None if it worked, else the error (warned once per kind)
+        or ``_SKIPPED`` while the backend is down. An error a retry cannot fix (an invalid
+        value, a deleted run) does not mark the backend down."""
+        if self._retry_at is not None and not force and time.monotonic() < self._retry_at:
+            return _SKIPPED
+        try:
+            fn()
+        except Exception as exc:
+            self._warn(kind, exc)
+            if getattr(exc, "error_code", "") not in _PERMANENT:
+                self._failures += 1
+                wait = min(RETRY_S * 2 ** (self._failures - 1), MAX_RETRY_S)
+                self._retry_at = time.monotonic() + wait
+            return exc
+        self._retry_at, self._failures = None, 0
+        return None
+
+    def _lose(self, metrics) -> None:
+        for m in metrics:
+            self._lost_steps.add(int(m.step))
+        self._lost_metrics += len(metrics)
 
     def start(
         self,
@@ -172,6 +217,8 @@ class Tracker:
                 self._run_id = run.info.run_id
         except Exception as exc:
             self._warn("start", exc)
+            self._start_failed = True
+            self._retry_at = time.monotonic() + RETRY_S
             return None
         self._log_params(params, reopened=self._run_id == resume_run_id)
         return self._run_id
@@ -201,9 +248,14 @@ class Tracker:
                 self._log_batch(params=dict(items[i : i + MAX_PARAMS_PER_BATCH]))
         except Exception as exc:
             self._warn("log_params", exc)
+            self._lost_params = True
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Buffer; one flush every ``flush_every`` calls (over HTTP each call costs ~60 ms)."""
+        if self._start_failed:  # nothing of this run reaches MLflow: count it
+            self._lost_steps.add(int(step))
+            self._lost_metrics += len(metrics)
+            return
         if not self._active:
             return
         from mlflow.entities import Metric
@@ -220,43 +272,53 @@ class Tracker:
         if self._calls >= self.config.flush_every or len(self._pending) >= MAX_METRICS_PER_BATCH:
             self.flush()
 
-    def flush(self) -> None:
-        """Send buffered metrics, one log_batch per 1000; on failure keep them for a retry."""
+    def flush(self, force: bool = False) -> None:
+        """Send buffered metrics, one log_batch per 1000; on failure keep them for a retry
+        (the oldest beyond ``MAX_PENDING`` are dropped and counted as lost)."""
         self._calls = 0
         if not self._active:
             return
         while self._pending:
             chunk = self._pending[:MAX_METRICS_PER_BATCH]
-            try:
-                self._log_batch(metrics=chunk)
-            except Exception as exc:
-                self._warn("flush", exc)
-                if getattr(exc, "error_code", "") in _PERMANENT:  # a retry cannot succeed
-                    del self._pending[: len(chunk)]
-                    continue
-                del self._pending[: max(0, len(self._pending) - MAX_PENDING)]
+            error = self._call("flush", lambda chunk=chunk: self._log_batch(metrics=chunk), force)
+            if error is None:
+                self._sent_steps.update(int(m.step) for m in chunk)
+            elif getattr(error, "error_code", "") in _PERMANENT:
+                self._lose(chunk)  # a retry cannot succeed
+            else:
+                overflow = max(0, len(self._pending) - MAX_PENDING)
+                self._lose(self._pending[:overflow])
+                del self._pending[:overflow]
                 return
             del self._pending[: len(chunk)]
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if not self._active:
+            if self._start_failed:
+                self._lost_artifacts.append(_artifact_name(path, artifact_path))
             return
-        try:
+
+        def upload():
             if Path(path).is_dir():
                 self._client.log_artifacts(self._run_id, str(path), artifact_path)
             else:
                 self._client.log_artifact(self._run_id, str(path), artifact_path)
-        except Exception as exc:
-            self._warn("log_artifact", exc)
+
+        if self._call("log_artifact", upload) is not None:
+            self._lost_artifacts.append(_artifact_name(path, artifact_path))
 
     def log_dict(self, d: Mapping, artifact_file: str) -> None:
         """JSON or YAML text artifact, chosen by the file extension."""
         if not self._active:
+            if self._start_failed:
+                self._lost_artifacts.append(artifact_file)
             return
-        try:
+
+        def upload():
             self._client.log_dict(self._run_id, dict(d), artifact_file)
-        except Exception as exc:
-            self._warn("log_dict", exc)
+
+        if self._call("log_dict", upload) is not None:
+            self._lost_artifacts.append(artifact_file)
 
     def log_model(
         self,
@@ -274,7 +336,11 @@ class Tracker:
         ``input_example`` (an array or a tuple of arrays, the forward's positional args); a
         module it cannot export is pickled instead, which needs latentcell at load time.
         """
-        if not self._active or not self.config.log_model:
+        if not self.config.log_model:
+            return None
+        if not self._active or self._retry_at is not None:  # a dead backend: do not wait on it
+            if self._start_failed or self._active:
+                self._lost_artifacts.append(f"{name} (model)")
             return None
         import mlflow
         import mlflow.pytorch
@@ -297,20 +363,85 @@ class Tracker:
             return info.model_uri
         except Exception as exc:
             self._warn("log_model", exc)
+            self._lost_artifacts.append(f"{name} (model)")
             return None
         finally:
             mlflow.set_tracking_uri(previous)
 
     def end(self, status: str = "FINISHED") -> None:
-        """Flush, then mark the run terminated; later calls are no-ops."""
+        """Flush, then mark the run terminated (tried even if the backend looked down: a run
+        left RUNNING is worse than one more failed call); later calls are no-ops."""
         if not self._active:
             return
         self.flush()
+        run_id = self._run_id
+        failed = self._call("end", lambda: self._client.set_terminated(run_id, status), True)
+        if failed is None and self._pending:  # the backend is back: send what waited
+            self.flush()
+        self._lose(self._pending)  # still unsent: they will never arrive
+        self._pending.clear()
         self._ended = True
-        try:
-            self._client.set_terminated(self._run_id, status)
-        except Exception as exc:
-            self._warn("end", exc)
+        self._not_ended = failed is not None
+
+    def lost(self) -> dict[str, Any] | None:
+        """What never reached MLflow (for summary.json), or None when nothing was lost."""
+        if not (self._lost_metrics or self._lost_artifacts or self._lost_params
+                or self._not_ended or self._start_failed):  # fmt: skip
+            return None
+        report: dict[str, Any] = {
+            "metric_steps": _ranges(sorted(self._lost_steps), self._sent_steps),
+            "n_metrics": self._lost_metrics,
+            "artifacts": list(self._lost_artifacts),
+        }
+        if self._lost_params:
+            report["params"] = "not logged"
+        if self._start_failed:
+            report["status"] = "not started"
+        elif self._not_ended:
+            report["status"] = "not ended"  # MLflow keeps showing the run as RUNNING
+        return report
+
+    def lost_line(self, run_dir: Path) -> str | None:
+        """One console line naming what did not reach MLflow and where the local copies are."""
+        lost = self.lost()
+        if lost is None:
+            return None
+        parts = []
+        if lost["n_metrics"]:
+            steps = ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in lost["metric_steps"])
+            parts.append(f"{lost['n_metrics']} metric values (steps {steps})")
+        if lost["artifacts"]:
+            parts.append("artifacts " + ", ".join(lost["artifacts"]))
+        if "params" in lost:
+            parts.append("params")
+        what = "; ".join(parts) or "nothing logged"
+        status = {"not started": "; no MLflow run was created",
+                  "not ended": "; the run was not ended there (it stays RUNNING)"}  # fmt: skip
+        return (
+            f"MLflow at {self.uri} did not receive: {what}{status.get(lost.get('status'), '')}. "
+            f"Local copies: {Path(run_dir) / 'metrics.jsonl'} and {run_dir} (summary.json "
+            "lists what was lost)"
+        )
+
+
+def _artifact_name(path: Path, artifact_path: str | None) -> str:
+    return f"{artifact_path}/{Path(path).name}" if artifact_path else Path(path).name
+
+
+def _ranges(lost: list[int], sent: set[int]) -> list[list[int]]:
+    """Lost steps as [first, last] runs: a run breaks where a step in between did arrive."""
+    out: list[list[int]] = []
+    delivered = sorted(sent)
+    for step in lost:
+        if out:
+            between = bisect.bisect_right(delivered, out[-1][1]) < bisect.bisect_left(
+                delivered, step
+            )
+            if not between:
+                out[-1][1] = step
+                continue
+        out.append([step, step])
+    return out
 
 
 class NullTracker(Tracker):

@@ -15,7 +15,9 @@ from latentcell.data_pipelines.atomic import sha256_file
 from latentcell.data_pipelines.errors import DataValidationError
 from latentcell.models.count_vae import CountVAE, CountVAEConfig
 
-__all__ = ["load_model_card", "load_vae", "weights_path"]
+__all__ = ["load_model_card", "load_vae", "load_weights", "read_run_json", "weights_path"]
+
+_DAMAGED_FIX = "the run's files are damaged: restore them, or train the run again"
 
 WEIGHTS = ("auto", "ema", "model")
 
@@ -27,7 +29,15 @@ def load_model_card(run_dir: str | Path, expected_class: str | None = None) -> d
             path.parent.parent, "final/model_config.json", "not a finished training run",
             "pass the run.dir of a completed `latentcell train` run",
         )  # fmt: skip
-    card = json.loads(path.read_text())
+    card = read_run_json(path)
+    if not (
+        isinstance(card, dict)
+        and isinstance(card.get("class"), str)
+        and isinstance(card.get("config"), dict)
+    ):
+        raise DataValidationError(
+            path, "config", "not a model card (an object with a class and a config)", _DAMAGED_FIX
+        )
     if expected_class and card.get("class") != expected_class:
         raise DataValidationError(
             path, "class", f"this run trained {card.get('class')}, not {expected_class}",
@@ -53,21 +63,58 @@ def weights_path(run_dir: str | Path, which: str = "auto") -> Path:
     return path
 
 
+def read_run_json(path: Path):
+    """A JSON file a run wrote (model card, statistics), with one clear error if damaged."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise DataValidationError(path, "file", "missing", _DAMAGED_FIX) from None
+    except (OSError, ValueError) as err:  # UnicodeDecodeError and JSONDecodeError included
+        raise DataValidationError(path, "json", f"unreadable ({err})", _DAMAGED_FIX) from err
+
+
 def load_state(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file (no pickle); a truncated or foreign file is one error."""
     from safetensors.torch import load_file
 
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except Exception as err:  # noqa: BLE001 - SafetensorError, OSError, ...: a damaged file
+        detail = " ".join(str(err).split())[:200]
+        raise DataValidationError(
+            path, "safetensors", f"unreadable weights ({type(err).__name__}: {detail})",
+            _DAMAGED_FIX,
+        ) from err  # fmt: skip
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> torch.nn.Module:
+    """``model`` with the weights at ``path``; names and shapes must match its model card."""
+    state = load_state(path)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:  # missing/unexpected keys, size mismatches
+        detail = " ".join(str(err).split())[:300]
+        raise DataValidationError(
+            path, "weights", f"do not fit the model card ({detail})", _DAMAGED_FIX
+        ) from err
+    return model
 
 
 def load_vae(run_dir: str | Path, which: str = "auto") -> tuple[CountVAE, dict]:
     """(the trained CountVAE in eval mode, provenance: run dir, weights file, sha256)."""
     card = load_model_card(run_dir, "latentcell.models.count_vae.CountVAE")
     config = dict(card["config"])
-    config["covariate_keys"] = tuple(config["covariate_keys"])
-    config["n_covariate_categories"] = tuple(config["n_covariate_categories"])
-    model = CountVAE(CountVAEConfig(**config))
+    try:
+        config["covariate_keys"] = tuple(config["covariate_keys"])
+        config["n_covariate_categories"] = tuple(config["n_covariate_categories"])
+        model = CountVAE(CountVAEConfig(**config))
+    except (KeyError, TypeError, ValueError) as err:
+        raise DataValidationError(
+            Path(run_dir) / "final" / "model_config.json", "config", f"invalid ({err})",
+            _DAMAGED_FIX,
+        ) from err  # fmt: skip
     path = weights_path(run_dir, which)
-    model.load_state_dict(load_state(path))
+    load_weights(model, path)
     provenance = {
         "vae_run": str(Path(run_dir).absolute()),
         "weights": path.name,

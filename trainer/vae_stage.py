@@ -94,6 +94,7 @@ class VAEStage(CountStoreStage):
             # gathers weights collectively); pads are masked out of every metric.
             tail="pad",
             output="csr",
+            on_corrupt=data.on_corrupt,
         )
         return CellStream(
             source,

@@ -16,6 +16,13 @@ out of its bundle still says what it is, and a file swapped in from another bund
 even when someone rewrote the hashes. Loading refuses a bundle whose files do not hash to
 the recorded sha256 (a tampered or half-copied file), and every call validates its inputs'
 names, dtypes and shapes before onnxruntime sees them.
+
+metadata.json is data that anyone who can write the directory can edit, so the loader
+trusts none of it: every field it reads is type-checked (:func:`check_metadata`), and every
+file name in it (``components.<name>.file``, the keys of ``files``) goes through
+``safe_paths.resolve_inside``. A name with ``..``, an absolute path, or a symlink that leads
+out of the bundle is refused with one error naming metadata.json and the field, before
+anything is hashed or loaded.
 """
 
 from __future__ import annotations
@@ -29,8 +36,16 @@ import numpy as np
 
 from latentcell.data_pipelines.atomic import sha256_file
 from latentcell.data_pipelines.errors import DataValidationError
+from latentcell.data_pipelines.safe_paths import resolve_inside
 
-__all__ = ["FORMAT", "Bundle", "component_props", "embedded_metadata", "session_options"]
+__all__ = [
+    "FORMAT",
+    "Bundle",
+    "check_metadata",
+    "component_props",
+    "embedded_metadata",
+    "session_options",
+]
 
 FORMAT = "latentcell.onnx-bundle"
 FORMAT_VERSION = 1
@@ -164,12 +179,12 @@ class Bundle:
 
         path = Path(path)
         metadata = read_metadata(path)
-        verify_files(path, metadata)
+        files = verify_files(path, metadata)
         options = session_options(threads, spinning)
         providers = ["CPUExecutionProvider"]
         components = {}
         for name, spec in metadata["components"].items():
-            file = path / spec["file"]
+            file = files[spec["file"]]
             session = ort.InferenceSession(str(file), options, providers=providers)
             small = None
             if options.intra_op_num_threads > 1:
@@ -180,9 +195,11 @@ class Bundle:
                     providers=providers,
                 )
             embedded = session.get_modelmeta().custom_metadata_map
-            if embedded.get(COMPONENT_KEY) != name or json.loads(
-                embedded.get(PROPS_KEY, "null")
-            ) != embedded_metadata(metadata):
+            try:
+                props = json.loads(embedded.get(PROPS_KEY, "null"))
+            except (ValueError, RecursionError):
+                props = None
+            if embedded.get(COMPONENT_KEY) != name or props != embedded_metadata(metadata):
                 raise DataValidationError(
                     file, "metadata_props", "the model's embedded metadata differs from "
                     "metadata.json: the file comes from another export",
@@ -193,6 +210,7 @@ class Bundle:
 
 
 def read_metadata(path: Path) -> dict:
+    """metadata.json, parsed and type-checked (:func:`check_metadata`)."""
     file = path / METADATA
     if not file.is_file():
         raise DataValidationError(
@@ -200,38 +218,114 @@ def read_metadata(path: Path) -> dict:
             "pass the --out directory of `latentcell export`",
         )  # fmt: skip
     try:
-        metadata = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise DataValidationError(file, "json", str(err), "re-export the run") from err
+        metadata = json.loads(file.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        problem = " ".join(str(err).split())[:200] or type(err).__name__
+        raise DataValidationError(file, "json", problem, "re-export the run") from err
+    if not isinstance(metadata, dict):
+        raise DataValidationError(
+            file, "json", f"a JSON {type(metadata).__name__}, not an object", "re-export the run"
+        )
     if metadata.get("format") != FORMAT:
         raise DataValidationError(
-            file, "format", f"{metadata.get('format')!r} is not {FORMAT!r}", "re-export the run"
-        )
-    if metadata.get("format_version") != FORMAT_VERSION:
+            file, "format", f"{_short(metadata.get('format'))} is not {FORMAT!r}",
+            "re-export the run",
+        )  # fmt: skip
+    if type(metadata.get("format_version")) is not int or metadata["format_version"] != (
+        FORMAT_VERSION
+    ):
         raise DataValidationError(
             file, "format_version",
-            f"version {metadata.get('format_version')}, this runtime reads {FORMAT_VERSION}",
-            "export again with this latentcell version",
+            f"version {_short(metadata.get('format_version'))}, this runtime reads "
+            f"{FORMAT_VERSION}", "export again with this latentcell version",
         )  # fmt: skip
+    check_metadata(metadata, file)
     return metadata
 
 
-def verify_files(path: Path, metadata: dict) -> None:
-    """Every recorded file exists and hashes to its sha256; every component is recorded."""
-    recorded = metadata.get("files", {})
-    for spec in metadata["components"].values():
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _refuse(source: Path, field: str, value: object, what: str) -> DataValidationError:
+    return DataValidationError(
+        source, field, f"{_short(value)} is not {what}",
+        "metadata.json was edited or damaged: restore it or re-export the run",
+    )  # fmt: skip
+
+
+def check_metadata(metadata: dict, source: Path) -> None:
+    """Every field the loader and ``Bundle`` read has the type the exporter writes, so a
+    damaged or hostile metadata.json is one ``DataValidationError`` naming the field, never
+    a KeyError or TypeError later. Types are exact (``True`` is not a dimension). What the
+    samplers read is covered by the copy embedded in every ONNX file, which must equal
+    metadata.json."""
+
+    def expect(value, kinds: tuple[type, ...], field: str, what: str, nonempty=False):
+        if type(value) not in kinds or (nonempty and not value):
+            raise _refuse(source, field, value, what)
+        return value
+
+    expect(metadata.get("kind"), (str,), "kind", "a string")
+    src = expect(metadata.get("source"), (dict,), "source", "an object")
+    expect(src.get("run"), (str,), "source.run", "a string")
+    genes = expect(metadata.get("genes"), (dict,), "genes", "an object")
+    for key in expect(genes.get("gene_key"), (list,), "genes.gene_key", "a list"):
+        expect(key, (str,), "genes.gene_key", "a gene key (string)")
+    components = expect(metadata.get("components"), (dict,), "components",
+                        "a non-empty object", nonempty=True)  # fmt: skip
+    for name, spec in components.items():
+        field = f"components.{name}"
+        if name not in COMPONENTS:
+            raise DataValidationError(
+                source, field, f"{_short(name)} is not a component this runtime knows",
+                f"components are {list(COMPONENTS)}; re-export the run",
+            )  # fmt: skip
+        expect(spec, (dict,), field, "an object")
+        expect(spec.get("file"), (str,), f"{field}.file", "a file name")
+        inputs = expect(spec.get("inputs"), (dict,), f"{field}.inputs", "a non-empty object",
+                        nonempty=True)  # fmt: skip
+        for input_name, want in inputs.items():
+            where = f"{field}.inputs.{input_name}"
+            expect(want, (dict,), where, "an object")
+            if type(want.get("dtype")) is not str or want["dtype"] not in _DTYPES:
+                raise _refuse(
+                    source, f"{where}.dtype", want.get("dtype"), f"one of {list(_DTYPES)}"
+                )
+            for dim in expect(want.get("shape"), (list,), f"{where}.shape", "a list"):
+                expect(dim, (int, str), f"{where}.shape", "a dimension (an int or a name)")
+        outputs = expect(spec.get("outputs"), (list,), f"{field}.outputs",
+                         "a non-empty list of names", nonempty=True)  # fmt: skip
+        for out in outputs:
+            expect(out, (str,), f"{field}.outputs", "an output name (string)")
+    files = expect(metadata.get("files"), (dict,), "files", "an object of file name -> sha256")
+    for name, digest in files.items():
+        expect(digest, (str,), f"files.{name}", "a sha256 hex digest")
+
+
+def verify_files(path: Path, metadata: dict) -> dict[str, Path]:
+    """Every recorded file lies inside the bundle, exists and hashes to its sha256; every
+    component is recorded. Returns {name in metadata.json: its resolved path}."""
+    source = path / METADATA
+    recorded = metadata["files"]
+    resolved = {name: resolve_inside(path, name, source, f"files.{name}") for name in recorded}
+    for component, spec in metadata["components"].items():
+        resolve_inside(path, spec["file"], source, f"components.{component}.file")
         if spec["file"] not in recorded:
             raise DataValidationError(
-                path / METADATA, "files", f"{spec['file']} has no sha256", "re-export the run"
-            )
+                source, f"components.{component}.file", f"{spec['file']} has no sha256 in "
+                "files", "re-export the run",
+            )  # fmt: skip
     for name, digest in recorded.items():
-        file = path / name
+        file = resolved[name]
         if not file.is_file():
             raise DataValidationError(
-                file, "files", "missing from the bundle", "copy the whole bundle directory"
+                path / name, "files", "missing from the bundle", "copy the whole bundle directory"
             )
         if sha256_file(file) != digest:
             raise DataValidationError(
-                file, "sha256", "the file does not match the sha256 in metadata.json (changed "
-                "or truncated since export)", "restore the file or re-export the run",
+                path / name, "sha256", "the file does not match the sha256 in metadata.json "
+                "(changed or truncated since export)", "restore the file or re-export the run",
             )  # fmt: skip
+    return resolved

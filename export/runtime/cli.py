@@ -4,10 +4,11 @@
              --out GEN.h5ad
     predict  --bundle DIR --controls CTRL.h5ad --perturbations A,B|all
              [--cells-per-perturbation N --unseen error|generic --seed S] --out PRED.h5ad
-    serve    --bundle DIR [--host 127.0.0.1 --port 8000]
+    serve    --bundle DIR [--host 127.0.0.1 --port 8000 --max-body-bytes N --read-timeout S
+             --concurrency N --queue N --max-connections N --workers N]
 
 Bad input prints one ``error:`` line naming the file, the field and the fix, exits 2, and
-writes nothing.
+writes nothing (``errors.run_cli``; ``--debug`` shows the traceback).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import json
 import sys
 import time
 
-from latentcell.data_pipelines.errors import DataValidationError
+from latentcell.data_pipelines.errors import debug_requested, run_cli
 from latentcell.models.conditions import parse_conditions
 
 from .bundle import Bundle
@@ -51,11 +52,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output .h5ad (written atomically)")
     p.set_defaults(func=run_predict)
-    s = sub.add_parser("serve", help="serve generate/predict as JSON over HTTP")
+    s = sub.add_parser("serve", help="serve generate/predict as JSON over HTTP (uvicorn)")
     s.add_argument("--bundle", required=True)
     s.add_argument("--host", default="127.0.0.1", help="bind address (default: local only)")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed)")
     s.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    s.add_argument("--max-body-bytes", type=int, default=16 * 2**20,
+                   help="larger request bodies get 413 (default 16 MiB)")  # fmt: skip
+    s.add_argument("--read-timeout", type=float, default=30.0,
+                   help="seconds for a request's head, and for its body, to arrive (else 408)")  # fmt: skip
+    s.add_argument("--concurrency", type=int, default=2, help="requests computed at once")
+    s.add_argument("--queue", type=int, default=8,
+                   help="requests that may wait for compute; more get 503")  # fmt: skip
+    s.add_argument("--max-connections", type=int, default=64,
+                   help="open connections plus running requests (uvicorn limit_concurrency)")  # fmt: skip
+    s.add_argument(
+        "--workers", type=int, default=1, help="server processes (each loads the bundle)"
+    )
     s.set_defaults(func=run_serve)
     return parser
 
@@ -78,9 +91,8 @@ def run_generate(args) -> int:
 
 
 def run_predict(args) -> int:
-    import anndata as ad
-
     from latentcell.data_pipelines.atomic import write_h5ad_atomic
+    from latentcell.data_pipelines.read_h5ad import read_h5ad
     from latentcell.trainer.predict import PopulationRequest, predict_population
 
     from .predict import OnnxSetPredictor
@@ -88,7 +100,7 @@ def run_predict(args) -> int:
     start = time.perf_counter()
     predictor = OnnxSetPredictor(Bundle.load(args.bundle), args.unseen)
     settings = predictor.settings
-    controls = ad.read_h5ad(args.controls)
+    controls = read_h5ad(args.controls, "--controls")
     if args.perturbations == "all":
         wanted = [x for x in predictor.labels
                   if x != settings["control_label"] and predictor.is_trained(x)]  # fmt: skip
@@ -110,16 +122,22 @@ def run_predict(args) -> int:
 
 
 def run_serve(args) -> int:
-    from .service import serve
+    from latentcell.data_pipelines.errors import DataValidationError
 
-    serve(Bundle.load(args.bundle, threads=args.threads), args.host, args.port)
+    from .service import ServiceLimits, serve
+
+    limits = ServiceLimits(
+        max_body_bytes=args.max_body_bytes, read_timeout_s=args.read_timeout,
+        concurrency=args.concurrency, queue=args.queue, max_connections=args.max_connections,
+    )  # fmt: skip
+    if args.workers < 1 or not 0 <= args.port <= 65535:
+        raise DataValidationError("serve", "--workers/--port", f"got {args.workers}/{args.port}",
+                                  "pass --workers >= 1 and a port from 0 to 65535")  # fmt: skip
+    serve(args.bundle, args.host, args.port, args.threads, limits, args.workers)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    debug, argv = debug_requested(sys.argv[1:] if argv is None else list(argv))
     args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except DataValidationError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: args.func(args), debug)

@@ -88,3 +88,42 @@ def test_sha256_helpers(tmp_path):
     assert sha256_tree(root) == digest
     (root / "c" / "0").write_bytes(b"y")
     assert sha256_tree(root) != digest
+
+
+def test_killed_builds_are_cleaned_up_running_ones_are_not(tmp_path):
+    """A build killed with SIGKILL leaves ``<out>.tmp-*`` behind; the next build of the same
+    ``out`` removes it, but never the directory of a build still running (it holds a lock)."""
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "store"
+    start = (
+        "import sys, os, signal, time\n"
+        "from latentcell.data_pipelines.atomic import AtomicDir\n"
+        f"build = AtomicDir({str(out)!r})\n"
+        "(build.tmp / 'part').write_text('half')\n"
+        "print(build.tmp, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL) if sys.argv[1] == 'die' else time.sleep(60)\n"
+    )
+    running = subprocess.Popen([sys.executable, "-c", start, "live"], stdout=subprocess.PIPE,
+                               text=True)  # fmt: skip
+    try:
+        live_tmp = running.stdout.readline().strip()
+        killed = subprocess.run(
+            [sys.executable, "-c", start, "die"], capture_output=True, text=True
+        )
+        assert killed.returncode == -signal.SIGKILL
+        dead_tmp = killed.stdout.strip()
+        assert {p.name for p in tmp_path.iterdir()} == {dead_tmp.split("/")[-1],
+                                                        live_tmp.split("/")[-1]}  # fmt: skip
+        with AtomicDir(out) as build:
+            assert [str(p) for p in build.removed_stale] == [dead_tmp]
+            build.commit()
+        left = {p.name for p in tmp_path.iterdir()}
+        assert left == {"store", live_tmp.split("/")[-1]}
+    finally:
+        running.kill()
+        running.wait()
+    with AtomicDir(tmp_path / "store", overwrite=True) as build:  # now it is stale too
+        assert [str(p) for p in build.removed_stale] == [live_tmp]

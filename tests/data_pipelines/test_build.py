@@ -297,8 +297,9 @@ def test_cli(tmp_path, capsys):
     assert "built" in capsys.readouterr().out
     manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
     assert manifest["format"] == "webdataset" and manifest["build"]["hvg"]["combine_targets"]
-    args = parser.parse_args([path, "--out", str(tmp_path / "t"), "--pert-col", "nope"])
-    assert run_build(args) == 2
+    from latentcell.launch.cli import main  # errors leave through the CLI's edge
+
+    assert main(["data", "build", path, "--out", str(tmp_path / "t"), "--pert-col", "nope"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "obs/nope" in err and err.count("\n") == 1
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -42,13 +44,20 @@ def runtime(env, *args, check=True):
 
 def test_the_library_and_service_import_only_numpy_and_onnxruntime(env):
     """anndata (with pandas, scipy, h5py) is imported by the commands that read or write
-    h5ad files only; the runtime itself and its HTTP service need numpy and onnxruntime."""
-    code = ("import sys, latentcell.export.runtime, latentcell.export.runtime.service; "
-            "print([m for m in ('torch', 'anndata', 'pandas', 'scipy', 'h5py', 'mlflow') "
+    h5ad files only; the runtime itself needs numpy and onnxruntime, and its HTTP service
+    adds Starlette and uvicorn (imported by ``service`` and its ``http_limits`` alone, never
+    by the runtime, nor by the request schema, which is checkable without HTTP)."""
+    heavy = "('torch', 'anndata', 'pandas', 'scipy', 'h5py', 'mlflow')"
+    web = "('starlette', 'uvicorn')"
+    code = (f"import sys, latentcell.export.runtime; print([m for m in {heavy} + {web} "
+            "if m in sys.modules]); import latentcell.export.runtime.request_schema; "
+            f"print([m for m in {heavy} + {web} if m in sys.modules]); "
+            "import latentcell.export.runtime.service; "
+            f"print([m for m in {heavy} if m in sys.modules]); print([m for m in {web} "
             "if m in sys.modules])")  # fmt: skip
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]"
+    assert result.stdout.split("\n")[:4] == ["[]", "[]", "[]", "['starlette', 'uvicorn']"]
 
 
 def test_generate_without_torch(env, bundles, tmp_path):
@@ -81,23 +90,91 @@ def test_predict_without_torch(env, runs, bundles, tmp_path):
     assert "--unseen generic" in refused.stderr and not (tmp_path / "no.h5ad").exists()
 
 
-def test_serve_without_torch(env, bundles):
+def _raw(url: str, data: bytes) -> tuple[int, dict]:
+    """One raw HTTP exchange (what urllib would refuse to send): status and JSON body."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(data)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def _serve(env, bundle, *extra) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "latentcell.export.runtime", "serve", "--bundle", str(bundles.dit),
-         "--port", "0", "--threads", "1"],
+        [sys.executable, "-m", "latentcell.export.runtime", "serve", "--bundle", str(bundle),
+         "--port", "0", "--threads", "1", *extra],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
+    line = proc.stdout.readline()  # "serving ... on http://127.0.0.1:PORT"
+    if "http://127.0.0.1:" not in line:
+        proc.kill()
+        pytest.fail(f"no URL in {line!r}: {proc.communicate(timeout=10)[1][-2000:]}")
+    return proc, line.split()[-1]
+
+
+def _stop(proc: subprocess.Popen) -> str:
+    """SIGTERM: uvicorn drains, then the process exits with status 0."""
+    proc.send_signal(signal.SIGTERM)
     try:
-        line = proc.stdout.readline()  # "serving ... on http://127.0.0.1:PORT"
-        assert "http://127.0.0.1:" in line, proc.stderr.read() if proc.poll() is not None else line
-        url = line.split()[-1]
+        _, stderr = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert proc.returncode == 0, stderr[-2000:]
+    return stderr
+
+
+def test_serve_without_torch(env, bundles):
+    proc, url = _serve(env, bundles.dit)
+    try:
         body = json.dumps({"n": 2, "conditions": {"cell_type": "*"}}).encode()
         request = urllib.request.Request(
             f"{url}/generate", body, {"Content-Type": "application/json"}
         )
-        deadline = time.time() + 30
-        reply = json.loads(urllib.request.urlopen(request, timeout=deadline - time.time()).read())
+        reply = json.loads(urllib.request.urlopen(request, timeout=60).read())
         assert np.asarray(reply["counts"]).shape == (4, len(reply["genes"]))
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        status, error = _raw(url, b"POST /generate HTTP/1.1\r\nHost: t\r\nConnection: close"
+                             b"\r\nContent-Length: 11\r\n\r\n{\"n\": true}")  # fmt: skip
+        assert status == 400 and error["field"] == "n" and error["fix"]
+        status, error = _raw(url, b"POST /generate HTTP/1.1\r\nHost: t\r\nContent-Length: abc"
+                             b"\r\n\r\n")  # fmt: skip
+        assert status == 400 and error["field"] == "request"
+    except BaseException:
+        proc.kill()
+        raise
+    stderr = _stop(proc)
+    assert "Shutting down" in stderr and "Traceback" not in stderr
+
+
+def test_serve_with_worker_processes(env, bundles):
+    proc, url = _serve(env, bundles.st, "--workers", "2")
+    try:
+        deadline = time.time() + 60  # the workers load the bundle after the URL is printed
+        while True:
+            try:
+                health = json.loads(urllib.request.urlopen(f"{url}/health", timeout=10).read())
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.2)
+        assert health["kind"] == "prediction"
+        status, error = _raw(url, b"GET /nowhere HTTP/1.1\r\nHost: t\r\nConnection: close"
+                             b"\r\n\r\n")  # fmt: skip
+        assert status == 404 and error["field"] == "path"
+    except BaseException:
+        proc.kill()
+        raise
+    _stop(proc)
+
+
+def test_serve_refuses_bad_settings_in_one_line(env, bundles, tmp_path):
+    for extra in (["--max-body-bytes", "0"], ["--workers", "0"]):
+        result = runtime(env, "serve", "--bundle", bundles.dit, "--port", 0, *extra, check=False)
+        assert result.returncode == 2 and result.stderr.startswith("error:"), result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    result = runtime(env, "serve", "--bundle", tmp_path, "--port", 0, check=False)
+    assert result.returncode == 2 and "not a bundle directory" in result.stderr

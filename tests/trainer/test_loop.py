@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from latentcell.data_pipelines.errors import DataValidationError
 from latentcell.trainer.checkpoint import resolve_resume
 from latentcell.trainer.config import load_config
 from latentcell.trainer.ema import EMA
@@ -96,7 +97,7 @@ def test_resume_auto_ignores_an_unfinished_save(tmp_path):
     (run_dir / "checkpoints" / ".tmp-step_20").mkdir()  # killed mid-save
     (run_dir / "checkpoints" / "step_30").mkdir()  # no trainer_state: incomplete
     assert resolve_resume("auto", run_dir).name == "step_10"
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+    with pytest.raises(DataValidationError, match="not a complete checkpoint"):
         resolve_resume(str(run_dir / "checkpoints" / "step_30"), run_dir)
 
 
@@ -129,3 +130,68 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     wb = load_file(str(b.final_dir / "model.safetensors"))
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key], rtol=1e-5, atol=1e-6)
+
+
+def test_skipped_nonfinite_batches_are_said_once_a_minute_and_counted(tmp_path, capsys):
+    config = _config(tmp_path, "train.max_steps=12", "train.checkpoint_every=0")
+    fit(ToyStage(config, nan_at=(4, 5, 9)), config)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "non-finite loss" in line]
+    assert lines == [
+        "step 4: non-finite loss on 1 of 1 process(es): batch skipped with no update, 1 so far "
+        "(said at most once a minute; train.max_nonfinite=20 in a row stop the run)"
+    ]
+    summary = json.loads((tmp_path / "toy" / "summary.json").read_text())
+    assert summary["skipped_batches"] == 3 and summary["train"]["train/skipped_batches"] == 3
+
+
+def test_corrupt_units_the_loader_skipped_survive_resume_and_reach_the_summary(tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    bad = {"file": "shard-000003.tar", "problem": "sha256 mismatch"}
+    other = {"file": "chunk 7", "problem": "cannot decompress"}
+    overrides = ("train.max_steps=12", "train.checkpoint_every=5", "tracking.enabled=true",
+                 "tracking.log_model=false")  # fmt: skip
+    config = _config(tmp_path, *overrides)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(ToyStage(config, crash_after=7, corrupt_at={1: bad, 3: other, 4: bad}), config)
+    state = json.loads(
+        (tmp_path / "toy" / "checkpoints" / "step_5" / "trainer_state.json").read_text()
+    )
+    assert state["skipped_units"] == [bad, other]
+    capsys.readouterr()
+    result = fit(ToyStage(config, corrupt_at={2: bad}), config, resume="auto")  # found again
+    summary = json.loads((tmp_path / "toy" / "summary.json").read_text())
+    assert summary["data"] == {"skipped_units": [bad, other], "n_skipped_units": 2}
+    lines = [line for line in capsys.readouterr().err.splitlines() if "corrupt data unit" in line]
+    assert lines == [
+        f"skipped 2 corrupt data unit(s) (data.on_corrupt=skip), first shard-000003.tar: sha256 "
+        f"mismatch; all listed in {tmp_path / 'toy' / 'summary.json'}"
+    ]
+    client = MlflowClient(result.tracking_uri)
+    assert client.get_run(result.mlflow_run_id).data.metrics["data/skipped_units"] == 2.0
+
+
+def test_a_loader_without_corrupt_units_leaves_no_data_section(tmp_path):
+    config = _config(tmp_path, "train.max_steps=3")
+    fit(ToyStage(config), config)
+    assert "data" not in json.loads((tmp_path / "toy" / "summary.json").read_text())
+
+
+def test_an_empty_training_loader_is_an_error_not_an_endless_loop():
+    """Epochs without a batch (nothing to train on) stop with one clear error."""
+    from latentcell.data_pipelines.errors import DataValidationError
+    from latentcell.trainer.loop import _epochs
+
+    class Empty:
+        epochs = []
+
+        def __iter__(self):
+            return iter(())
+
+        def set_epoch(self, epoch):
+            self.epochs.append(epoch)
+
+    with pytest.raises(DataValidationError, match="no batch in a whole epoch"):
+        next(_epochs(Empty(), 0))
+    assert Empty.epochs == [1]  # gave up after the second empty epoch

@@ -247,3 +247,113 @@ def test_null_tracker_and_make_tracker(uri, tmp_path):
         _exercise(null, tmp_path)
         assert null.log_model(torch.nn.Linear(1, 1), "m", np.zeros((1, 1)), []) is None
     assert null.run_id is None
+
+
+def test_lost_steps_are_ranges_broken_by_delivered_ones():
+    from latentcell.trainer.tracking import _ranges
+
+    assert _ranges([], set()) == []
+    assert _ranges([10, 20, 30], {0, 5}) == [[10, 30]]
+    assert _ranges([10, 20, 40, 50], {30}) == [[10, 20], [40, 50]]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real ``mlflow server`` on loopback (SQLite store, job runner off: about 6 s)."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+    from pathlib import Path
+
+    exe = Path(sys.executable).with_name("mlflow")
+    if not exe.exists() and shutil.which("mlflow") is None:
+        pytest.skip("no mlflow server command")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    db = tmp_path / "server" / "mlflow.db"
+    db.parent.mkdir()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = subprocess.Popen(
+        [str(exe if exe.exists() else shutil.which("mlflow")), "server", "--backend-store-uri",
+         f"sqlite:///{db}", "--default-artifact-root", str(db.parent / "artifacts"),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=1)
+            break
+        except OSError:
+            assert proc.poll() is None and time.time() < deadline, "mlflow server did not start"
+            time.sleep(0.2)
+
+    def stop() -> None:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    yield uri, db, stop
+    stop()
+
+
+def test_a_server_dying_mid_run_is_reported_and_costs_no_time(
+    mlflow_server, tmp_path, capsys, monkeypatch
+):
+    """Training finishes; summary.json and one console line say which metric steps and
+    artifacts never reached MLflow, and that the run stays RUNNING there."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from latentcell.trainer.config import load_config
+    from latentcell.trainer.loop import fit
+    from tests.trainer.toy_stage import ToyRunConfig, ToyStage
+
+    uri, db, stop = mlflow_server
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # the tracker's own defaults,
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")  # restored after the test
+    run_dir = tmp_path / "run" / "toy"
+    config = load_config(ToyRunConfig, None, [
+        f"run.dir={run_dir}", "train.progress=false", "train.max_steps=30",
+        "train.checkpoint_every=10", "train.eval_every=0", "tracking.enabled=true",
+        f"tracking.uri={uri}", "tracking.log_every=2", "tracking.flush_every=1",
+    ])  # fmt: skip
+    killed_at: list[float] = []
+
+    def kill(batches: int) -> None:
+        if batches == 12:  # metrics of steps 2..12 have been sent
+            stop()
+            killed_at.append(time.perf_counter())
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        result = fit(ToyStage(config, on_batch=kill), config)
+    after_kill = time.perf_counter() - killed_at[0]
+    assert result.step == 30
+    assert after_kill < 60, f"a dead server cost {after_kill:.0f} s"
+
+    lost = json.loads((run_dir / "summary.json").read_text())["mlflow"]["lost"]
+    first, last = lost["metric_steps"][0][0], lost["metric_steps"][-1][1]
+    assert 12 <= first <= 14 and last == 30 and len(lost["metric_steps"]) == 1
+    assert lost["n_metrics"] > 0
+    assert lost["artifacts"] == ["config.toml", "summary.json", "model_card/model_config.json",
+                                 "figures/training_curves.png", "model (model)"]  # fmt: skip
+    assert lost["status"] == "not ended"
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("MLflow at")]
+    assert len(lines) == 1
+    assert lines[0].startswith(f"MLflow at {uri} did not receive: {lost['n_metrics']} metric "
+                               f"values (steps {first}-30); artifacts config.toml")  # fmt: skip
+    assert "it stays RUNNING" in lines[0] and str(run_dir / "metrics.jsonl") in lines[0]
+
+    store = MlflowClient(f"sqlite:///{db}")  # what the server had stored before it died
+    run = store.get_run(result.mlflow_run_id)
+    assert run.info.status == "RUNNING"
+    steps = [m.step for m in store.get_metric_history(run.info.run_id, "train/loss")]
+    assert steps == list(range(2, first, 2))
+    local = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(set(local)) == list(range(2, 31, 2))  # the local copy has every step

@@ -6,6 +6,7 @@ so the loop's guarantees are checked without any real model in the way.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -71,11 +72,20 @@ class ToyStage:
     name = "toy"
 
     def __init__(
-        self, config: ToyRunConfig, nan_at: tuple[int, ...] = (), crash_after: int | None = None
+        self,
+        config: ToyRunConfig,
+        nan_at: tuple[int, ...] = (),
+        crash_after: int | None = None,
+        on_batch: Callable[[int], None] | None = None,
+        corrupt_at: dict[int, dict] | None = None,
     ) -> None:
         self.config = config
         self.nan_at = nan_at
         self.crash_after = crash_after  # raise after this many batches (a simulated crash)
+        self.on_batch = on_batch  # called with the number of batches fed so far
+        # {batch number: {"file", "problem"}}: the loader "finds" a corrupt unit there and
+        # reports it through corrupt_units(), as data.on_corrupt="skip" loaders do
+        self.corrupt_at = corrupt_at
         self.store = toy_store()
         self.rows_seen: list[np.ndarray] = []
 
@@ -95,11 +105,17 @@ class ToyStage:
         loader = self._loader(rank, world, True)
         stage = self
 
+        found: list[dict] = []
+
         class Recording:
             def __iter__(self):
                 for batch in loader:
                     if stage.crash_after is not None and len(stage.rows_seen) >= stage.crash_after:
                         raise RuntimeError("simulated crash")
+                    if stage.on_batch is not None:
+                        stage.on_batch(len(stage.rows_seen))
+                    if stage.corrupt_at and len(stage.rows_seen) in stage.corrupt_at:
+                        found.append(stage.corrupt_at[len(stage.rows_seen)])
                     stage.rows_seen.append(batch["row"][~batch["is_pad"]].numpy())
                     yield batch
 
@@ -115,6 +131,8 @@ class ToyStage:
             def load_state_dict(self, state):
                 loader.load_state_dict(state)
 
+        if self.corrupt_at is not None:
+            Recording.corrupt_units = lambda self: list(found)
         return Recording()
 
     def val_loader(self, rank, world):
