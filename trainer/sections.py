@@ -7,16 +7,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from latentcell.data_pipelines.integrity import ON_CORRUPT
+
 PRECISIONS = ("auto", "no", "bf16", "fp16")
-ON_CORRUPT = ("error", "skip")  # data_pipelines.integrity.ON_CORRUPT
+SCHEDULES = ("cosine", "constant")
 
 
 def check_on_corrupt(value: str) -> None:
     if value not in ON_CORRUPT:
         raise ValueError(f"on_corrupt must be one of {ON_CORRUPT}, got {value!r}")
-
-
-SCHEDULES = ("cosine", "constant")
 
 
 @dataclass(frozen=True)
