@@ -64,8 +64,10 @@ from latentcell.data_pipelines.vocabulary import (
     build_vocabulary,
     make_aligner,
     read_gene_list,
+    read_reference_genes,
     resolve_keys,
     vocabulary_from_list,
+    vocabulary_from_reference,
 )
 from latentcell.data_pipelines.zarr_store import CODECS, DEFAULT_CODEC
 
@@ -306,11 +308,18 @@ class GenePlan:
     info: dict = field(default_factory=dict)
 
 
-def plan_genes(inputs: list[InputFile], join: str, genes_file: str | None) -> GenePlan:
+def plan_genes(
+    inputs: list[InputFile], join: str, genes_file: str | None, genes_from: str | None = None
+) -> GenePlan:
     tables = [inp.genes for inp in inputs]
     keys = resolve_keys(tables, [inp.path for inp in inputs])
     vocab = build_vocabulary(tables, keys, join)
     info = {"gene_join": join, "n_vocabulary": len(vocab)}
+    if genes_from is not None:  # another store's or run's keys, in its order
+        ref = read_reference_genes(genes_from)
+        plan = vocabulary_from_reference(vocab, keys, ref)
+        info.update(genes_from=ref.source, genes_from_kind=ref.kind, genes_unknown=plan.unknown)
+        return GenePlan(vocabulary=plan.vocabulary, input_keys=plan.input_keys, info=info)
     if genes_file is not None:
         names = read_gene_list(genes_file)
         listed = vocabulary_from_list(vocab, names, genes_file)
@@ -521,6 +530,7 @@ def build_store(
     hvg: int | None = None,
     combine_targets: bool = False,
     genes_file: str | os.PathLike | None = None,
+    genes_from: str | os.PathLike | None = None,
     pert_col: str | None = None,
     control: str | None = None,
     batch_col: str | None = None,
@@ -549,6 +559,9 @@ def build_store(
     paths = _input_paths(inputs)
     writer_opts = _writer_options(format, chunk_cells, block_cells, cells_per_shard, codec)
     _check_options(hvg, combine_targets, genes_file, gene_join, read_cells)
+    if genes_from is not None and (hvg is not None or genes_file is not None):
+        raise _option("--genes-from", "--genes-from, --genes and --hvg are alternatives",
+                      "pass one of them")  # fmt: skip
     _check_out(out, overwrite)
     schema_obj = get_schema(
         schema,
@@ -561,7 +574,10 @@ def build_store(
     opened = open_inputs(paths, schema_obj)
     try:
         obs = plan_obs(opened)
-        genes = plan_genes(opened, gene_join, None if genes_file is None else str(genes_file))
+        genes = plan_genes(
+            opened, gene_join, None if genes_file is None else str(genes_file),
+            None if genes_from is None else str(genes_from),
+        )  # fmt: skip
         plans = read_plans(opened, obs, read_cells)  # also checks role labels: before any X
         stored, hvg_info, validated = genes.vocabulary, None, False
         if hvg is not None:
@@ -713,6 +729,11 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     genes = parser.add_mutually_exclusive_group()
     genes.add_argument("--hvg", type=int, metavar="N", help="keep the N most variable genes")
     genes.add_argument("--genes", metavar="FILE", help="keep exactly these genes (one per line)")
+    genes.add_argument(
+        "--genes-from",
+        metavar="STORE_OR_RUN",
+        help="keep exactly the genes of this store or trained ST run, in its order",
+    )
     parser.add_argument(
         "--combine-targets", action="store_true", help="add every perturbed gene to the HVGs"
     )
@@ -767,6 +788,7 @@ def run_build(args: argparse.Namespace) -> int:
         hvg=args.hvg,
         combine_targets=args.combine_targets,
         genes_file=args.genes,
+        genes_from=getattr(args, "genes_from", None),
         pert_col=args.pert_col,
         control=args.control,
         batch_col=args.batch_col,

@@ -48,7 +48,9 @@ Resume
     so ``resume(epoch, batches_consumed)`` computes each slot's offset and which slot comes
     next; the new loader's worker i then serves slot ``(i + next) % K`` from its offset, and
     the concatenation of the batches before and after equals one uninterrupted epoch. A
-    resume holds for that epoch until ``set_epoch`` moves to another epoch.
+    resume holds for that epoch until ``set_epoch`` moves to another epoch. A checkpoint's
+    layout must match the stream's; over a row subset (``row_subset``: a split's train rows)
+    the layout includes the rows' digest.
 
 ``SetSampler`` (set_sampler.py) reuses the slot, tail and resume machinery in
 ``ShardedIterable``.
@@ -455,6 +457,8 @@ class CellStream(ShardedIterable):
         num_workers: int = 0,
     ):
         super().__init__(source, config or CellStreamConfig(), rank, world_size, num_workers)
+        # A row subset (``row_subset.RowSubset``, a split's rows) names its rows by digest.
+        self._rows_digest = getattr(self._reader, "rows_digest", None)
         self._unit_sizes = np.asarray(self.meta.unit_sizes, dtype=np.int64)
         self.pool_cells = self._pool_cells()
         self._slot_cells = self._split_over_slots(self.meta.n_cells, "cell")
@@ -492,6 +496,9 @@ class CellStream(ShardedIterable):
             "pool_cells": self.pool_cells,
             "world_size": self.world_size,
             "workers_per_rank": self.workers_per_rank,
+            # only for row subsets, so the layouts of existing checkpoints are unchanged: two
+            # splits with equal sizes must not resume into each other
+            **({"rows_digest": self._rows_digest} if self._rows_digest else {}),
         }
 
     def _iter_slot(self, slot: int, start_batch: int) -> Iterator[dict]:

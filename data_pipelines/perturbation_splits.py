@@ -72,6 +72,12 @@ store's ``group_index()`` and role categories alone, no count is read, and it de
 (store layout, codes, config): every rank and every resumed run agrees on it. Pass
 ``split.train`` as ``SetSampler(..., rows=split.train)`` so that no val/test cell is ever a
 perturbed cell or a control in training.
+
+One file for every stage: ``train st``, ``train vae`` and ``train dit`` (``split.file``),
+``latentcell data split`` (the parts as h5ad files, ``split_files``) and ``latentcell predict
+--baseline --split`` all call ``assign_split`` on the same store and file, so they agree row
+for row. ``save_split`` writes what a run keeps (``split.npz``: the rows of each part;
+``split.json``: the summary).
 """
 
 from __future__ import annotations
@@ -79,6 +85,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -104,10 +111,14 @@ __all__ = [
     "PerturbationSplit",
     "SplitConfig",
     "assign_split",
+    "control_code",
     "load_split_config",
+    "read_split_rows",
+    "save_split",
 ]
 
 SPLITS = ("train", "val", "test")
+SPLIT_ROWS, SPLIT_SUMMARY = "split.npz", "split.json"  # what a run keeps of its split
 _TRAIN, _VAL, _TEST = 0, 1, 2
 CONFIG_PATH = "<split config>"
 
@@ -475,7 +486,7 @@ def assign_split(
     sizes = stops - starts
     # per range: the strictest split any whole-group rule gives it
     range_label = np.zeros(len(index), dtype=np.int8)
-    control = _control_code(meta)
+    control = control_code(meta)
 
     held: dict[str, list[str]] = {k: [] for k in ("test_pt", "val_pt", "test_ct", "val_ct")}
     if config.cell_types is not None:
@@ -547,7 +558,36 @@ def assign_split(
     )
 
 
-def _control_code(meta) -> int | None:
+def save_split(split: PerturbationSplit, directory: str | Path) -> Path:
+    """``split.npz`` (int64 rows of train / val / test) and ``split.json`` (the summary) in
+    ``directory``, each written to a temporary file and renamed; returns the npz path."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = directory / SPLIT_ROWS
+    tmp = directory / f".{SPLIT_ROWS}.tmp-{os.getpid()}.npz"
+    try:
+        np.savez(tmp, train=split.train, val=split.val, test=split.test)
+        tmp.replace(rows)
+    finally:
+        tmp.unlink(missing_ok=True)
+    summary = directory / SPLIT_SUMMARY
+    tmp = directory / f".{SPLIT_SUMMARY}.tmp-{os.getpid()}"
+    try:
+        tmp.write_text(split.to_json())
+        tmp.replace(summary)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return rows
+
+
+def read_split_rows(path: str | Path) -> dict[str, np.ndarray]:
+    """The rows of each split from a ``split.npz`` (``save_split``, or a ``train st`` run's)."""
+    with np.load(path) as f:
+        return {k: np.asarray(f[k], dtype=np.int64) for k in SPLITS}
+
+
+def control_code(meta) -> int | None:
+    """The code of the store's control label in its perturbation column (None: no controls)."""
     column, label = meta.roles.get("perturbation"), meta.control_label
     if column is None or label is None or label not in meta.categories[column]:
         return None

@@ -15,11 +15,14 @@ Generative model (all draws with numpy from ``seed``; G genes, d = ``latent_dim`
   per-batch per-gene log-fold effects ``beta_kg ~ N(0, batch_effect_scale^2)``, per-batch
   library shift ``N(0, batch_library_scale^2)`` and cell-type composition ``Dirichlet(1)``.
 * Perturbations (vcc schema only): each targets one gene among the most expressed, has a latent
-  shift ``delta_p ~ N(0, pert_shift_scale^2 I_d)`` and a knockdown factor
-  ``k_p ~ U(knockdown_range)``. A cell is a control (``non-targeting``) with probability
+  shift shared by every cell type ``delta_p ~ N(0, pert_shift_scale^2 I_d)``, a part specific
+  to each cell type ``gamma_pt ~ N(0, pert_type_scale^2 I_d)`` (drawn from a stream of its
+  own, so a scale of 0, the default, leaves every other parameter and cell as before) and a
+  knockdown factor ``k_p ~ U(knockdown_range)``. With ``pert_type_scale > 0`` a held-out cell
+  type has a true response that is neither "no response" nor the other types' response. A cell is a control (``non-targeting``) with probability
   ``control_fraction``, else perturbed by a uniform choice among the perturbations.
 * Cell i (type t, batch k, perturbation p or none):
-  ``z_i = c_t + cell_noise_scale * eps_i (+ delta_p)``;
+  ``z_i = c_t + cell_noise_scale * eps_i (+ delta_p + gamma_pt)``;
   ``eta_ig = W_g . z_i + b_g + beta_kg (+ log k_p if g is p's target)``;
   ``L_i = exp(log(library_median) + shift_k + library_log_sd * N(0, 1))``;
   ``mu_ig = L_i * softmax_g(eta_i)``; ``X_ig ~ NegBinomial(mean mu_ig, theta_g)``.
@@ -54,7 +57,7 @@ from .h5ad_stream_writer import (
 
 SCHEMAS = ("vcc", "scbasecount")
 CONTROL_LABEL = "non-targeting"
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: cell-type-specific perturbation responses (gamma_pt)
 RNG_BLOCK_CELLS = 1024  # cells per independent random stream; fixes output across chunk sizes
 INVERSION_MAX_MEAN = 20.0  # NB means up to this are drawn by CDF inversion, larger by gamma-Poisson
 INVERSION_MAX_STEPS = 100_000
@@ -102,6 +105,7 @@ class SynthConfig:
     cell_type_scale: float = 1.0
     cell_noise_scale: float = 0.5
     pert_shift_scale: float = 0.5
+    pert_type_scale: float = 0.0
     batch_effect_scale: float = 0.25
     batch_library_scale: float = 0.15
     theta_median: float = 1.0
@@ -130,6 +134,7 @@ def _config_problems(c: SynthConfig) -> list[str]:
         (0 <= c.control_fraction <= 1, "control_fraction must be in [0, 1]"),
         (c.guides_per_target >= 1, "guides_per_target must be >= 1"),
         (0 < min(c.knockdown_range) <= max(c.knockdown_range) <= 1, "knockdown in (0, 1]"),
+        (c.pert_type_scale >= 0, "pert_type_scale must be >= 0"),
         (0 <= c.gene_drop_fraction < 1, "gene_drop_fraction must be in [0, 1)"),
         (c.compression in COMPRESSIONS, f"compression must be one of {COMPRESSIONS}"),
         (not c.split_samples or c.schema == "scbasecount", "split_samples needs scbasecount"),
@@ -159,7 +164,8 @@ class GroundTruth:
     cell_type_probs: np.ndarray  # (B, T)
     perturbation_names: list[str]  # target gene symbols
     perturbation_targets: np.ndarray  # (P,) gene index
-    perturbation_shifts: np.ndarray  # (P, d)
+    perturbation_shifts: np.ndarray  # (P, d) shared by every cell type
+    perturbation_type_shifts: np.ndarray  # (P, T, d) specific to each cell type
     knockdown: np.ndarray  # (P,) rate multiplier of the target gene
     sample_gene_masks: np.ndarray  # (B, G) bool: genes kept in each split sample
 
@@ -223,9 +229,17 @@ def make_ground_truth(config: SynthConfig) -> GroundTruth:
         perturbation_names=[str(s) for s in symbols[targets]],
         perturbation_targets=targets,
         perturbation_shifts=shifts,
+        perturbation_type_shifts=_type_shifts(config, len(targets)),
         knockdown=knockdown,
         sample_gene_masks=_sample_gene_masks(config, rng),
     )
+
+
+def _type_shifts(config: SynthConfig, n_perturbations: int) -> np.ndarray:
+    """gamma_pt from its own stream: the other parameters do not depend on whether it is drawn."""
+    rng = np.random.default_rng(np.random.SeedSequence(config.seed, spawn_key=(2,)))
+    shape = (n_perturbations, config.n_cell_types, config.latent_dim)
+    return config.pert_type_scale * rng.standard_normal(shape)
 
 
 def _gene_baselines(config: SynthConfig, rng: np.random.Generator) -> np.ndarray:
@@ -357,7 +371,10 @@ def _log_rates(config, truth, batch, cell_type, perturbation, rng) -> np.ndarray
         (n, config.latent_dim)
     )
     perturbed = np.flatnonzero(perturbation >= 0)
-    z[perturbed] += truth.perturbation_shifts[perturbation[perturbed]]
+    p = perturbation[perturbed]
+    z[perturbed] += (
+        truth.perturbation_shifts[p] + truth.perturbation_type_shifts[p, cell_type[perturbed]]
+    )
     eta = z.astype(np.float32) @ truth.loadings32.T
     eta += truth.gene_offsets32[batch]
     targets = truth.perturbation_targets[perturbation[perturbed]]
@@ -638,6 +655,12 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--latent-dim", type=int, default=d.latent_dim)
     parser.add_argument("--chunk-cells", type=int, default=d.chunk_cells, help="cells per write")
     parser.add_argument("--control-fraction", type=float, default=d.control_fraction)
+    parser.add_argument(
+        "--pert-type-scale",
+        type=float,
+        default=d.pert_type_scale,
+        help="sd of each perturbation's cell-type-specific latent shift (0: shared only)",
+    )
     parser.add_argument("--library-median", type=float, default=d.library_median)
     parser.add_argument("--compression", choices=COMPRESSIONS, default=d.compression)
     parser.add_argument(
@@ -661,6 +684,7 @@ def config_from_args(args: argparse.Namespace) -> SynthConfig:
         chunk_cells=args.chunk_cells,
         split_samples=args.split_samples,
         control_fraction=args.control_fraction,
+        pert_type_scale=args.pert_type_scale,
         library_median=args.library_median,
         compression=args.compression,
     )

@@ -23,10 +23,18 @@ gene order); ``intersection`` keeps the first input's order. A gene list file re
 the store's genes are exactly the list, in list order; genes missing from an input are
 zero-filled, and genes found in no input are kept as all-zero columns with a warning (so a
 model's output dimension always matches the list, e.g. the VCC ``gene_names.csv``).
+
+Another store's or a trained run's genes (``--genes-from``, ``reference_genes``): the store's
+genes are exactly that vocabulary's KEYS, in its order, so a model trained on one store loads
+onto the other gene by gene (``trainer/init_from_run.py`` matches by key). Each reference gene
+is found in the inputs by key, else by its symbol (a run keyed by Ensembl ids, an input with
+symbols only), else by its id; an input gene found under another key is re-keyed to the
+reference's key. Genes found in no input are zero-filled, as with a list.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import warnings
 from dataclasses import dataclass
@@ -373,6 +381,162 @@ def vocabulary_from_list(vocab: Vocabulary, names: list[str], path: str) -> Voca
             path, "--genes", f"two listed names resolve to gene {dup!r}", "list it once"
         )
     return Vocabulary(var)
+
+
+# ---------------------------------------------------------------- the genes of a store or a run
+
+_GENES_FROM = "--genes-from"
+_GENES_FROM_FIX = (
+    "pass a store built by `latentcell data build` or the run.dir of a finished ST run"
+)
+
+
+@dataclass(frozen=True)
+class ReferenceGenes:
+    """An existing vocabulary: keys in order, ids and symbols ("" where unknown), and where
+    it came from (``kind`` "store" or "run")."""
+
+    keys: list[str]
+    ids: list[str]
+    symbols: list[str]
+    source: str
+    kind: str
+
+
+def read_reference_genes(path: str | Path) -> ReferenceGenes:
+    """The genes of a store (its manifest's ``var``) or of a finished run (its model card's
+    ``genes`` and ``gene_symbols``); anything else is one DataValidationError."""
+    root = Path(path).absolute()
+    card = root / "final" / "model_config.json"
+    if card.is_file():
+        return _run_genes(root, card)
+    looks_like_store = root.is_dir() and (
+        (root / "manifest.json").exists()
+        or (root / "zarr.json").exists()
+        or any(root.glob("*.tar"))
+    )
+    if not looks_like_store:
+        problem = (
+            "neither a store (no manifest.json) nor a finished run (no final/model_config.json)"
+            if root.exists()
+            else "no such store or run directory"
+        )
+        raise DataValidationError(root, _GENES_FROM, problem, _GENES_FROM_FIX)
+    from latentcell.data_pipelines.store_common import read_manifest
+
+    manifest = read_manifest(root)  # its own errors name the manifest and the fix
+    if manifest["format"] == "latent":
+        raise DataValidationError(
+            root, _GENES_FROM, "a latent store holds a VAE's latents, not genes",
+            "pass the count store it was encoded from",
+        )  # fmt: skip
+    var = manifest.get("var")
+    keys = var.get("gene_key") if isinstance(var, dict) else None
+    if not _names(keys):
+        raise DataValidationError(
+            root / "manifest.json", "var.gene_key", "no gene list", "rebuild the store"
+        )
+    n = len(keys)
+    return ReferenceGenes(
+        keys=[str(k) for k in keys],
+        ids=_strings(var.get("gene_id"), n),
+        symbols=_strings(var.get("gene_symbol"), n),
+        source=str(root),
+        kind="store",
+    )
+
+
+def _run_genes(root: Path, card_path: Path) -> ReferenceGenes:
+    try:
+        card = json.loads(card_path.read_text())
+    except (OSError, ValueError) as err:
+        raise DataValidationError(
+            card_path, "json", f"unreadable ({err})", "point --genes-from to an intact run"
+        ) from err
+    keys = card.get("genes") if isinstance(card, dict) else None
+    if keys is None:
+        raise DataValidationError(
+            card_path, "genes", "this run's model card lists no genes (ST runs record them)",
+            "pass the store the run was trained on (data.path in its config.toml)",
+        )  # fmt: skip
+    if not _names(keys):
+        raise DataValidationError(
+            card_path, "genes", "not a list of gene names", "point --genes-from to an intact run"
+        )
+    return ReferenceGenes(
+        keys=[str(k) for k in keys],
+        ids=[k if ENSEMBL_RE.match(k) else "" for k in map(str, keys)],
+        symbols=_strings(card.get("gene_symbols"), len(keys)),
+        source=str(root),
+        kind="run",
+    )
+
+
+def _names(values) -> bool:
+    return isinstance(values, list) and len(values) > 0 and all(isinstance(v, str) for v in values)
+
+
+def _strings(values, n: int) -> list[str]:
+    """A list of n names, or n blanks when absent or malformed (ids and symbols are extras)."""
+    ok = isinstance(values, list) and len(values) == n
+    return [str(v) if ok and v is not None else "" for v in (values if ok else [None] * n)]
+
+
+@dataclass(frozen=True)
+class ReferencePlan:
+    """The store's vocabulary (the reference's keys in order), the inputs' keys re-keyed onto
+    it, and the reference genes found in no input."""
+
+    vocabulary: Vocabulary
+    input_keys: list[np.ndarray]
+    unknown: list[str]
+
+
+def vocabulary_from_reference(
+    vocab: Vocabulary, input_keys: list[np.ndarray], ref: ReferenceGenes
+) -> ReferencePlan:
+    """The reference's genes, keys and order kept, matched to the inputs' ``vocab`` by key,
+    else symbol, else id (module docstring). Ambiguous matches raise."""
+    dup = pd.Index(ref.keys).duplicated()
+    if dup.any():
+        raise DataValidationError(
+            ref.source, _GENES_FROM, f"gene {ref.keys[int(np.argmax(dup))]!r} listed twice",
+            "rebuild that store or run",
+        )  # fmt: skip
+    rows, unknown, rename, owner = [], [], {}, {}
+    for key, gene_id, symbol in zip(ref.keys, ref.ids, ref.symbols, strict=True):
+        names = (n for n in (key, symbol, gene_id) if n)
+        matches = next((m for m in map(vocab.lookup, names) if m), [])
+        if len(matches) > 1:
+            raise DataValidationError(
+                ref.source, _GENES_FROM, f"gene {key!r} names several input genes {matches}",
+                "give the inputs Ensembl ids (a gene_id var column)",
+            )  # fmt: skip
+        if not matches:
+            unknown.append(key)
+            rows.append((key, gene_id, symbol))
+            continue
+        found = matches[0]
+        if found in owner:
+            raise DataValidationError(
+                ref.source, _GENES_FROM,
+                f"genes {owner[found]!r} and {key!r} both match input gene {found!r}",
+                "give the inputs Ensembl ids (a gene_id var column)",
+            )  # fmt: skip
+        owner[found] = key
+        if found != key:
+            rename[found] = key
+        var = vocab.var.loc[found]
+        rows.append((key, gene_id or var["gene_id"], symbol or var["gene_symbol"]))
+    if unknown:
+        warnings.warn(
+            f"{ref.source}: {len(unknown)} of its genes occur in no input and will be all-zero "
+            f"columns: {unknown[:10]}",
+            stacklevel=2,
+        )
+    var = pd.DataFrame(rows, columns=["gene_key", "gene_id", "gene_symbol"]).set_index("gene_key")
+    rekeyed = [np.array([rename.get(k, k) for k in keys], dtype=object) for keys in input_keys]
+    return ReferencePlan(Vocabulary(var), rekeyed, unknown)
 
 
 # ---------------------------------------------------------------- alignment

@@ -176,6 +176,7 @@ def run_evaluate_generation(args: argparse.Namespace) -> int:
 # (key in the summary's headline, printed name)
 PERTURBATION_ROWS: tuple[tuple[str, str], ...] = (
     ("avg_score", "avg_score"),
+    ("cell_eval_avg_score", "cell-eval avg"),
     ("vcc_avg_score", "vcc_avg_score"),
     ("overlap_at_N", "overlap_at_N"),
     ("discrimination_score_l1", "discrim_l1"),
@@ -189,16 +190,38 @@ def _cell(value: float | None) -> str:
 
 
 def format_perturbation_table(summary: dict) -> str:
-    """Headline metrics: model, baseline, ceiling and the model's score against the baseline."""
+    """Headline metrics: model, baseline, ceiling and the model's score against the baseline;
+    then the metrics degenerate for this input (left out of avg_score) with the reason.
+    ``avg_score`` is over the meaningful metrics, ``cell-eval avg`` cell-eval's own over all."""
     rows = ["metric".ljust(16) + "".join(f"{h:>10}" for h in ("model", "baseline", "ceiling"))]
     rows[0] += f"{'score':>10}"
     for key, name in PERTURBATION_ROWS:
-        entry = summary["headline"][key]
+        entry = summary["headline"].get(key)
+        if entry is None:
+            continue
         values = [entry.get(k) for k in ("model", "baseline", "ceiling")]
         score = entry["model"] if key.endswith("avg_score") else entry.get("score")
-        rows.append(name.ljust(16) + "".join(_cell(v) for v in values) + _cell(score))
+        cell = f"{'degen.':>10}" if entry.get("degenerate") else _cell(score)
+        rows.append(name.ljust(16) + "".join(_cell(v) for v in values) + cell)
     energy = summary["energy_distance"]
     rows.append("energy_PCA".ljust(16) + _cell(energy["model"]) + _cell(energy["baseline"]))
+    degenerate = summary.get("degenerate") or {}
+    if degenerate:
+        rows.append(
+            f"degenerate for this input, not in avg_score ({len(degenerate)}; "
+            "cell-eval avg includes them):"
+        )
+        by_reason: dict[str, list[str]] = {}
+        for metric, reason in degenerate.items():
+            by_reason.setdefault(reason, []).append(metric)
+        rows += [f"  {', '.join(metrics)}: {reason}" for reason, metrics in by_reason.items()]
+    restricted = summary.get("restricted") or {}
+    if restricted:
+        left_out = restricted["perturbations_left_out"]
+        rows.append(
+            f"DE metrics averaged without {len(left_out)} perturbation(s) that have no "
+            f"significant real DE genes: {', '.join(left_out[:10])}"
+        )
     return "\n".join(rows)
 
 

@@ -152,7 +152,7 @@ def _reset_accelerate() -> None:
 def run_split(name: str, adata: ad.AnnData, out: Path, args) -> dict:
     from latentcell.data_pipelines.build import build_store
     from latentcell.evaluation.perturbation import evaluate_perturbation
-    from latentcell.evaluation.perturbation_baselines import fit_baseline
+    from latentcell.evaluation.perturbation_baselines import coincident_groups, fit_baseline
     from latentcell.trainer.predict import PopulationRequest, predict_population
     from latentcell.trainer.st_predictor import STPredictor
     from latentcell.trainer.st_stage import split_source_rows
@@ -207,7 +207,7 @@ def run_split(name: str, adata: ad.AnnData, out: Path, args) -> dict:
     for b in ("mean", "linear") if generic else ():  # ST's target-effect prior, given to them too
         predictors[f"{b}+target"] = fit_baseline(
             b, train, genes, PERT, CONTROL, None, source="train", basal=args.basal,
-            target_effect=True,
+            target_effect=True, batch_col=BATCH,
         )  # fmt: skip
     for b in baselines:
         predictors[b] = fit_baseline(
@@ -220,7 +220,12 @@ def run_split(name: str, adata: ad.AnnData, out: Path, args) -> dict:
             source="train",
             vae_run=vae and str(vae),
             basal=args.basal,
+            batch_col=BATCH,  # shifts matched within bio_rep
         )
+    # baselines that predict the same cells (e.g. mean and additive with one perturbation)
+    same = coincident_groups(
+        {k: v for k, v in predictors.items() if not k.startswith("st_")}, targets, [""]
+    )
     table = {}
     for method, predictor in predictors.items():
         t = time.perf_counter()
@@ -236,7 +241,7 @@ def run_split(name: str, adata: ad.AnnData, out: Path, args) -> dict:
     return {
         "split": name, "held_out_targets": held_targets, "n_train": int(len(rows["train"])),
         "n_real": int(real.n_obs), "n_per_perturbation": n_per, "targets": targets,
-        "table": table, "timings": timings,
+        "table": table, "timings": timings, "coincident_baselines": same,
     }  # fmt: skip
 
 
@@ -280,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
             cells = [h.get(k, {}) for k in HEADLINE]
             text = "".join(f"{_fmt(c):>24}" for c in cells)
             print(f"{method:<12}{text}{_num(row['energy_distance']):>24}")
+        for names in res.get("coincident_baselines", []):
+            print(f"note: {' = '.join(names)} predict the same cells: report them as one row")
     print(json.dumps(targets(results), indent=1))
     print(f"total {time.perf_counter() - t0:.0f} s; results in {out / 'results.json'}")
     return 0

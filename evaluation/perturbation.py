@@ -15,6 +15,11 @@ its Python API, all against the same REAL cells and with the same metric ``profi
 ``score_agg_metrics`` then scales the model against the baseline, as the VCC did: higher-better
 metrics ``(u - b) / (1 - b)``, lower-better ``1 - u / b``, clipped at 0, and ``avg_score`` is
 their mean (0 = no better than the training mean; by construction 0 for the baseline itself).
+Metrics that are degenerate for the input (one perturbation: discrimination is 1 for every
+method; DE metrics of perturbations without real DE genes; metrics cell-eval raised on; scores
+that are undefined) are listed with the reason (``degenerate``, ``restricted``) and left out of
+``avg_score``, which is recomputed over the meaningful metrics (``degenerate_metrics``);
+cell-eval's own mean over every metric is kept beside it as ``cell_eval_avg_score``.
 
 Why the Python API rather than the ``cell-eval`` command: the files are normalised once here and
 handed over in memory, the real DE frame is reused without a re-read, the baseline's control
@@ -65,6 +70,7 @@ import scipy.sparse as sp
 
 from latentcell.data_pipelines.atomic import write_json_atomic
 from latentcell.data_pipelines.errors import DataValidationError
+from latentcell.evaluation import degenerate_metrics as dm
 from latentcell.evaluation import metrics as m
 from latentcell.evaluation.generation import to_jsonable
 from latentcell.evaluation.protocol import RealPCA, check_counts, reference_genes
@@ -78,6 +84,7 @@ VCC_METRICS = ("mae", "discrimination_score_l1", "overlap_at_N")  # cell-eval's 
 TARGET_SUM = 1e4
 SUMMARY_FILE = "summary.json"
 SCORE_FILE = "score.csv"
+MEANINGFUL_SCORE_FILE = "score_meaningful.csv"
 INSTALL_HINT = (
     'cell-eval is not installed; install it with: pip install "latentcell[celleval]" '
     '(or pip install "cell-eval>=0.8,<0.9")'
@@ -353,7 +360,8 @@ def per_perturbation_means(results) -> dict[str, float | None]:
 def run_model_and_ceiling(cell_eval, pred, real, out: Path, pert_col, control, profile, threads):
     """PRED vs REAL (writes ``real_de.csv``, ``pred_de.csv``, ``results.csv``,
     ``agg_results.csv``) and the real-vs-real ceiling (``ceiling_results.csv``,
-    ``agg_ceiling_results.csv``), all in ``out``."""
+    ``agg_ceiling_results.csv``), all in ``out``; returns (results, agg, ceiling agg,
+    ceiling results, ceiling method)."""
     evaluator = cell_eval.MetricsEvaluator(
         adata_pred=pred,
         adata_real=real,
@@ -362,20 +370,20 @@ def run_model_and_ceiling(cell_eval, pred, real, out: Path, pert_col, control, p
         num_threads=threads,
         outdir=str(out),
     )
-    _, agg = evaluator.compute(profile=profile)
+    results, agg = evaluator.compute(profile=profile)
     ceiling_results, ceiling_agg = evaluator.compute_ceiling(profile=profile, seed=0)
     method = (
         "disjoint split-half of real per perturbation, Spearman-Brown corrected"
         if hasattr(evaluator, "_disjoint_halves")
         else "bootstrap self-split of real per perturbation (cell-eval < 0.8.2)"
     )
-    return agg, ceiling_agg, ceiling_results, method
+    return results, agg, ceiling_agg, ceiling_results, method
 
 
 def run_baseline(
     cell_eval, baseline, real, real_de: Path, out: Path, pert_col, control, profile, threads
 ):
-    """Baseline vs REAL with the model run's real DE table (not recomputed)."""
+    """Baseline vs REAL with the model run's real DE table (not recomputed): (results, agg)."""
     evaluator = cell_eval.MetricsEvaluator(
         adata_pred=baseline,
         adata_real=real,
@@ -385,18 +393,26 @@ def run_baseline(
         num_threads=threads,
         outdir=str(out),
     )
-    return evaluator.compute(profile=profile)[1]
+    return evaluator.compute(profile=profile)
 
 
 def score_against_baseline(cell_eval, model_agg, base_agg, path: Path) -> tuple[dict, list]:
-    """Per-metric scores and ``avg_score`` (``score_agg_metrics``) on the metrics both runs
-    produced; also returns the metrics only one run produced (cell-eval logs and drops a
-    metric that raises)."""
-    common = [c for c in model_agg.columns if c in base_agg.columns]
+    """cell-eval's own per-metric scores and ``avg_score`` (``score_agg_metrics``) on the
+    metrics both runs produced, degenerate ones included; also returns the metrics only one
+    run produced (cell-eval logs and drops a metric that raises)."""
+    from cell_eval.metrics import metrics_registry
+
+    registered = set(metrics_registry.list_metrics())  # the others cell-eval skips, warning
+    common = [
+        c
+        for c in model_agg.columns
+        if c in base_agg.columns and (c == "statistic" or c in registered)
+    ]
     one_sided = sorted(set(model_agg.columns) ^ set(base_agg.columns))
-    table = cell_eval.score_agg_metrics(
-        model_agg.select(common), base_agg.select(common), output=str(path)
-    )
+    with np.errstate(invalid="ignore", divide="ignore"):  # 0/0 of a degenerate metric
+        table = cell_eval.score_agg_metrics(
+            model_agg.select(common), base_agg.select(common), output=str(path)
+        )
     return dict(
         zip(table["metric"].to_list(), table["from_baseline"].to_list(), strict=True)
     ), one_sided
@@ -456,14 +472,19 @@ def energy_distances(
 
 
 def vcc_avg_score(scores: Mapping) -> float | None:
-    """Mean score of the VCC profile's three metrics (the VCC leaderboard's overall score)."""
+    """Mean score of the VCC profile's three metrics (the VCC leaderboard's overall score);
+    None when one of them has no score (absent, or degenerate for the input)."""
     values = [scores.get(k) for k in VCC_METRICS]
     return None if any(v is None for v in values) else float(np.mean(values))
 
 
-def headline(scores: Mapping, metrics: Mapping[str, Mapping]) -> dict:
-    """``avg_score`` (over the profile), ``vcc_avg_score`` and four metrics for model,
-    baseline and ceiling; each metric also carries the model's score against the baseline."""
+def headline(
+    scores: Mapping, metrics: Mapping[str, Mapping], cell_eval_scores: Mapping, degenerate: Mapping
+) -> dict:
+    """``avg_score`` (over the meaningful metrics), cell-eval's own ``cell_eval_avg_score``
+    (over every metric), ``vcc_avg_score`` and four metrics for model, baseline and ceiling;
+    each metric also carries the model's score against the baseline (None, with the reason
+    under ``degenerate``, for a metric degenerate for the input)."""
     out = {
         name: {
             MODEL: value,
@@ -472,12 +493,15 @@ def headline(scores: Mapping, metrics: Mapping[str, Mapping]) -> dict:
         }
         for name, value in (
             ("avg_score", scores.get("avg_score")),
+            ("cell_eval_avg_score", cell_eval_scores.get("avg_score")),
             ("vcc_avg_score", vcc_avg_score(scores)),
         )
     }
     for metric in HEADLINE_METRICS:
         out[metric] = {name: values.get(metric) for name, values in metrics.items()}
         out[metric]["score"] = scores.get(metric)
+        if metric in degenerate:
+            out[metric]["degenerate"] = degenerate[metric]
     return out
 
 
@@ -510,29 +534,50 @@ def evaluate_perturbation(
     from threadpoolctl import threadpool_limits
 
     out = Path(out_dir)
-    with threadpool_limits(limits=threads):
+    labels = perturbation_labels(real, pert_col)
+    perturbations = sorted(set(labels) - {control})
+    by_input = dm.by_construction(len(perturbations))
+    with threadpool_limits(limits=threads), dm.CellEvalErrors(by_input) as errors:
         real_n = log_normalized(real, pert_col, "real")
         pred_n = log_normalized(pred, pert_col, "pred")
         train_n = log_normalized(train, pert_col, "train")
         baseline = train_mean_baseline(cell_eval, train_n, real_n, pert_col, control, threads)
         run = (pert_col, control, profile, threads)
-        model_agg, ceiling_agg, ceiling_results, ceiling_method = run_model_and_ceiling(
-            cell_eval, pred_n, real_n, out / MODEL, *run
+        model_results, model_agg, ceiling_agg, ceiling_results, ceiling_method = (
+            run_model_and_ceiling(cell_eval, pred_n, real_n, out / MODEL, *run)
         )
         real_de = out / MODEL / "real_de.csv"
-        base_agg = run_baseline(cell_eval, baseline, real_n, real_de, out / BASELINE, *run)
-        scores, one_sided = score_against_baseline(cell_eval, model_agg, base_agg, out / SCORE_FILE)
+        base_results, base_agg = run_baseline(
+            cell_eval, baseline, real_n, real_de, out / BASELINE, *run
+        )
+        cell_eval_scores, one_sided = score_against_baseline(
+            cell_eval, model_agg, base_agg, out / SCORE_FILE
+        )
+        degenerate = {**by_input}
+        for metric, message in errors.errors.items():  # raised on the baseline: no reference
+            if metric not in base_results.columns:
+                degenerate.setdefault(metric, f"cell-eval raised: {message}")
+        kept = dm.meaningful_scores(
+            cell_eval, model_results, base_results, degenerate,
+            dm.real_de_counts(real_de, perturbations), out / MEANINGFUL_SCORE_FILE,
+        )  # fmt: skip
         distances = energy_distances(
             {MODEL: pred_n, BASELINE: baseline}, real_n, pert_col, control, energy
         )
-    if one_sided:
-        notes.append(f"metrics produced by only one of model/baseline, not scored: {one_sided}")
+    model_failed = [c for c in one_sided if c in base_agg.columns and c not in kept.degenerate]
+    if model_failed:  # the baseline has them, the prediction broke them: scored 0
+        notes.append(f"cell-eval produced no value for the model on {model_failed}: scored 0")
 
     metrics = {
         MODEL: agg_means(model_agg),
         BASELINE: agg_means(base_agg),
         CEILING: agg_means(ceiling_agg),
         "ceiling_raw_half_depth": per_perturbation_means(ceiling_results),
+    }
+    shown = {  # the headline: the meaningful means where there are, cell-eval's otherwise
+        MODEL: {**metrics[MODEL], **kept.model},
+        BASELINE: {**metrics[BASELINE], **kept.baseline},
+        CEILING: metrics[CEILING],
     }
     files = {
         "real_de": f"{MODEL}/real_de.csv",
@@ -545,20 +590,24 @@ def evaluate_perturbation(
         "baseline_results": f"{BASELINE}/results.csv",
         "baseline_agg_results": f"{BASELINE}/agg_results.csv",
         "score": SCORE_FILE,
+        "score_meaningful": MEANINGFUL_SCORE_FILE,
     }
-    labels = perturbation_labels(real, pert_col)
     summary = {
         "cell_eval_version": cell_eval_version(),
         "profile": profile,
         "pert_col": pert_col,
         "control": control,
         "threads": threads,
-        "perturbations": sorted(set(labels) - {control}),
+        "perturbations": perturbations,
         "n_genes": int(real.n_vars),
         "n_cells": {PRED: int(pred.n_obs), REAL: int(real.n_obs), TRAIN: int(train.n_obs)},
-        "headline": headline(scores, metrics),
-        "scores": scores,
+        "headline": headline(kept.scores, shown, cell_eval_scores, kept.degenerate),
+        "scores": kept.scores,
+        "cell_eval_scores": cell_eval_scores,
+        "degenerate": kept.degenerate,
+        "restricted": kept.restricted,
         "metrics": metrics,
+        "meaningful_metrics": {MODEL: kept.model, BASELINE: kept.baseline},
         "energy_distance": distances,
         "files": files,
         "warnings": notes,
@@ -568,8 +617,18 @@ def evaluate_perturbation(
             "control group included); real's labels and cell numbers; real's control cells",
             "ceiling": ceiling_method + "; null where cell-eval defines no ceiling",
             "ceiling_raw_half_depth": "uncorrected mean of the split-half scores",
-            "scores": "cell-eval score_agg_metrics: model vs baseline, 0 = baseline level; "
-            "a metric whose baseline value is null, or already perfect, scores 0",
+            "scores": "cell-eval score_agg_metrics: model vs baseline, 0 = baseline level, on "
+            "the metrics meaningful for this input (see degenerate, restricted); avg_score is "
+            "their mean",
+            "cell_eval_scores": "cell-eval's own scores over every metric both runs produced, "
+            "degenerate ones included (a null or perfect baseline scores 0); its avg_score is "
+            "headline.cell_eval_avg_score",
+            "degenerate": "metric -> why it carries no information about the prediction for "
+            "this input; left out of scores and avg_score",
+            "restricted": "DE metrics averaged without the perturbations that have no "
+            "significant real DE genes",
+            "metrics": "cell-eval's aggregates as it computed them; meaningful_metrics: the "
+            "means the scores use",
             "vcc_avg_score": f"mean score of {list(VCC_METRICS)} (the VCC overall score)",
             "files": "relative to this folder",
         },

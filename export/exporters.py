@@ -193,6 +193,7 @@ def plan_st(run_dir: Path, card: dict, weights: str, add_perturbations=(), **_) 
         genes = {"gene_key": list(card["genes"]), "gene_id": list(card["genes"]),
                  "gene_symbol": list(card.get("gene_symbols", card["genes"]))}  # fmt: skip
     roles = card.get("roles", {})
+    cell_types = list(card["categories"].get("cell_type", []))
     sections = {
         "genes": genes,
         "prediction": {
@@ -203,7 +204,11 @@ def plan_st(run_dir: Path, card: dict, weights: str, add_perturbations=(), **_) 
             "control_label": c.perturbation.control_label,
             "combo_separator": c.perturbation.combo_separator,
             "feature_genes": list(c.feature_genes),
-            "cell_types": list(card["categories"].get("cell_type", [])) if c.n_cell_types else [],
+            "cell_types": cell_types if model.uses_cell_type else [],
+            "cell_type_conditioning": c.n_cell_types > 0,
+            "trained_cell_types": card.get("trained_cell_types"),
+            "basal_cell_types": _basal_cell_types(model, cell_types),
+            "unknown_cell_type": c.cell_type_dropout > 0,
             "set_size": int(card.get("set_size", 128)),
             "pert_col": roles.get("perturbation"),
             "cell_type_col": roles.get("cell_type"),
@@ -218,6 +223,16 @@ def plan_st(run_dir: Path, card: dict, weights: str, add_perturbations=(), **_) 
         sections["vae"] = _vae_section(bridge.vae, bridge.provenance, None, [])
     kind = "pretraining" if pretraining else "prediction"
     return ExportPlan(kind, components, sections, path)
+
+
+def _basal_cell_types(model, cell_types: list[str]) -> list[str] | None:
+    """The cell types with a training-control mean (``basal="train"`` per type; else None):
+    the runtime refuses the others unless asked for the unknown cell type."""
+    c = model.config
+    if c.basal != "train" or not c.basal_cell_types:
+        return None
+    has_mean = (~model.control_mean.isnan().any(1)).tolist()
+    return [t for t, ok in zip(cell_types, has_mean, strict=True) if ok]
 
 
 EXPORTERS: dict[str, Callable[..., ExportPlan]] = {

@@ -145,8 +145,9 @@ class DenoiserGraph(ExportGraph):
 class SetModelGraph(ExportGraph):
     """control (b, s, F) features, perturbation (b,) int64, mask (b, s) bool (True = real
     cell) [, cell_type (b,) int64] [, batch (b, s) int64] [, generic (b,) bool] [, targets
-    (b, F) float] -> predicted features (b, s, F): ``STModel.predict`` with every optional
-    input the model was trained to use."""
+    (b, F) float] [, unknown (b,) bool] -> predicted features (b, s, F): ``STModel.predict``
+    with every optional input the model was trained to use (``cell_type`` also for the
+    per-type mean of ``basal="train"``; ``unknown``: the unknown cell type)."""
 
     output_names = ("prediction",)
 
@@ -157,10 +158,11 @@ class SetModelGraph(ExportGraph):
         self.optional = tuple(
             name
             for name, used in (
-                ("cell_type", c.n_cell_types > 0),
+                ("cell_type", model.uses_cell_type),
                 ("batch", c.n_batches > 0),
                 ("generic", c.perturbation_dropout > 0),
                 ("targets", c.target_effect),
+                ("unknown", model.takes_unknown),
             )
             if used
         )
@@ -173,6 +175,7 @@ class SetModelGraph(ExportGraph):
             "batch": torch.zeros(b, s, dtype=torch.long),
             "generic": torch.zeros(b, dtype=torch.bool),
             "targets": torch.zeros(b, f),
+            "unknown": torch.zeros(b, dtype=torch.bool),
         }
         control = torch.rand(b, s, f)
         mask = torch.ones(b, s, dtype=torch.bool)
@@ -184,6 +187,9 @@ class SetModelGraph(ExportGraph):
         return {name: per_set.get(name, {0: N}) for name in self.input_names}
 
     def forward(
-        self, control, perturbation, mask, cell_type=None, batch=None, generic=None, targets=None
-    ):
-        return self.model.predict(control, perturbation, mask, cell_type, batch, generic, targets)
+        self, control, perturbation, mask, cell_type=None, batch=None, generic=None, targets=None,
+        unknown=None,
+    ):  # fmt: skip
+        return self.model.predict(
+            control, perturbation, mask, cell_type, batch, generic, targets, unknown
+        )

@@ -4,11 +4,18 @@
                        --cells-per-perturbation N --out PRED.h5ad
     latentcell predict --baseline mean|control|additive|linear [--target-effect] --train TRAIN.h5ad
                        --controls CTRL.h5ad --perturbations A,B ... --out PRED.h5ad
+    latentcell predict --baseline mean --split SPLIT.toml --store STORE --controls CTRL.h5ad ...
 
 The file holds the real control cells and N predicted cells per perturbation (and cell type
 of the controls), in the controls file's gene order: ready for ``latentcell evaluate
 perturbation`` or ``cell-eval run``. ``all`` means every perturbation of the run (or of the
 training file for a baseline), the control excluded.
+
+A baseline is fitted on training cells: ``--split SPLIT.toml --store STORE`` takes the split's
+train rows from the store (the rows ``train st`` trains on with that ``split.file``; no
+training file to cut by hand), ``--train`` a file (e.g. ``train.h5ad`` of ``latentcell data
+split``). Column options default to the run's roles (``--run``), the store's (``--split``), or
+those ``data split`` recorded in the training file, before the VCC names.
 """
 
 from __future__ import annotations
@@ -23,8 +30,16 @@ from latentcell.data_pipelines.errors import DataValidationError
 def add_predict_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="predict perturbed cells from controls (ST or baseline)")
     p.add_argument("--run", help="run.dir of `latentcell train st`")
-    p.add_argument("--baseline", help="control | mean | additive | linear | latent (needs --train)")
+    p.add_argument(
+        "--baseline",
+        help="control | mean | additive | linear | latent (needs --split and --store, or --train)",
+    )
     p.add_argument("--train", help="training cells (h5ad, counts) for --baseline")
+    p.add_argument(
+        "--split", help="--baseline only: fit on this split TOML's train rows of --store (the "
+        "split.file of train st), instead of --train",
+    )  # fmt: skip
+    p.add_argument("--store", help="the count store --split is assigned on")
     p.add_argument("--vae-run", help="count VAE run for --baseline latent (scGen arithmetic)")
     p.add_argument(
         "--basal", default="set", choices=("set", "train"),
@@ -38,15 +53,26 @@ def add_predict_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--controls", required=True, help="h5ad holding the control cells (counts)")
     p.add_argument("--perturbations", required=True, help="'all' or comma-separated labels")
     p.add_argument("--cells-per-perturbation", type=int, required=True)
-    p.add_argument("--pert-col", default=None, help="perturbation column (default: the run's)")
-    p.add_argument("--control-label", default=None, help="control label (default: the run's)")
-    p.add_argument("--cell-type-col", default=None, help="cell type column (default: the run's)")
+    defaults = "(default: the run's, the store's, or those `data split` recorded in --train)"
+    p.add_argument("--pert-col", default=None, help=f"perturbation column {defaults}")
+    p.add_argument("--control-label", default=None, help=f"control label {defaults}")
+    p.add_argument("--cell-type-col", default=None, help=f"cell type column {defaults}")
+    p.add_argument(
+        "--batch-col", default=None,
+        help="--baseline only: batch column the shifts are matched within (default: the "
+        "store's batch role with --split, else 'batch' where the training file has it)",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weights", default="auto", choices=("auto", "ema", "model"))
     p.add_argument(
         "--unseen", default="error", choices=("error", "generic"),
         help="--run only: a perturbation without a trained embedding is an error, or gets the "
         "generic vector the run learned (model.perturbation_dropout > 0)",
+    )  # fmt: skip
+    p.add_argument(
+        "--unseen-cell-type", default="error", choices=("error", "unknown"),
+        help="--run only: a cell type without training sets is an error, or gets the unknown "
+        "cell type the run learned (model.cell_type_dropout > 0)",
     )  # fmt: skip
     p.add_argument("--out", required=True, help="output .h5ad (written atomically)")
     p.set_defaults(func=run_predict)
@@ -58,29 +84,30 @@ def _predictor(args, controls):
         raise DataValidationError(
             "latentcell predict", "--run/--baseline", "give exactly one", "pass --run DIR or --baseline NAME"
         )  # fmt: skip
+    if args.run and (args.split or args.store):
+        raise DataValidationError(
+            args.run, "--split/--store", "a run was trained on its own split (split.npz)",
+            "drop --split and --store (they choose a baseline's training cells)",
+        )  # fmt: skip
     if args.run:
         from latentcell.trainer.st_predictor import STPredictor
 
-        st = STPredictor(args.run, args.weights, args.unseen)
+        st = STPredictor(args.run, args.weights, args.unseen, args.unseen_cell_type)
         roles, card = st.card["roles"], st.card
         labels = [x for x in st.labels if x != card["control_label"] and st.is_trained(x)]
         return st, roles["perturbation"], card["control_label"], roles.get("cell_type"), labels
-    if not args.train:
-        raise DataValidationError(
-            "latentcell predict", "--train", "a baseline is fitted on training cells",
-            "pass --train TRAIN.h5ad",
-        )  # fmt: skip
-    from latentcell.data_pipelines.read_h5ad import read_h5ad
     from latentcell.evaluation.perturbation_baselines import fit_baseline
 
-    pert_col = args.pert_col or "target_gene"
-    control = args.control_label or "non-targeting"
-    cell_type_col = args.cell_type_col or "cell_type"
-    train = read_h5ad(args.train, "--train")
+    train, source, roles = _training_cells(args)
+    pert_col = args.pert_col or roles[0]
+    control = args.control_label or roles[1]
+    cell_type_col = args.cell_type_col or roles[2]
+    batch_col = args.batch_col or roles[3]  # shifts are matched within (cell type, batch)
     genes = [str(g) for g in controls.var_names]
     baseline = fit_baseline(
-        args.baseline, train, genes, pert_col, control, cell_type_col, source=args.train,
+        args.baseline, train, genes, pert_col, control, cell_type_col, source=source,
         vae_run=args.vae_run, basal=args.basal, target_effect=args.target_effect,
+        batch_col=batch_col,
     )  # fmt: skip
     labels = sorted(set(train.obs[pert_col].astype(str)) - {control})
     return baseline, pert_col, control, cell_type_col, labels
@@ -104,11 +131,89 @@ def run_predict(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     pred = predict_population(predictor, controls, request, args.controls)
+    from latentcell.evaluation.perturbation_baselines import coincidence_note
+
+    if note := coincidence_note(predictor, pred, request):  # e.g. mean == additive
+        print(note)
     write_h5ad_atomic(pred, args.out)
     summary = {
         "out": args.out, "predictor": predictor.name, "n_cells": pred.n_obs,
         "n_perturbations": len(request.perturbations),
         "seconds": round(time.perf_counter() - start, 2),
+        "fallbacks": pred.uns["latentcell"].get("fallbacks", {}),
     }  # fmt: skip
     print(json.dumps(summary))
     return 0
+
+
+# Column defaults of a baseline's training file that says nothing about its columns (an h5ad
+# not written by `latentcell data split`): the VCC schema's.
+LEGACY_ROLES = ("target_gene", "non-targeting", "cell_type", "batch")
+
+
+def _training_cells(args) -> tuple:
+    """A baseline's training cells: (AnnData, the source named in errors, the default
+    (perturbation column, control label, cell-type column, batch column)).
+
+    ``--split S.toml --store STORE``: the split's train rows of the store, assigned as
+    ``train st`` assigns them (the same function and file), with the store's roles as the
+    column defaults. ``--train F.h5ad``: the file, with the roles recorded by ``latentcell data
+    split`` (``.uns['latentcell_split']``) as defaults where it has them."""
+    from latentcell.data_pipelines.split_files import UNS_KEY
+
+    if args.split and args.train:
+        raise DataValidationError(
+            "latentcell predict", "--train/--split", "both give the training cells",
+            "pass --split SPLIT.toml --store STORE, or --train TRAIN.h5ad",
+        )  # fmt: skip
+    if args.store and not args.split:
+        raise DataValidationError(
+            args.store, "--store", "a store is only read with --split",
+            "add --split SPLIT.toml (its train rows fit the baseline), or drop --store",
+        )  # fmt: skip
+    if args.split:
+        return _split_training_cells(args.split, args.store)
+    if not args.train:
+        raise DataValidationError(
+            "latentcell predict", "--train", "a baseline is fitted on training cells",
+            "pass --split SPLIT.toml --store STORE (the split's train rows), or --train "
+            "TRAIN.h5ad",
+        )  # fmt: skip
+    from latentcell.data_pipelines.read_h5ad import read_h5ad
+
+    train = read_h5ad(args.train, "--train")
+    written = train.uns.get(UNS_KEY, {})
+    roles = dict(written.get("roles", {}))
+    defaults = (
+        roles.get("perturbation", LEGACY_ROLES[0]),
+        written.get("control_label", LEGACY_ROLES[1]),
+        roles.get("cell_type", LEGACY_ROLES[2]),
+        roles.get("batch", LEGACY_ROLES[3]),
+    )
+    return train, args.train, defaults
+
+
+def _split_training_cells(split_file: str, store: str | None) -> tuple:
+    """The train rows of ``split_file`` on ``store`` (see ``_training_cells``)."""
+    from latentcell.data_pipelines.perturbation_splits import assign_split, load_split_config
+    from latentcell.data_pipelines.split_files import open_count_store, read_cells
+
+    config = load_split_config(split_file)  # a bad split file fails first
+    if not store:
+        raise DataValidationError(
+            split_file, "--store", "the split is assigned on a store",
+            "pass --store STORE (the store `latentcell train st` used with this split)",
+        )  # fmt: skip
+    reader = open_count_store(store)
+    meta = reader.meta
+    if meta.roles.get("perturbation") is None or meta.control_label is None:
+        raise DataValidationError(
+            store, "roles.perturbation", "the store has no perturbation column or control label",
+            "build it with --schema vcc (or --pert-col / --control)",
+        )  # fmt: skip
+    train = read_cells(reader, assign_split(reader, config).train)
+    roles = (
+        meta.roles["perturbation"], meta.control_label, meta.roles.get("cell_type"),
+        meta.roles.get("batch"),
+    )  # fmt: skip
+    return train, f"{split_file} (train rows of {store})", roles

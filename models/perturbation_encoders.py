@@ -55,6 +55,7 @@ from latentcell.data_pipelines.errors import DataValidationError
 from .perturbation_labels import _VOCAB, perturbation_genes, split_genes, target_columns
 
 __all__ = [
+    "ENCODER_CLASSES",
     "ENCODER_KINDS",
     "ExternalGeneEncoder",
     "GeneTableEncoder",
@@ -147,7 +148,12 @@ def encode_labels(labels: Sequence[str], names: Sequence[str]) -> torch.Tensor:
 
 
 class PerturbationEncoder(nn.Module):
-    """``forward(codes (B,) int64) -> (B, dim)``; ``labels`` is the code vocabulary."""
+    """``forward(codes (B,) int64) -> (B, dim)``; ``labels`` is the code vocabulary.
+    ``VOCABULARY_AXES`` / ``DERIVED_TENSORS``: as ``STModel``'s, for the encoder's tensors
+    ("perturbation": the labels; "perturbation_gene": the genes of a gene-sum encoder)."""
+
+    VOCABULARY_AXES: tuple[tuple[str, int, str], ...] = ()
+    DERIVED_TENSORS: tuple[str, ...] = ()
 
     def __init__(self, config: PerturbationEncoderConfig, labels: Sequence[str]) -> None:
         super().__init__()
@@ -174,6 +180,8 @@ class PerturbationEncoder(nn.Module):
 
 class OneHotEncoder(PerturbationEncoder):
     """One learned vector per label (one-hot times a bias-free Linear, as a lookup)."""
+
+    VOCABULARY_AXES = (("table.weight", 0, "perturbation"),)
 
     def __init__(self, config: PerturbationEncoderConfig, labels: Sequence[str]) -> None:
         super().__init__(config, labels)
@@ -264,6 +272,8 @@ class _GeneSumEncoder(PerturbationEncoder):
 class GeneTableEncoder(_GeneSumEncoder):
     """One learned vector per gene; a label is the sum of its genes' vectors."""
 
+    VOCABULARY_AXES = (("table.weight", 0, "perturbation_gene"),)
+
     def __init__(self, config: PerturbationEncoderConfig, labels: Sequence[str]) -> None:
         super().__init__(config, labels)
         self.table = nn.Embedding(len(self.genes), config.dim)
@@ -282,6 +292,8 @@ class GeneTableEncoder(_GeneSumEncoder):
 class ExternalGeneEncoder(_GeneSumEncoder):
     """Fixed gene vectors (buffer ``gene_vectors``, rows aligned with ``genes``), summed per
     label, then a learned ``projection`` to ``dim``. ``features`` is the sum before it."""
+
+    DERIVED_TENSORS = ("gene_vectors",)  # this model's own file's vectors, never copied
 
     def __init__(
         self,
@@ -312,6 +324,14 @@ class ExternalGeneEncoder(_GeneSumEncoder):
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         return self.projection(self.features(codes).to(self.projection.weight.dtype))
+
+
+# The class of each kind, for reading a kind's declarations without building an encoder.
+ENCODER_CLASSES: dict[str, type[PerturbationEncoder]] = {
+    "onehot": OneHotEncoder,
+    "gene_table": GeneTableEncoder,
+    "external": ExternalGeneEncoder,
+}
 
 
 def make_perturbation_encoder(

@@ -1,7 +1,9 @@
-"""Perturbation labels -> the genes they perturb: ``STAT1``, ``STAT1+IRF1``, ``STAT1+ctrl``.
+"""Perturbation labels -> the genes they perturb: ``STAT1``, ``STAT1+IRF1``, ``STAT1+ctrl``;
+and which labels (perturbations, cell types) a run has trained parameters for.
 
 Plain Python (no torch): the encoders, the baselines and the torch-free ONNX runtime all read
-labels the same way, so a label means the same genes in training and in a service.
+labels the same way, so a label means the same genes in training and in a service, and the
+torch and ONNX predictors refuse (or route) the same untrained labels with the same words.
 """
 
 from __future__ import annotations
@@ -10,7 +12,16 @@ from collections.abc import Sequence
 
 from latentcell.data_pipelines.errors import DataValidationError
 
-__all__ = ["perturbation_genes", "split_genes", "target_columns", "untrained_parts"]
+__all__ = [
+    "UNKNOWN_CELL_TYPE_FIX",
+    "UNSEEN_CELL_TYPE",
+    "UNTRAINED_CELL_TYPE_FIX",
+    "perturbation_genes",
+    "split_genes",
+    "target_columns",
+    "untrained_cell_type",
+    "untrained_parts",
+]
 
 _VOCAB = "perturbation labels"  # the "file" of errors about the label vocabulary itself
 
@@ -65,3 +76,46 @@ def untrained_parts(
         return [] if label in trained else [label]
     known = set(perturbation_genes(trained, separator, control_label))
     return [g for g in split_genes(label, separator, control_label) if g not in known]
+
+
+# What a predictor does with a cell type it has no trained parameters for: refuse (default),
+# or the unknown cell type (the learned vector of ``model.cell_type_dropout``; with
+# ``basal="train"`` the set's own mean as basal).
+UNSEEN_CELL_TYPE = ("error", "unknown")
+
+UNTRAINED_CELL_TYPE_FIX = (
+    "predict with --unseen-cell-type unknown (the unknown cell type a run learns with "
+    "model.cell_type_dropout > 0, or without cell-type conditioning the set's own mean as "
+    "basal), or use a run whose split trains on it"
+)
+UNKNOWN_CELL_TYPE_FIX = (
+    "train with model.cell_type_dropout > 0 (e.g. 0.2), or with "
+    "model.cell_type_conditioning=false, to use --unseen-cell-type unknown"
+)
+
+
+def untrained_cell_type(
+    cell_type: str,
+    cell_types: Sequence[str],
+    trained: Sequence[str] | None,
+    with_mean: Sequence[str] | None,
+) -> str:
+    """Why a run has no trained parameters for ``cell_type`` ("" when it has them).
+
+    ``cell_types``: the run's cell-type vocabulary. ``trained``: the types that had training
+    sets, for a cell-type-conditioned run (None: not conditioned, or a run from before the
+    record, as ``untrained_parts``). ``with_mean``: the types with a training-control mean,
+    for a ``basal="train"`` run (None otherwise)."""
+    if cell_type not in cell_types:
+        return f"{cell_type!r} is not a cell type of the run's store {list(cell_types)[:20]}"
+    if trained is not None and cell_type not in trained:
+        return (
+            f"no training set had cell type {cell_type!r} (the split held out all its "
+            "perturbed cells), so the model's cell-type row for it was never trained"
+        )
+    if with_mean is not None and cell_type not in with_mean:
+        return (
+            f"no training control had cell type {cell_type!r}, so model.basal=train has no "
+            "training-control mean for it"
+        )
+    return ""

@@ -32,9 +32,24 @@ default) plus a mean-delta term.
   population a perturbation of unknown identity leads to (its own training-mean). Prediction
   uses that vector only when asked (``generic``), e.g. for a zero-shot target without a
   trained embedding: an explicit choice, never a silent stand-in.
+- ``cell_type_dropout`` (training, cell-type-conditioned models): the probability that a
+  training set is treated as of an UNKNOWN cell type: its cell-type row is replaced by one
+  learned "unknown cell type" vector and (``basal="train"``) its own set mean is its basal.
+  Why this and not training the rows on control sets as well: a cell type held out whole
+  (``[split.cell_types]``) has no training cell at all, so no loss can reach its row, and a
+  row trained only to reproduce its controls would claim "no response" for that type. The
+  unknown vector is the model's answer for a context it has no parameters for (the average
+  response over the training types), while the set's own controls still carry the type's
+  expression. Prediction uses that route only when asked (``unknown``): a cell type without
+  training sets is otherwise refused by the predictors, never given its random row.
 - ``basal``: what the residual starts from. ``"set"`` (STATE's form): the control cells as
   given. ``"train"``: each control set is first re-centred on the training controls' mean
-  (``control_mean``, per cell type, filled in by the stage): x_i - mean_set(x) + mean_train.
+  OF ITS CELL TYPE (``control_mean``, one row per cell type of the store whether or not the
+  model is cell-type-conditioned, filled in by the stage): x_i - mean_set(x) + mean_train.
+  A pooled mean would move every type's controls to the average of all types (on two types
+  of different means that made the prediction worse than the control identity). A set whose
+  type has no training controls has no such mean: the predictors refuse it, or (``unknown``)
+  give it its own set mean, as ``"set"`` does.
   Why: a set of S controls has a mean that is off by about sd/sqrt(S) on every gene, and with
   ``"set"`` every predicted population inherits that error; the training controls (thousands
   of cells of the same population) estimate it far better. The cells' own variation is kept.
@@ -97,7 +112,10 @@ class STShape:
 class STConfig(STShape):
     """n_features: input (and output) width: genes for ``space="gene"``, latent dims for
     ``"latent"``. n_cell_types / n_batches: 0 leaves the covariate out. control_depth: blocks
-    of the control-set encoder in ``cross`` mode (0 = depth // 2, at least 1)."""
+    of the control-set encoder in ``cross`` mode (0 = depth // 2, at least 1).
+    basal_cell_types: rows of the training-control mean for ``basal="train"``: the store's
+    cell types, whatever the conditioning (0, in cards written before this field: one row per
+    conditioned cell type, or one pooled row)."""
 
     n_features: int
     perturbation_labels: tuple[str, ...]
@@ -108,6 +126,8 @@ class STConfig(STShape):
     n_batches: int = 0
     target_effect: bool = False
     perturbation_dropout: float = 0.0
+    cell_type_dropout: float = 0.0
+    basal_cell_types: int = 0
     feature_genes: tuple[str, ...] = ()
     perturbation: PerturbationEncoderConfig = field(default_factory=PerturbationEncoderConfig)
     loss: SetLossConfig = field(default_factory=SetLossConfig)
@@ -118,8 +138,10 @@ class STConfig(STShape):
         super().__post_init__()
         if self.n_features < 1:
             raise ValueError(f"n_features must be >= 1, got {self.n_features}")
-        if min(self.n_cell_types, self.n_batches, self.control_depth) < 0:
-            raise ValueError("n_cell_types, n_batches and control_depth must be >= 0")
+        if min(self.n_cell_types, self.n_batches, self.control_depth, self.basal_cell_types) < 0:
+            raise ValueError(
+                "n_cell_types, n_batches, control_depth and basal_cell_types must be >= 0"
+            )
         if not self.perturbation_labels:
             raise ValueError("perturbation_labels must name at least one perturbation")
         object.__setattr__(self, "perturbation_labels", tuple(self.perturbation_labels))
@@ -128,6 +150,10 @@ class STConfig(STShape):
             raise ValueError(
                 f"perturbation_dropout must be in [0, 1), got {self.perturbation_dropout}"
             )
+        if not 0.0 <= self.cell_type_dropout < 1.0:
+            raise ValueError(f"cell_type_dropout must be in [0, 1), got {self.cell_type_dropout}")
+        if self.cell_type_dropout and not self.n_cell_types:
+            raise ValueError("cell_type_dropout needs cell-type conditioning (n_cell_types > 0)")
         if self.target_effect and (
             self.space != "gene" or len(self.feature_genes) != self.n_features
         ):
@@ -198,6 +224,21 @@ def _mlp(n_in: int, hidden: int) -> nn.Sequential:
 
 
 class STModel(nn.Module):
+    # Tensors indexed by a vocabulary, as (name, axis, vocabulary): "features" is the store's
+    # genes in gene space (the VAE's latent dimensions in latent space), "cell_type" and
+    # "batch" the store's labels; the perturbation encoders declare their own. Every other
+    # tensor has no vocabulary axis, whatever its shape (a hidden size equal to the gene
+    # count included). ``trainer/init_from_run.py`` maps these axes by key when a run starts
+    # from another run's weights.
+    VOCABULARY_AXES = (
+        ("cell_encoder.0.weight", 1, "features"),
+        ("head.weight", 0, "features"),
+        ("head.bias", 0, "features"),
+        ("cell_type.weight", 0, "cell_type"),
+        ("batch.weight", 0, "batch"),
+    )
+    DERIVED_TENSORS = ("control_mean",)  # filled from this run's data, never copied
+
     def __init__(self, config: STConfig) -> None:
         super().__init__()
         self.config = c = config
@@ -218,9 +259,17 @@ class STModel(nn.Module):
         )
         self.norm = nn.LayerNorm(h)
         self.head = nn.Linear(h, c.n_features)
-        if c.basal == "train":  # per cell type (one row without cell-type conditioning)
-            rows = max(1, c.n_cell_types)
+        if c.basal == "train":  # one row per cell type (NaN: no training controls)
+            rows = c.basal_cell_types or max(1, c.n_cell_types)
             self.register_buffer("control_mean", torch.full((rows, c.n_features), float("nan")))
+        if c.cell_type_dropout:
+            self.unknown_cell_type = nn.Parameter(torch.randn(h) * h**-0.5)
+        # Which cell types had training sets (the stage fills it; not saved: the model card's
+        # ``trained_cell_types`` is the record). Training and validation route the others
+        # through the unknown cell type, and nothing else.
+        n_types = max(c.n_cell_types, c.basal_cell_types if c.basal == "train" else 0)
+        self.register_buffer("cell_type_trained", torch.ones(n_types, dtype=torch.bool),
+                             persistent=False)  # fmt: skip
         if c.target_effect:
             self.target_log_factor = nn.Parameter(torch.zeros(()))
             self.register_buffer("target_mask", self._target_mask(), persistent=False)
@@ -242,6 +291,42 @@ class STModel(nn.Module):
 
     def _target_mask(self) -> torch.Tensor:
         return self.target_rows(list(self.perturbation.labels))
+
+    @property
+    def uses_cell_type(self) -> bool:
+        """Whether ``predict`` needs the sets' cell-type codes: for the cell-type embedding,
+        or for the per-type training-control mean of ``basal="train"``."""
+        c = self.config
+        return self.cell_type is not None or (c.basal == "train" and c.basal_cell_types > 0)
+
+    @property
+    def takes_unknown(self) -> bool:
+        """Whether ``predict`` can route a set through the unknown cell type: the learned
+        vector of a cell-type-conditioned model (``cell_type_dropout``), or for a model
+        without cell-type conditioning, the set's own mean as basal (``basal="train"``)."""
+        if self.cell_type is not None:
+            return self.config.cell_type_dropout > 0
+        return self.uses_cell_type
+
+    def known_cell_types(self) -> torch.Tensor:
+        """(cell types,) bool: the types ``predict`` has trained parameters for: a row trained
+        on training sets (cell-type conditioning) and a training-control mean (basal
+        "train")."""
+        known = self.cell_type_trained.clone() if self.cell_type is not None else None
+        if self.config.basal == "train" and self.config.basal_cell_types:
+            has_mean = ~torch.isnan(self.control_mean).any(1)
+            known = has_mean if known is None else known & has_mean
+        return torch.ones(0, dtype=torch.bool) if known is None else known
+
+    def set_trained_cell_types(self, trained: torch.Tensor) -> None:
+        """Which cell types had training sets (bool per type of the store), for the
+        routing of training and validation sets (``forward``)."""
+        trained = torch.as_tensor(trained, dtype=torch.bool).reshape(-1)
+        if trained.shape != self.cell_type_trained.shape:
+            raise ValueError(
+                f"expected {self.cell_type_trained.numel()} cell types, got {trained.numel()}"
+            )
+        self.cell_type_trained.copy_(trained)
 
     @property
     def control_code(self) -> int:
@@ -267,20 +352,33 @@ class STModel(nn.Module):
         batch: torch.Tensor | None = None,
         generic: torch.Tensor | None = None,
         targets: torch.Tensor | None = None,
+        unknown: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Perturbed features (B, S, F) for control features (B, S, F), perturbation codes
         (B,), real-cell mask (B, S), cell-type codes (B,) and per-cell batch codes (B, S).
         ``generic`` (B,) bool: sets that take the generic perturbation vector instead of their
         code's (needs ``perturbation_dropout``); ``targets`` (B, F): the perturbed genes for
-        ``target_effect`` when not the codes' own (``target_rows``)."""
+        ``target_effect`` when not the codes' own (``target_rows``). ``unknown`` (B,) bool:
+        sets of an unknown cell type (``takes_unknown``): the learned unknown vector instead
+        of their cell-type row, and with ``basal="train"`` their own set mean as basal (their
+        codes are then only read as placeholders: pass any valid code, e.g. 0)."""
         c = self.config
+        if unknown is not None and not self.takes_unknown:
+            raise ValueError(
+                "unknown needs a model trained with cell_type_dropout > 0 (or, without "
+                "cell-type conditioning, basal='train')"
+            )
         if c.basal == "train":
-            control = self.recentre(control, mask, cell_type)
+            control = self.recentre(control, mask, cell_type, unknown)
         base = self.cell_encoder(control.to(self.head.weight.dtype))
         if self.cell_type is not None:
             if cell_type is None:
                 raise ValueError("the model is cell-type-conditioned: pass cell_type")
-            base = base + self.cell_type(cell_type)[:, None]
+            rows = self.cell_type(cell_type)
+            if unknown is not None:
+                vector = self.unknown_cell_type.to(rows.dtype)
+                rows = torch.where(unknown[:, None], vector, rows)
+            base = base + rows[:, None]
         if self.batch is not None:
             if batch is None:
                 raise ValueError("the model is batch-conditioned: pass batch")
@@ -320,6 +418,27 @@ class STModel(nn.Module):
             out = torch.where(rows[:, None] > 0, knocked, out)
         return out
 
+    def _unknown_sets(self, cell_type: torch.Tensor) -> torch.Tensor | None:
+        """The sets a batch routes through the unknown cell type: those of types without
+        trained parameters (validation of a held-out type), and in training a share
+        ``cell_type_dropout`` of all. None where the model has nothing to route."""
+        if not self.uses_cell_type:
+            return None
+        known = self.known_cell_types().to(cell_type.device)
+        unknown = ~known[cell_type]
+        if self.training and self.config.cell_type_dropout:
+            drop = torch.rand(cell_type.shape, device=cell_type.device)
+            unknown = unknown | (drop < self.config.cell_type_dropout)
+        if not self.takes_unknown:
+            if unknown.any():
+                raise ValueError(
+                    f"cell types {sorted(set(cell_type[unknown].tolist()))} have no trained "
+                    "cell-type row and this model learned no unknown cell type "
+                    "(cell_type_dropout > 0)"
+                )
+            return None
+        return unknown
+
     def set_control_mean(self, mean: torch.Tensor) -> None:
         """The training controls' mean features (rows: cell types, or one row), for
         ``basal="train"``; a row of NaN marks a cell type without training controls."""
@@ -329,9 +448,14 @@ class STModel(nn.Module):
         self.control_mean.copy_(mean)
 
     def recentre(
-        self, control: torch.Tensor, mask: torch.Tensor | None, cell_type: torch.Tensor | None
+        self,
+        control: torch.Tensor,
+        mask: torch.Tensor | None,
+        cell_type: torch.Tensor | None,
+        unknown: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x_i - mean_set(x) + control_mean[cell type] over the real (unmasked) cells."""
+        """x_i - mean_set(x) + control_mean[cell type] over the real (unmasked) cells; the
+        sets marked ``unknown`` keep their own mean (x unchanged)."""
         x = control.float()
         if mask is None:
             set_mean = x.mean(1, keepdim=True)
@@ -339,15 +463,20 @@ class STModel(nn.Module):
             w = mask.to(x.dtype)[..., None]
             set_mean = (x * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp_min(1)
         rows = self.control_mean.shape[0]
-        if rows == 1 or cell_type is None:
+        if cell_type is not None:
+            target = self.control_mean[cell_type]
+        elif rows == 1:  # one cell type, or a run from before per-type re-centring
             target = self.control_mean[:1].expand(x.shape[0], -1)
         else:
-            target = self.control_mean[cell_type]
+            raise ValueError("basal='train' re-centres per cell type: pass cell_type")
+        if unknown is not None:
+            target = torch.where(unknown[:, None], set_mean[:, 0], target.to(x.dtype))
         exporting = torch.jit.is_tracing() or torch.compiler.is_compiling()
         if not exporting and torch.isnan(target).any():
             raise ValueError(
                 "basal='train' has no training-control mean for this cell type: the stage "
-                "fills control_mean from the training controls (set_control_mean)"
+                "fills control_mean from the training controls (set_control_mean); a cell "
+                "type without training controls needs unknown=True (its own set mean)"
             )
         return x - set_mean + target[:, None].to(x.dtype)
 
@@ -367,9 +496,10 @@ class STModel(nn.Module):
         pred = self.predict(
             control,
             codes,
-            cell_type=cell_type if self.cell_type is not None else None,
+            cell_type=cell_type if self.uses_cell_type else None,
             batch=None if cell_batch is None else cell_batch.long(),
             generic=generic,
+            unknown=self._unknown_sets(cell_type),
         )
         terms = set_loss(self.config.loss, pred, target, control)
         weight = keep.float()

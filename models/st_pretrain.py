@@ -33,9 +33,10 @@ restores the masked-only objective.
 
 ``STPretrainModel`` is a subclass of ``STModel`` that adds no parameter, so its state-dict
 names are STModel's: ``latentcell train st --set init.run=PRETRAIN_RUN`` loads the cell
-encoder, segment embeddings, blocks, norm and head (``st_stage.load_matching``: same name
-and shape). The one-label perturbation table never matches a real vocabulary's; see the
-stage (``trainer/st_pretrain_stage.py``) for the covariate tables.
+encoder, segment embeddings, blocks, norm and head (``trainer/init_from_run.py``: by name,
+gene axes mapped by key), and the one-label perturbation table's row becomes the fine-tuned
+model's control vector; see the stage (``trainer/st_pretrain_stage.py``) for the covariate
+tables.
 
 Masks: training masks come from torch's global RNG (seeded per process by the loop and
 restored on resume). In eval mode each set's mask is drawn from its own generator seeded by

@@ -4,13 +4,18 @@
 store under ``<run.dir>/latents`` (reused while the store and the VAE weights are unchanged)
 and computes the training statistics (latent scale, continuous-condition scaling, the
 library-size model) into ``<run.dir>/latent_stats.json``. Training then streams latents
-through the same ``CellStream`` and the same unit-level validation split as the VAE stage.
+through the same ``CellStream`` and the same unit-level validation split as the VAE stage, or,
+with ``split.file``, the train / val rows of that perturbation split (assigned on the count
+store, as ``train st`` does; the latent store mirrors the count store's rows and units, so
+``row_subset.RowSubset`` over it selects the same cells). The training statistics then come
+from the train rows only.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +32,8 @@ from latentcell.data_pipelines.latent_store import (
     source_fingerprint,
     write_latent_store,
 )
+from latentcell.data_pipelines.perturbation_splits import SPLIT_ROWS, assign_split, save_split
+from latentcell.data_pipelines.row_subset import rows_digest, split_sources
 from latentcell.data_pipelines.stores import open_store
 from latentcell.data_pipelines.unit_split import split_store_units, subset_factory
 from latentcell.models.diffusion import DiffusionConfig
@@ -36,7 +43,16 @@ from latentcell.models.latent_diffusion import LatentDiffusion, LatentDiffusionC
 from .builtin_data import CountStoreInput
 from .config import ConfigError, tomllib
 from .latent_stats import training_stats
-from .sections import DataConfig, OptimConfig, RunSection, TrainConfig, VAERef
+from .sections import (
+    DataConfig,
+    OptimConfig,
+    RunSection,
+    SplitFileSection,
+    TrainConfig,
+    VAERef,
+    check_split_section,
+    split_card,
+)
 from .tracking import TrackingConfig
 from .trained_runs import load_model_card, load_vae, read_run_json
 
@@ -68,6 +84,7 @@ class DiTModelSection:
 class DiTRunConfig:
     run: RunSection = field(default_factory=lambda: RunSection(dir="runs/dit"))
     data: DataConfig = field(default_factory=lambda: DataConfig(batch_size=512))
+    split: SplitFileSection = field(default_factory=SplitFileSection)
     vae: VAERef = field(default_factory=VAERef)
     model: DiTModelSection = field(default_factory=DiTModelSection)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -95,6 +112,7 @@ class DiTStage:
     name = "dit"
 
     def __init__(self, config: DiTRunConfig) -> None:
+        check_split_section(config)
         self.config = config
         self._input = CountStoreInput(config.data.path, config.run.root_path)
         self._stats: dict | None = None
@@ -115,6 +133,11 @@ class DiTStage:
     def val_latents(self) -> Path:
         """Latents of ``data.val_path``, when a separate validation store is given."""
         return self.config.run.dir_path / "val_latents"
+
+    @property
+    def split_path(self) -> Path:
+        """The split's rows (``split.file`` only): rows of the count store and of its latents."""
+        return self.config.run.dir_path / SPLIT_ROWS
 
     @property
     def stats_path(self) -> Path:
@@ -140,6 +163,10 @@ class DiTStage:
         self.condition_columns(), self.continuous_columns()  # fail on a typo before encoding
         vae, provenance = load_vae(self.config.vae.run, self.config.vae.weights)
         self._ensure_latents(vae, provenance, self.store, self.latents)
+        if self.config.split.file:
+            split = assign_split(self.store, self.config.split.file)
+            save_split(split, self.split_path.parent)
+            self._check_vae_split(rows_digest(split.train))
         if self.config.data.val_path:
             val_store = Path(self.config.data.val_path)
             self._ensure_latents(vae, provenance, val_store, self.val_latents)
@@ -164,8 +191,24 @@ class DiTStage:
         self._stats = stats
 
     def _vae_card(self) -> dict:
+        return self._vae_model_card().get("config", {})
+
+    def _vae_model_card(self) -> dict:
         path = Path(self.config.vae.run) / "final" / "model_config.json"
-        return load_model_card(self.config.vae.run)["config"] if path.exists() else {}
+        return load_model_card(self.config.vae.run) if path.exists() else {}
+
+    def _check_vae_split(self, digest: str) -> None:
+        """Warn when the VAE was not trained on this split's train rows: its latents of the
+        test cells are then not held out (train it with the same split.file)."""
+        vae_split = self._vae_model_card().get("split") or {}
+        if vae_split.get("train_rows_sha256") != digest:
+            print(
+                f"warning: the VAE {self.config.vae.run} was not trained on the train rows of "
+                f"{self.config.split.file} (it may have seen its val/test cells); train it with "
+                f"--set split.file={self.config.split.file}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def _vae_needs_batch(self) -> bool:
         return bool(self._vae_card().get("n_batches"))
@@ -255,6 +298,8 @@ class DiTStage:
 
     def _sources(self):
         data = self.config.data
+        if self.config.split.file:  # rows of the count store = rows of its latents
+            return split_sources(self.latents, self.split_path)
         n_units = len(self.count_meta.unit_sizes)  # the latent store mirrors its units
         everything = subset_factory(self.latents, np.arange(n_units))
         if data.val_path:
@@ -369,6 +414,8 @@ class DiTStage:
                 "store": str(self.store.absolute()),
                 "latents": stats["latents"],
             }
+            if self.config.split.file:
+                self._card["split"] = split_card(self.split_path)
         return self._card
 
     def build_model(self) -> nn.Module:

@@ -7,7 +7,8 @@ Only the main process logs, draws the progress bar and writes run-level files; e
 collective (metric reduction, checkpoint, validation) is reached by all processes at the
 same step, so no rank waits for one that took another branch.
 
-What the console says, in one line each (stderr, main process): where a resume started; a
+What the console says, in one line each (stderr, main process): what the initial weights
+came from (a stage's ``init_report``, e.g. ``init.run``); where a resume started; a
 batch skipped for a nan/inf loss (the first, then at most one per ``NONFINITE_EVERY_S``: a
 long run is not flooded, the count is in the metrics and ``summary.json``); corrupt data
 units the loader skipped; what did not reach MLflow; a stop on SIGTERM/Ctrl-C
@@ -120,6 +121,23 @@ def _dedupe_units(units) -> list[dict[str, str]]:
     return out
 
 
+def _init_report(stage: Stage) -> dict[str, Any]:
+    """The stage's optional ``init_report()`` (see ``stage.py``), {} without one."""
+    hook = getattr(stage, "init_report", None)
+    return (hook() if hook else None) or {}
+
+
+def _scalar_params(report: dict, prefix: str) -> dict[str, str]:
+    """A nested report's scalar entries as flat MLflow params (lists stay in its JSON)."""
+    out: dict[str, str] = {}
+    for key, value in report.items():
+        if isinstance(value, dict):
+            out |= _scalar_params(value, f"{prefix}{key}.")
+        elif value is not None and not isinstance(value, (list, tuple)):
+            out[f"{prefix}{key}"] = str(value)
+    return out
+
+
 def _zero_loss(model: nn.Module) -> torch.Tensor:
     """A loss with zero gradient for every parameter: lets every process run the same
     backward (DDP/DeepSpeed all-reduce) when a batch's loss is not finite."""
@@ -185,7 +203,16 @@ def fit(stage: Stage, config: Any, resume: str | None = None) -> FitResult:
     if resume_path is not None:
         state, loader_state = checkpoints.load(resume_path)
         step, mlflow_run_id = int(state["step"]), state.get("mlflow_run_id")
-        train_loader.load_state_dict(loader_state)
+        try:
+            train_loader.load_state_dict(loader_state)
+        except ValueError as err:  # the data order differs: the checkpoint cannot resume exactly
+            if isinstance(err, DataValidationError):
+                raise
+            raise DataValidationError(
+                resume_path / f"loader_rank{accelerator.process_index}.json", "layout", str(err),
+                "resume with the store, split, seed, batch size and processes of the run, or "
+                "train in a new run.dir",
+            ) from err  # fmt: skip
         if main:
             epoch = loader_state.get("epoch")
             _say(f"resumed from {resume_path} at step {step}"
@@ -198,11 +225,14 @@ def fit(stage: Stage, config: Any, resume: str | None = None) -> FitResult:
     uri = config.tracking.uri or default_uri(run.root_path)
     tracker = make_tracker(config.tracking, uri, main)
     if main:
+        init = _init_report(stage)
+        for line in init.get("console", []):
+            _say(line)
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_toml(config, run_dir / "config.toml")
         mlflow_run_id = tracker.start(
             run_name=config.tracking.run_name or run.name or f"{stage.name}-{run_dir.name}",
-            params=flatten_config(config_to_dict(config)),
+            params=flatten_config(config_to_dict(config)) | _scalar_params(init, "init."),
             tags={
                 "stage": stage.name,
                 "world_size": str(world),
@@ -212,6 +242,8 @@ def fit(stage: Stage, config: Any, resume: str | None = None) -> FitResult:
             },
             resume_run_id=mlflow_run_id,
         )
+        if init:
+            tracker.log_dict(init, "init.json")
 
     with StopRequest() as stop:
         try:
@@ -441,6 +473,7 @@ def _write_run_files(
         "checkpoints": sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")),
         "final_weights": str(final_dir / "model.safetensors"),
         "checks": checks,
+        **({"init": init} if (init := _init_report(stage)) else {}),
         # where the run is tracked: `latentcell export` logs its bundle to this run
         "mlflow": {"run_id": tracker.run_id, "tracking_uri": tracker.uri or None},
     }

@@ -19,6 +19,13 @@ log expression by Jensen's gap: on Papalexi's sparse genes that alone moved an S
 ``mae`` from 0.111 to 0.122 (its training-mean baseline: 0.122). Plain rounding would zero
 every gene predicted below half a count. Genes the model does not cover keep their control's
 counts. Every predictor (ST, baselines) implements one method, so all share this path.
+
+Cell types: controls without the cell-type column are read as ``build`` reads an input without
+one: every cell gets ``IMPLICIT_LABEL`` ("unspecified") when the predictor's cell types
+include it (the run's store had no such column either); a predictor that conditions on real
+cell types refuses them, naming the column. Fallbacks a predictor takes for labels it has no
+trained parameters for (``--unseen generic``, ``--unseen-cell-type unknown``) are recorded in
+the file (``uns["latentcell"]["fallbacks"]``), so a prediction never hides its route.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from latentcell.data_pipelines.errors import DataValidationError
+from latentcell.data_pipelines.schemas import IMPLICIT_LABEL
 from latentcell.models.expression import log1p_normalize, to_counts
 
 __all__ = [
@@ -47,7 +55,11 @@ class Predictor(Protocol):
     """Predicted log1p expression (n, G) for control log1p expression (n, G) of one cell
     type under one perturbation, on the predictor's genes. ``library`` (the controls' library
     sizes) and ``rng``: for predictors that decode through a count VAE, which then sample
-    cells from its likelihood (without them they return its mean); others ignore them."""
+    cells from its likelihood (without them they return its mean); others ignore them.
+
+    Optional, looked up with getattr: ``cell_types`` (the cell types the predictor conditions
+    on; absent or empty: it ignores them) and ``routes(perturbation, cell_type)`` (the
+    fallbacks that prediction takes, e.g. ``{"cell_type": "unknown"}``)."""
 
     genes: list[str]
     name: str
@@ -112,17 +124,22 @@ def predict_population(
     counts = _dense(ctrl.X)
     library = counts.sum(axis=1)
     has_types = r.cell_type_col is not None and r.cell_type_col in ctrl.obs
-    cell_types = (
-        ctrl.obs[r.cell_type_col].astype(str).to_numpy() if has_types else np.full(ctrl.n_obs, "")
-    )
+    if has_types:
+        cell_types = ctrl.obs[r.cell_type_col].astype(str).to_numpy()
+    else:
+        cell_types = np.full(ctrl.n_obs, _missing_cell_type(predictor, r, source))
     rng = np.random.default_rng(r.seed)
     blocks, obs = [counts], [_obs(r, r.control_label, cell_types, "control", has_types)]
+    routes, fallbacks = getattr(predictor, "routes", None), {}
     for perturbation in r.perturbations:
         for cell_type in pd.unique(cell_types):
             pool = np.flatnonzero(cell_types == cell_type)
             draw = rng.choice(pool, size=r.cells_per_perturbation, replace=True)
             x = log1p_normalize(counts[draw][:, columns], library[draw])
             pred = predictor.predict(x, perturbation, cell_type, library[draw], rng)
+            for kind, route in (routes(perturbation, cell_type) if routes else {}).items():
+                label = perturbation if kind == "perturbation" else cell_type
+                fallbacks.setdefault(kind, {})[label] = route
             out = counts[draw].copy()
             out[:, columns] = to_counts(pred, library[draw], rng)
             blocks.append(out)
@@ -140,7 +157,28 @@ def predict_population(
         "seed": r.seed,
         "controls": source,
     }
+    if fallbacks:  # e.g. {"cell_type": {"B": "unknown"}, "perturbation": {"X": "generic"}}
+        result.uns["latentcell"]["fallbacks"] = fallbacks
     return result
+
+
+def _missing_cell_type(predictor: Predictor, r: PopulationRequest, source: str) -> str:
+    """The cell type of controls without the cell-type column: ``IMPLICIT_LABEL`` when the
+    predictor knows it (as ``build`` labels such cells), "" for a predictor that ignores cell
+    types; a predictor conditioned on real cell types refuses them."""
+    cell_types = list(getattr(predictor, "cell_types", None) or [])
+    if not cell_types:
+        return ""
+    if IMPLICIT_LABEL in cell_types:
+        return IMPLICIT_LABEL
+    column = r.cell_type_col or "cell_type"
+    raise DataValidationError(
+        source, column,
+        f"the controls have no cell-type column {column!r}, and the model conditions on the "
+        f"cell types {cell_types[:20]}",
+        f"add obs[{column!r}] with each control's cell type, or name the controls' column "
+        "with --cell-type-col",
+    )  # fmt: skip
 
 
 def _obs(r: PopulationRequest, label: str, cell_types: np.ndarray, kind: str, has_types: bool):

@@ -4,10 +4,13 @@ optimizer and the loop. A stage composes these with its own model section (see
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from latentcell.data_pipelines.integrity import ON_CORRUPT
+
+from .config import ConfigError
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 SCHEDULES = ("cosine", "constant")
@@ -61,6 +64,39 @@ class DataConfig:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.batch_size < 1 or self.num_workers < 0 or self.buffer_units < 1:
             raise ValueError("batch_size and buffer_units must be >= 1, num_workers >= 0")
+
+
+@dataclass(frozen=True)
+class SplitFileSection:
+    """file: a split TOML (``data_pipelines/perturbation_splits.py``), the file ``train st``
+    takes. When set, the stage trains on the split's train rows only and validates on its val
+    rows (no validation when it has none), instead of the read-unit split: ``data.val_fraction``
+    and ``data.split_seed`` are then unused, and ``data.val_path`` is refused. The rows are
+    those of ``train st`` on the same store and file, saved as ``split.npz`` / ``split.json``
+    in the run, so a VAE later used by an ST run (``model.space=latent``) or a baseline
+    (``--baseline latent``) of that split never saw its test cells. "" = the read-unit split."""
+
+    file: str = ""
+
+
+def check_split_section(config) -> None:
+    """``split.file`` replaces the read-unit split; a separate validation store would
+    contradict it (every rank checks it, before anything runs)."""
+    if config.split.file and config.data.val_path:
+        raise ConfigError(
+            "split.file and data.val_path both choose the validation cells: with split.file "
+            "the split's val rows are used; drop data.val_path (or split.file)"
+        )
+
+
+def split_card(rows_file: Path) -> dict:
+    """What a model card records of the run's split: its summary (``split.json`` beside
+    ``rows_file``) and the digest of its train rows, which later stages compare with theirs."""
+    from latentcell.data_pipelines.perturbation_splits import SPLIT_SUMMARY, read_split_rows
+    from latentcell.data_pipelines.row_subset import rows_digest
+
+    summary = json.loads((rows_file.parent / SPLIT_SUMMARY).read_text())
+    return {**summary, "train_rows_sha256": rows_digest(read_split_rows(rows_file)["train"])}
 
 
 @dataclass(frozen=True)

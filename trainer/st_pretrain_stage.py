@@ -18,12 +18,13 @@
   ``energy``).
 - Model: ``STPretrainModel`` adds no parameter to ``STModel``; the model section has
   ``STModelSection``'s meaning, so the same ``model.hidden/depth/heads/conditioning/
-  mlp_ratio`` give tensors the fine-tuning stage loads (by name and shape). Fine-tuning needs
-  the same gene vocabulary (``latentcell data build --genes FILE`` with the pretraining
-  store's genes). The covariate conditioning defaults to off: a set is one group, so its
-  cells already tell the model the cell type and sample, and scBaseCount's cell types and
-  SRX accessions are not the fine-tuning store's categories (a table whose shape happened
-  to match would be loaded with the wrong meaning by ``load_matching``).
+  mlp_ratio`` give tensors the fine-tuning stage loads (by name, gene and label axes mapped
+  by key: ``init_from_run.py``); the fine-tuning store shares the pretraining genes in full
+  with ``latentcell data build --genes-from PRETRAIN_RUN``, and partly otherwise. The
+  covariate conditioning defaults to off: a set is one group, so its cells already tell the
+  model the cell type and sample, and scBaseCount's cell types and SRX accessions are
+  rarely the fine-tuning store's labels (those tables map by label, so they would mostly
+  start fresh anyway).
 """
 
 from __future__ import annotations

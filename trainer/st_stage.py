@@ -8,8 +8,7 @@ in the run (``split.npz`` rows, ``split.json`` summary); training sets come from
 ever reaches the model. Validation sets use the val rows, with the training controls as
 inputs where the val split holds no controls of its own (held-out perturbations keep their
 controls in training). ``init.run`` starts from a pretraining run's weights (st-pretrain):
-every tensor whose name and shape match is loaded; the rest (perturbation encoder,
-covariate tables) starts fresh.
+tensors load by name, gene and label axes mapped by key (``init_from_run.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
@@ -45,13 +45,13 @@ from latentcell.models.st_model import (
 )
 
 from .config import ConfigError
+from .init_from_run import load_from_run, load_matching  # noqa: F401  (load_matching: re-export)
 from .predict import _dense, log1p_normalize
 from .sections import OptimConfig, RunSection, TrainConfig, VAERef
 from .set_batches import SetBatches, require_sets
 from .st_sections import SetDataSection, role_categories, store_card
 from .store_stage import CountStoreStage
 from .tracking import TrackingConfig
-from .trained_runs import load_model_card, load_state, weights_path
 from .vae_bridge import VAEBridge
 
 __all__ = ["MODEL_CLASS", "STDataSection", "STModelSection", "STRunConfig", "STStage"]
@@ -91,12 +91,17 @@ class STModelSection(STShape):
     but measured target is still knocked down. perturbation_dropout: the share of training
     sets whose perturbation embedding is swapped for a learned generic one, which
     ``latentcell predict --unseen generic`` then gives to perturbations the model has no
-    trained embedding for (see ``models/st_model.py``)."""
+    trained embedding for (see ``models/st_model.py``). cell_type_dropout (with cell-type
+    conditioning): the share of training sets treated as of an unknown cell type (a learned
+    vector instead of their cell-type row), the route ``latentcell predict
+    --unseen-cell-type unknown`` gives to cell types without training sets, and validation
+    to held-out ones."""
 
     space: str = "gene"
     basal: str = "set"
     target_effect: bool = False
     perturbation_dropout: float = 0.0
+    cell_type_dropout: float = 0.0
     cell_type_conditioning: bool = True
     batch_conditioning: bool = False
     perturbation_encoder: str = "onehot"
@@ -110,6 +115,13 @@ class STModelSection(STShape):
             raise ValueError(f"perturbation_encoder must be one of {ENCODER_KINDS}")
         if self.target_effect and self.space != "gene":
             raise ValueError("target_effect acts on gene expression: it needs space='gene'")
+        if not 0.0 <= self.cell_type_dropout < 1.0:
+            raise ValueError(f"cell_type_dropout must be in [0, 1), got {self.cell_type_dropout}")
+        if self.cell_type_dropout and not self.cell_type_conditioning:
+            raise ValueError(
+                "cell_type_dropout trains the unknown cell type of cell-type conditioning: "
+                "set model.cell_type_conditioning=true, or cell_type_dropout=0"
+            )
 
 
 @dataclass(frozen=True)
@@ -199,11 +211,26 @@ class STStage(CountStoreStage):
         with np.load(self.split_path) as f:
             return {k: f[k] for k in ("train", "val", "test")}
 
+    def control_code(self) -> int:
+        """The control label's code in the store's perturbation vocabulary."""
+        meta = self.meta
+        return meta.categories[meta.roles["perturbation"]].index(meta.control_label)
+
+    def groups_in(self, rows: np.ndarray) -> pd.DataFrame:
+        """The store's group index (one row per (cell type, perturbation, batch) range) with
+        ``n``: how many of ``rows`` each range holds, and ``perturbed``: a non-control
+        range (a range of a set's perturbed cells)."""
+        rows = np.sort(rows)
+        index = open_store(self.store).group_index()
+        start, stop = index["start"].to_numpy(), index["stop"].to_numpy()
+        index["n"] = np.searchsorted(rows, stop) - np.searchsorted(rows, start)
+        pert = index["perturbation"].to_numpy()
+        index["perturbed"] = (pert != self.control_code()) & (pert >= 0)
+        return index
+
     def control_rows(self, rows: np.ndarray) -> np.ndarray:
         """The control cells among ``rows``."""
-        meta = self.meta
-        column = meta.roles["perturbation"]
-        control = meta.categories[column].index(meta.control_label)
+        control = self.control_code()
         index = open_store(self.store).group_index()
         index = index[index["perturbation"] == control]
         ranges = [np.arange(a, b) for a, b in zip(index["start"], index["stop"], strict=True)]
@@ -253,6 +280,8 @@ class STStage(CountStoreStage):
                 n_batches=n_batches if m.batch_conditioning else 0,
                 target_effect=m.target_effect,
                 perturbation_dropout=m.perturbation_dropout,
+                cell_type_dropout=m.cell_type_dropout,
+                basal_cell_types=len(cell_types) if m.basal == "train" else 0,
                 feature_genes=tuple(str(g) for g in meta.var["gene_symbol"])
                 if m.target_effect
                 else (),
@@ -272,16 +301,81 @@ class STStage(CountStoreStage):
             meta = self.meta
             categories = role_categories(meta, _VOCABULARY_ROLES)
             genes = [str(g) for g in meta.var.index]
-            load_matching(model, self.config.init.run, genes, categories)
+            self._init = load_from_run(model, self.config.init.run, genes, categories)
         if model.config.basal == "train":
             model.set_control_mean(self.training_control_mean())
+        if model.cell_type is not None:
+            model.set_trained_cell_types(torch.from_numpy(self.trained_cell_type_mask()))
+        self.check_validation_covariates(model)
         return model
 
+    def init_report(self) -> dict | None:
+        """What ``init.run`` loaded (``init_from_run.InitReport``): the loop's optional hook."""
+        init = getattr(self, "_init", None)
+        return None if init is None else init.to_dict()
+
+    def trained_cell_type_mask(self) -> np.ndarray:
+        """(cell types,) bool: the types with at least one perturbed training cell, i.e.
+        with training sets: only their cell-type rows are ever trained."""
+        meta = self.meta
+        index = self.groups_in(self.split_rows()["train"])
+        codes = index["cell_type"].to_numpy()[index["perturbed"] & (index["n"] > 0)]
+        mask = np.zeros(len(meta.categories[meta.roles["cell_type"]]), dtype=bool)
+        mask[codes[codes >= 0]] = True
+        return mask
+
+    def trained_cell_types(self) -> list[str]:
+        """Names of the cell types with training sets (``trained_cell_type_mask``)."""
+        meta = self.meta
+        names = meta.categories[meta.roles["cell_type"]]
+        return [names[i] for i in np.flatnonzero(self.trained_cell_type_mask())]
+
+    def check_validation_covariates(self, model: STModel) -> None:
+        """Validation must not meet untrained rows either. Sets of a cell type without
+        training sets (or training controls, for ``basal="train"``) go through the unknown
+        cell type (``STModel.forward``); a model that has none is refused here, and so is a
+        batch-conditioned one whose validation controls come from batches no training
+        control had."""
+        meta, rows = self.meta, self.split_rows()
+        if len(rows["val"]) == 0:
+            return
+        val = self.groups_in(rows["val"])
+        where = self.config.split.file or self.split_path
+        if model.uses_cell_type and not model.takes_unknown:
+            known = model.known_cell_types().numpy()
+            codes = val["cell_type"].to_numpy()[val["perturbed"] & (val["n"] > 0)]
+            missing = sorted({int(t) for t in codes if t >= 0 and not known[t]})
+            if missing:
+                names = [meta.categories[meta.roles["cell_type"]][t] for t in missing]
+                raise DataValidationError(
+                    where, "model.cell_type_dropout",
+                    f"validation holds cell types {names} that have no training set, so the "
+                    "model's cell-type rows for them are never trained",
+                    "set model.cell_type_dropout > 0 (e.g. 0.2; validation then uses the "
+                    "learned unknown cell type, as `predict --unseen-cell-type unknown` does), "
+                    "or model.cell_type_conditioning=false, or train on some of their cells",
+                )  # fmt: skip
+        if model.batch is not None:
+            train = self.groups_in(rows["train"])
+            trained = set(train["batch"][~train["perturbed"] & (train["n"] > 0)].tolist())
+            controls = val[~val["perturbed"] & (val["n"] > 0)]
+            untrained = sorted(set(controls["batch"].tolist()) - trained)
+            if untrained:  # (zero-shot validation starts from training controls: none)
+                names = [meta.categories[meta.roles["batch"]][b] for b in untrained if b >= 0]
+                raise DataValidationError(
+                    where, "model.batch_conditioning",
+                    f"validation controls come from batches {names} that no training control "
+                    "had, so the model's batch rows for them are never trained",
+                    "set model.batch_conditioning=false, or keep controls of every batch in "
+                    "training",
+                )  # fmt: skip
+
     def training_control_mean(self) -> torch.Tensor:
-        """Mean model features of the TRAINING control cells, per cell type when the model is
-        cell-type-conditioned (else one row); NaN rows for types without training controls.
-        Reads the training controls once: runs of at most 4096 controls, split where a gap of
-        other cells is wider than that, so perturbed cells are barely read."""
+        """Mean model features of the TRAINING control cells, one row per cell type of the
+        store whatever the conditioning (a pooled mean would move every type's controls to
+        the average of all types); NaN rows for types without training controls. Reads the
+        training controls once: runs of at most 4096 controls, split where a gap of other
+        cells is wider than that, so perturbed cells are barely read."""
         meta, config = self.meta, self.model_config()
         rows = self.control_rows(self.split_rows()["train"])
         if len(rows) == 0:
@@ -290,7 +384,7 @@ class STStage(CountStoreStage):
                 f"the split leaves no {meta.control_label!r} cell in training",
                 "keep control cells in training, or use model.basal=set",
             )  # fmt: skip
-        sums = torch.zeros(max(1, config.n_cell_types), config.n_features, dtype=torch.float64)
+        sums = torch.zeros(config.basal_cell_types, config.n_features, dtype=torch.float64)
         counts = torch.zeros(sums.shape[0], dtype=torch.float64)
         reader = open_store(self.store)
         runs = np.split(rows, np.flatnonzero(np.diff(rows) > 4096) + 1)
@@ -299,8 +393,7 @@ class STStage(CountStoreStage):
             x = torch.from_numpy(log1p_normalize(_dense(block.X), block.library_size))
             if self.bridge is not None:
                 x = self.bridge.encode(x)
-            types = block.codes[meta.roles["cell_type"]] if config.n_cell_types else 0 * chunk
-            codes = torch.from_numpy(np.asarray(types, dtype=np.int64))
+            codes = torch.from_numpy(np.asarray(block.codes[meta.roles["cell_type"]], np.int64))
             sums.index_add_(0, codes, x.double())
             counts.index_add_(0, codes, torch.ones(len(chunk), dtype=torch.float64))
         return (sums / counts[:, None]).float()  # NaN where a cell type has no controls
@@ -310,12 +403,8 @@ class STStage(CountStoreStage):
         gene_table vectors were ever trained (the predictor refuses the others)."""
         meta = self.meta
         labels = meta.categories[meta.roles["perturbation"]]
-        train = np.sort(self.split_rows()["train"])
-        index = open_store(self.store).group_index()
-        n = np.searchsorted(train, index["stop"].values) - np.searchsorted(
-            train, index["start"].values
-        )
-        seen = np.unique(index["perturbation"].values[n > 0])
+        index = self.groups_in(self.split_rows()["train"])
+        seen = np.unique(index["perturbation"].to_numpy()[index["n"] > 0])
         return [labels[i] for i in seen]
 
     def model_card(self) -> dict[str, Any]:
@@ -330,10 +419,13 @@ class STStage(CountStoreStage):
             "store": str(self.store.absolute()),
             "split": json.loads((self.config.run.dir_path / "split.json").read_text()),
             "trained_perturbations": self.trained_perturbations(),
+            "trained_cell_types": self.trained_cell_types(),
         }
 
     def serving_module(self, model: nn.Module) -> tuple[nn.Module, np.ndarray]:
         example = np.zeros((1, 8, 2 + self.model_config().n_features), dtype=np.float32)
+        known = np.flatnonzero(model.known_cell_types().numpy())
+        example[:, :, 1] = known[0] if len(known) else 0
         return SetPredictor(model).eval(), example
 
 
@@ -360,57 +452,25 @@ def latent_features(bridge: VAEBridge, batch: dict) -> dict:
     return batch
 
 
-# Tables indexed by a vocabulary: loaded only when the vocabularies are the same, since a
-# table of matching shape over other categories would load with another meaning.
-_VOCABULARY_TABLES = {"perturbation.": "perturbation", "cell_type.": "cell_type", "batch.": "batch"}
-
-
-def load_matching(
-    model: nn.Module,
-    run_dir: str | Path,
-    genes: list[str] | None = None,
-    categories: dict[str, list[str]] | None = None,
-) -> dict[str, int]:
-    """Copy every tensor of the run's final weights whose name and shape match ``model``'s.
-
-    With ``genes``, the run must have been trained on the same genes in the same order (its
-    cell encoder and head are per gene). Vocabulary tables (perturbation, cell type, batch)
-    load only where ``categories`` equal the run's."""
-    card = load_model_card(run_dir)  # a clear error when it is not a finished run
-    if genes is not None and card.get("genes") not in (None, genes):
-        raise DataValidationError(
-            run_dir, "genes", "the run was trained on another gene vocabulary",
-            "build the fine-tuning store with the pretraining store's genes (--genes FILE)",
-        )  # fmt: skip
-    theirs = card.get("categories", {})
-    same = {role for role, labels in (categories or {}).items() if theirs.get(role) == labels}
-    state = load_state(weights_path(run_dir))
-    own = model.state_dict()
-    matched = {
-        k: v
-        for k, v in state.items()
-        if k in own
-        and own[k].shape == v.shape
-        and all(not k.startswith(p) or role in same for p, role in _VOCABULARY_TABLES.items())
-    }
-    if not matched:
-        raise DataValidationError(
-            run_dir, "final weights", "no tensor matches this model's names and shapes",
-            "pretrain with the same hidden / depth / heads and gene vocabulary",
-        )  # fmt: skip
-    model.load_state_dict(matched, strict=False)
-    return {"loaded": len(matched), "fresh": len(own) - len(matched)}
-
-
 class SetPredictor(nn.Module):
     """One float array ``(B, S, 2 + F)``: the perturbation code in column 0 and the cell-type
     code in column 1 (the first cell's are used), then the control's features -> predicted
-    features (B, S, F). The MLflow serving form."""
+    features (B, S, F). The MLflow serving form. It has no option for the unknown cell type,
+    so a set of a cell type without trained parameters is refused (``latentcell predict
+    --unseen-cell-type unknown`` and the exported bundle offer that route)."""
 
     def __init__(self, model: STModel) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, packed: torch.Tensor) -> torch.Tensor:
-        cell_type = packed[:, 0, 1].long() if self.model.cell_type is not None else None
+        cell_type = None
+        if self.model.uses_cell_type:
+            cell_type = packed[:, 0, 1].long()
+            untrained = ~self.model.known_cell_types()[cell_type]
+            if untrained.any():
+                raise ValueError(
+                    f"cell type codes {sorted(set(cell_type[untrained].tolist()))} had no "
+                    "training sets (or training controls): their rows were never trained"
+                )
         return self.model.predict(packed[:, :, 2:], packed[:, 0, 0].long(), cell_type=cell_type)

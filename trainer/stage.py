@@ -58,3 +58,8 @@ class Stage(Protocol):
 # Optional, looked up with getattr: ``final_report(model) -> dict[str, float]``, checks of the
 # trained model (final weights, EMA when kept) written to summary.json under "checks" and
 # logged as ``check/<name>`` (the DiT stage reports its latent memorization ratio).
+# ``init_report() -> dict | None``, called after ``build_model``: what the initial weights
+# came from (the ST stage's ``init.run``: vocabularies matched, tensors loaded / remapped /
+# fresh). Its "console" lines are printed when training starts; the whole dict goes to
+# summary.json under "init" and to MLflow as the artifact init.json, its scalar entries as
+# params ``init.<key>.<key>``.

@@ -3,6 +3,10 @@
 The model section holds only what a user chooses; sizes that come from the data (genes,
 batches) are read from the store, and the resolved ``CountVAEConfig`` is saved next to the
 weights (``final/model_config.json``) so a model can be rebuilt without the run config.
+
+Cells: the store's read units minus a held-out share of units for validation, or, with
+``split.file``, the train rows of that perturbation split (the rows ``train st`` trains on,
+streamed through ``row_subset.RowSubset``) and its val rows for validation.
 """
 
 from __future__ import annotations
@@ -17,11 +21,21 @@ import numpy as np
 from torch import nn
 
 from latentcell.data_pipelines.cell_stream import CellStream, CellStreamConfig
+from latentcell.data_pipelines.perturbation_splits import SPLIT_ROWS, assign_split, save_split
+from latentcell.data_pipelines.row_subset import split_sources
 from latentcell.data_pipelines.stores import open_store
 from latentcell.data_pipelines.unit_split import split_store_units, subset_factory
 from latentcell.models.count_vae import LIKELIHOODS, CountVAE, CountVAEConfig, LatentMeanEncoder
 
-from .sections import DataConfig, OptimConfig, RunSection, TrainConfig
+from .sections import (
+    DataConfig,
+    OptimConfig,
+    RunSection,
+    SplitFileSection,
+    TrainConfig,
+    check_split_section,
+    split_card,
+)
 from .store_stage import CountStoreStage
 from .tracking import TrackingConfig
 
@@ -53,6 +67,7 @@ class VAEModelSection:
 class VAERunConfig:
     run: RunSection = field(default_factory=lambda: RunSection(dir="runs/vae"))
     data: DataConfig = field(default_factory=DataConfig)
+    split: SplitFileSection = field(default_factory=SplitFileSection)
     model: VAEModelSection = field(default_factory=VAEModelSection)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -65,16 +80,26 @@ class VAEStage(CountStoreStage):
 
     def __init__(self, config: VAERunConfig) -> None:
         super().__init__(config)
+        check_split_section(config)
         self._model_config: CountVAEConfig | None = None
 
     # -- data (store and meta: CountStoreStage) -----------------------------------------------
 
+    @property
+    def split_path(self) -> Path:
+        """The split's rows (``split.file`` only), as ``train st`` saves them."""
+        return self.config.run.dir_path / SPLIT_ROWS
+
     def prepare_data(self, is_main_process: bool) -> None:
         if is_main_process:
             self._input.ensure_store()
+            if self.config.split.file:
+                save_split(assign_split(self.store, self.config.split.file), self.split_path.parent)
 
     def _sources(self):
         data = self.config.data
+        if self.config.split.file:
+            return split_sources(self.store, self.split_path)
         if data.val_path:
             return partial(open_store, self.store), partial(open_store, Path(data.val_path))
         if data.val_fraction <= 0:
@@ -140,7 +165,10 @@ class VAEStage(CountStoreStage):
         card = dataclasses.asdict(self.model_config())
         card["covariate_keys"] = list(card["covariate_keys"])
         card["n_covariate_categories"] = list(card["n_covariate_categories"])
-        return {"class": "latentcell.models.count_vae.CountVAE", "config": card}
+        out = {"class": "latentcell.models.count_vae.CountVAE", "config": card}
+        if self.config.split.file:
+            out["split"] = split_card(self.split_path)
+        return out
 
     def serving_module(self, model: nn.Module) -> tuple[nn.Module, np.ndarray]:
         example = np.zeros((2, self.model_config().n_genes), dtype=np.float32)

@@ -3,7 +3,8 @@
     generate --bundle DIR --n N [--condition k=v ...] [--steps K --guidance S --seed S]
              --out GEN.h5ad
     predict  --bundle DIR --controls CTRL.h5ad --perturbations A,B|all
-             [--cells-per-perturbation N --unseen error|generic --seed S] --out PRED.h5ad
+             [--cells-per-perturbation N --unseen error|generic --unseen-cell-type error|unknown
+              --seed S] --out PRED.h5ad
     serve    --bundle DIR [--host 127.0.0.1 --port 8000 --max-body-bytes N --read-timeout S
              --concurrency N --queue N --max-connections N --workers N]
 
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--perturbations", required=True, help="'all' or comma-separated labels")
     p.add_argument("--cells-per-perturbation", type=int, default=100)
     p.add_argument("--unseen", default="error", choices=("error", "generic"))
+    p.add_argument("--unseen-cell-type", default="error", choices=("error", "unknown"))
     p.add_argument("--pert-col", default=None, help="perturbation column (default: the run's)")
     p.add_argument("--cell-type-col", default=None, help="cell type column (default: the run's)")
     p.add_argument("--seed", type=int, default=0)
@@ -98,7 +100,7 @@ def run_predict(args) -> int:
     from .predict import OnnxSetPredictor
 
     start = time.perf_counter()
-    predictor = OnnxSetPredictor(Bundle.load(args.bundle), args.unseen)
+    predictor = OnnxSetPredictor(Bundle.load(args.bundle), args.unseen, args.unseen_cell_type)
     settings = predictor.settings
     controls = read_h5ad(args.controls, "--controls")
     if args.perturbations == "all":
@@ -117,7 +119,8 @@ def run_predict(args) -> int:
     pred = predict_population(predictor, controls, request, args.controls)
     write_h5ad_atomic(pred, args.out)
     print(json.dumps({"out": args.out, "n_cells": pred.n_obs, "n_perturbations": len(wanted),
-                      "seconds": round(time.perf_counter() - start, 2)}))  # fmt: skip
+                      "seconds": round(time.perf_counter() - start, 2),
+                      "fallbacks": pred.uns["latentcell"].get("fallbacks", {})}))  # fmt: skip
     return 0
 
 

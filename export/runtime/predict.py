@@ -6,7 +6,9 @@ the same prediction file from it as from the torch ``STPredictor``. The controls
 into sets of the run's set size, as the torch predictor does, but run as ONE batch with the
 last set padded and masked. Labels resolve as in torch: the label's own (trained) embedding,
 or with ``unseen="generic"`` the learned generic perturbation plus the target effect on the
-label's measured genes.
+label's measured genes. Cell types too: the type's own row (and training-control mean), or
+for a type without them, an error, or with ``unseen_cell_type="unknown"`` the learned
+unknown cell type (and the set's own mean as basal).
 """
 
 from __future__ import annotations
@@ -15,12 +17,20 @@ import numpy as np
 
 from latentcell.data_pipelines.errors import DataValidationError
 from latentcell.models.expression import TARGET_SUM, log1p_normalize
-from latentcell.models.perturbation_labels import split_genes, target_columns, untrained_parts
+from latentcell.models.perturbation_labels import (
+    UNKNOWN_CELL_TYPE_FIX,
+    UNSEEN_CELL_TYPE,
+    UNTRAINED_CELL_TYPE_FIX,
+    split_genes,
+    target_columns,
+    untrained_cell_type,
+    untrained_parts,
+)
 
 from .bundle import Bundle
 from .likelihoods import mean_log1p, sample_counts
 
-__all__ = ["UNSEEN", "OnnxSetPredictor"]
+__all__ = ["UNSEEN", "UNSEEN_CELL_TYPE", "OnnxSetPredictor"]
 
 UNSEEN = ("error", "generic")
 
@@ -28,9 +38,13 @@ UNSEEN = ("error", "generic")
 class OnnxSetPredictor:
     name = "st"
 
-    def __init__(self, bundle: Bundle, unseen: str = "error") -> None:
+    def __init__(self, bundle: Bundle, unseen: str = "error", unseen_cell_type: str = "error"):
         if unseen not in UNSEEN:
             raise ValueError(f"unseen must be one of {UNSEEN}, got {unseen!r}")
+        if unseen_cell_type not in UNSEEN_CELL_TYPE:
+            raise ValueError(
+                f"unseen_cell_type must be one of {UNSEEN_CELL_TYPE}, got {unseen_cell_type!r}"
+            )
         p = bundle.metadata.get("prediction")
         if p is None or bundle.kind != "prediction":
             raise DataValidationError(
@@ -38,11 +52,16 @@ class OnnxSetPredictor:
                 "export a fine-tuned ST run (latentcell train st)",
             )  # fmt: skip
         self.bundle, self.settings, self.unseen = bundle, p, unseen
+        self.unseen_cell_type = unseen_cell_type
         self.model = bundle["set_model"]
         self.genes = bundle.genes
         self.labels = list(p["labels"])
         self.trained = p["trained"]
+        # the cell types the model conditions on ([]: it ignores the controls' cell type)
         self.cell_types = list(p["cell_types"])
+        conditioned = p.get("cell_type_conditioning", "cell_type" in self.model.input_names)
+        self.trained_cell_types = p.get("trained_cell_types") if conditioned else None
+        self.basal_cell_types = p.get("basal_cell_types")  # None: not basal="train" (or old)
         self.set_size = int(p["set_size"])
         self.latent = p["space"] == "latent"
         self.index = {g: i for i, g in enumerate(p["feature_genes"])}
@@ -103,6 +122,43 @@ class OnnxSetPredictor:
         label = self._vocabulary_label(label)
         return label in self.labels and not self.untrained(label)
 
+    # -- cell types ---------------------------------------------------------------------------
+
+    def untrained_cell_type(self, cell_type: str) -> str:
+        """Why the model has no trained parameters for ``cell_type`` ("" when it has them)."""
+        return untrained_cell_type(
+            cell_type, self.cell_types, self.trained_cell_types, self.basal_cell_types
+        )
+
+    def _cell_type(self, cell_type: str) -> dict[str, np.ndarray]:
+        """The set model's cell-type inputs for one set ({} when it takes none)."""
+        if "cell_type" not in self.model.input_names:
+            return {}
+        why = self.untrained_cell_type(cell_type)
+        if why and self.unseen_cell_type != "unknown":
+            raise DataValidationError(
+                self.bundle.path, f"cell type {cell_type!r}", why, UNTRAINED_CELL_TYPE_FIX
+            )
+        if why and "unknown" not in self.model.input_names:
+            raise DataValidationError(
+                self.bundle.path, "--unseen-cell-type",
+                f"{why}, and this run learned no unknown cell type", UNKNOWN_CELL_TYPE_FIX,
+            )  # fmt: skip
+        code = 0 if why else self.cell_types.index(cell_type)
+        feeds = {"cell_type": np.asarray([code], dtype=np.int64)}
+        if "unknown" in self.model.input_names:
+            feeds["unknown"] = np.asarray([bool(why)])
+        return feeds
+
+    def routes(self, perturbation: str, cell_type: str) -> dict[str, str]:
+        """The fallbacks a prediction takes (as ``STPredictor.routes``)."""
+        out = {}
+        if self._embedding(perturbation).get("generic", np.zeros(1, bool))[0]:
+            out["perturbation"] = "generic"
+        if self._cell_type(cell_type).get("unknown", np.zeros(1, bool))[0]:
+            out["cell_type"] = "unknown"
+        return out
+
     # -- the Predictor interface ----------------------------------------------------------------
 
     def predict(
@@ -120,7 +176,13 @@ class OnnxSetPredictor:
                 self.bundle.path, "controls", f"shape {control.shape}",
                 f"pass (cells, {len(self.genes)}) log1p expression on the bundle's genes in order",
             )  # fmt: skip
-        feeds = self._embedding(perturbation)
+        if "batch" in self.model.input_names:
+            raise DataValidationError(
+                self.bundle.path, "set_model.batch", "this set model is batch-conditioned, and "
+                "control-set prediction has no batch per predicted cell",
+                "train the ST model with model.batch_conditioning=false",
+            )  # fmt: skip
+        feeds = {**self._embedding(perturbation), **self._cell_type(cell_type)}
         x = self._encode(control) if self.latent else control
         n, s = len(x), self.set_size
         b = -(-n // s)
@@ -128,19 +190,6 @@ class OnnxSetPredictor:
         sets[:n] = x
         mask = np.arange(b * s) < n
         feeds = {k: np.repeat(v, b, axis=0) for k, v in feeds.items()}
-        if "cell_type" in self.model.input_names:
-            if cell_type not in self.cell_types:
-                raise DataValidationError(
-                    self.bundle.path, "cell type", f"{cell_type!r} was not seen in training",
-                    f"use controls of {self.cell_types}",
-                )  # fmt: skip
-            feeds["cell_type"] = np.full(b, self.cell_types.index(cell_type), dtype=np.int64)
-        if "batch" in self.model.input_names:
-            raise DataValidationError(
-                self.bundle.path, "set_model.batch", "this set model is batch-conditioned, and "
-                "control-set prediction has no batch per predicted cell",
-                "train the ST model with model.batch_conditioning=false",
-            )  # fmt: skip
         out = self.model.run(control=sets.reshape(b, s, -1), mask=mask.reshape(b, s), **feeds)[
             "prediction"
         ].reshape(b * s, -1)[:n]

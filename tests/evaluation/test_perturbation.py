@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import sys
 
@@ -23,6 +24,7 @@ import pandas as pd
 import pytest
 
 from latentcell.data_pipelines.errors import DataValidationError
+from latentcell.evaluation.degenerate_metrics import CELL_EVAL_LOGGER, CellEvalErrors
 from latentcell.evaluation.perturbation import (
     control_warnings,
     evaluate_perturbation,
@@ -61,9 +63,11 @@ def _means() -> dict[str, np.ndarray]:
 
 
 def _cells(groups: tuple[str, ...], seed: int) -> ad.AnnData:
-    """NB(5) counts, N_CELLS per group, with log-normal library-size noise."""
+    """NB(5) counts, N_CELLS per group, with log-normal library-size noise; ``pZ`` has no
+    effect at all (the control's means)."""
     rng = np.random.default_rng(seed)
     means = _means()
+    means["pZ"] = means[CTRL]
     blocks = []
     for group in groups:
         mu = means[group] * rng.lognormal(0.0, 0.2, size=(N_CELLS, 1))
@@ -234,3 +238,136 @@ def test_missing_cell_eval_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "cell_eval", None)  # import raises ImportError
     with pytest.raises(ImportError, match=r'pip install "latentcell\[celleval\]"'):
         import_cell_eval(1)
+
+
+# ---------------------------------------------------------------- degenerate metrics
+
+LOWER_BETTER = ("mse", "mae", "mse_delta", "mae_delta")
+
+
+def _reference_scores(out, metrics, keep) -> dict[str, float]:
+    """The VCC scaling written from its formula, on cell-eval's per-perturbation tables:
+    means over the perturbations ``keep``, higher-better (u - b) / (1 - b), lower-better
+    1 - u / b, clipped at 0."""
+    model = pd.read_csv(out / "model" / "results.csv", index_col="perturbation").loc[keep]
+    base = pd.read_csv(out / "baseline" / "results.csv", index_col="perturbation").loc[keep]
+    scores = {}
+    for metric in metrics:
+        u, b = model[metric].mean(), base[metric].mean()
+        score = 1 - u / b if metric in LOWER_BETTER else (u - b) / (1 - b)
+        scores[metric] = max(score, 0.0)
+    return scores
+
+
+class Recorded(logging.Handler):
+    """Every log message that reaches the root logger."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture(scope="module")
+def one_perturbation(tmp_path_factory):
+    """One perturbation (pA) through the CLI: real, train (another perturbation) and a
+    prediction drawn from the true model."""
+    root = tmp_path_factory.mktemp("one")
+    real = _cells((CTRL, "pA"), seed=1)
+    files = {
+        "real": real,
+        "train": _cells((CTRL, "pE"), seed=2),
+        "pred": ad.concat([_controls(real), _cells(("pA",), seed=3)]),
+    }
+    for name, adata in files.items():
+        adata.write_h5ad(root / f"{name}.h5ad")
+    out = root / "out"
+    argv = ["evaluate", "perturbation", "--out", str(out), "--threads", "2"]
+    for name in files:
+        argv += [f"--{name}", str(root / f"{name}.h5ad")]
+    printed, recorded = io.StringIO(), Recorded()
+    logging.getLogger().addHandler(recorded)
+    try:
+        with contextlib.redirect_stdout(printed):
+            assert main(argv) == 0
+    finally:
+        logging.getLogger().removeHandler(recorded)
+    summary = json.loads((out / "summary.json").read_text())
+    return summary, out, printed.getvalue(), recorded.messages
+
+
+def test_one_perturbation_lists_degenerate_metrics_and_scores_the_rest(one_perturbation):
+    summary, out, printed, logged = one_perturbation
+    degenerate = summary["degenerate"]
+    for metric in (
+        "discrimination_score_l1",
+        "discrimination_score_l2",
+        "discrimination_score_cosine",
+    ):
+        assert "one perturbation" in degenerate[metric]
+        assert summary["metrics"]["model"][metric] == 1.0  # what cell-eval reports regardless
+    for metric in ("pearson_edistance", "de_spearman_sig", "clustering_agreement"):
+        assert metric in degenerate
+    scores = summary["scores"]
+    assert not set(degenerate) & set(scores)
+    for metric in ("pearson_delta", "mae", "overlap_at_N"):  # the meaningful ones stay
+        assert metric in scores
+    assert summary["energy_distance"]["model"] < summary["energy_distance"]["baseline"]
+    # avg_score: the mean of the remaining scores, each recomputed here from its formula
+    metrics = [k for k in scores if k != "avg_score"]
+    reference = _reference_scores(out, metrics, ["pA"])
+    for metric in metrics:
+        assert scores[metric] == pytest.approx(reference[metric], abs=1e-6), metric
+    assert scores["avg_score"] == pytest.approx(np.mean(list(reference.values())), abs=1e-6)
+    # cell-eval's own number beside it, labelled: the avg of its score.csv, zeros included
+    head = summary["headline"]
+    cell_eval_avg = pd.read_csv(out / "score.csv").set_index("metric").loc["avg_score"].iloc[0]
+    assert head["cell_eval_avg_score"]["model"] == pytest.approx(cell_eval_avg)
+    assert head["cell_eval_avg_score"]["model"] < head["avg_score"]["model"]
+    assert head["discrimination_score_l1"]["score"] is None
+    assert "one perturbation" in head["discrimination_score_l1"]["degenerate"]
+    assert head["vcc_avg_score"]["model"] is None  # one of its three metrics is degenerate
+    # printed: the table says which metrics were left out, and why
+    assert "degenerate for this input" in printed and "discrimination_score_l1" in printed
+    assert "cell-eval avg" in printed
+    # cell-eval's errors for the metrics degenerate by construction are not printed
+    assert not [m for m in logged if m.startswith("Error computing metric")], logged
+
+
+def test_de_metrics_skip_perturbations_without_real_de_genes(tmp_path):
+    """pZ has no effect, so no real DE gene: its overlap is 0 for every method. The DE
+    metrics are averaged over pA..pC only (computed here from cell-eval's results.csv)."""
+    real = _cells((CTRL, "pA", "pB", "pC", "pZ"), seed=1)
+    pred = ad.concat([_controls(real), _cells(("pA", "pB", "pC", "pZ"), seed=3)])
+    train = _cells((CTRL, "pE", "pF"), seed=2)
+    summary = evaluate_perturbation(pred, real, train, tmp_path / "out", threads=2)
+    restricted = summary["restricted"]
+    assert restricted["perturbations_left_out"] == ["pZ"]
+    assert "overlap_at_N" in restricted["metrics"] and "pearson_delta" not in restricted["metrics"]
+    results = pd.read_csv(tmp_path / "out" / "model" / "results.csv", index_col="perturbation")
+    assert results.loc["pZ", "overlap_at_N"] == 0.0  # cell-eval's value there, meaningless
+    kept = results.loc[["pA", "pB", "pC"], "overlap_at_N"].mean()
+    assert summary["meaningful_metrics"]["model"]["overlap_at_N"] == pytest.approx(kept)
+    assert summary["headline"]["overlap_at_N"]["model"] == pytest.approx(kept)
+    assert summary["metrics"]["model"]["overlap_at_N"] < kept  # cell-eval's, pZ's 0 included
+    reference = _reference_scores(tmp_path / "out", ["overlap_at_N"], ["pA", "pB", "pC"])
+    assert summary["scores"]["overlap_at_N"] == pytest.approx(reference["overlap_at_N"])
+    assert "pr_auc" in summary["scores"]  # NaN at pZ made cell-eval's null; restricted, kept
+    assert "discrimination_score_l1" not in summary["degenerate"]  # 4 perturbations
+
+
+def test_cell_eval_error_filter_silences_only_the_expected_metrics(caplog):
+    logger = logging.getLogger(CELL_EVAL_LOGGER)
+    with caplog.at_level(logging.ERROR, logger=CELL_EVAL_LOGGER):
+        with CellEvalErrors({"pearson_edistance"}) as errors:
+            logger.error("Error computing metric 'pearson_edistance': too few points")
+            logger.error("Error computing metric 'mae': a real failure")
+        logger.error("Error computing metric 'pearson_edistance': after the run")
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == [
+        "Error computing metric 'mae': a real failure",
+        "Error computing metric 'pearson_edistance': after the run",
+    ]
+    assert errors.errors == {"pearson_edistance": "too few points", "mae": "a real failure"}

@@ -103,3 +103,53 @@ def bundles(runs, tmp_path_factory):
         vae=root / "vae", dit=root / "dit", flow=root / "flow", st=root / "st",
         meta={name: export(getattr(runs, name), root / name) for name in ("vae", "dit", "flow", "st")},
     )  # fmt: skip
+
+
+def _store_cell_types(store) -> list[str]:
+    from latentcell.data_pipelines.stores import open_store
+
+    meta = open_store(store).meta
+    return list(meta.categories[meta.roles["cell_type"]])
+
+
+@pytest.fixture(scope="session")
+def held_type(runs, tmp_path_factory):
+    """A run whose split holds out a whole cell type (controls included), trained with the
+    unknown cell type (cell_type_dropout) and basal=train, and its bundle."""
+    root = tmp_path_factory.mktemp("held_type")
+    kept, held = _store_cell_types(runs.store)[:2]
+    split = root / "split.toml"
+    split.write_text(f"[split]\nseed = 0\n[split.cell_types]\ntest = [{held!r}]\n")
+    run = root / "st"
+    train("st", f"data.path={runs.store}", f"split.file={split}", f"run.dir={run}",
+          "data.set_size=16", "data.sets_per_batch=4", "model.hidden=32", "model.depth=1",
+          "model.heads=2", "model.basal=train", "model.cell_type_dropout=0.5",
+          "train.max_steps=4", "tracking.enabled=false")  # fmt: skip
+    meta = export(run, root / "bundle")
+    return SimpleNamespace(run=run, bundle=root / "bundle", meta=meta, kept=kept, held=held)
+
+
+@pytest.fixture(scope="session")
+def implicit_type(tmp_path_factory):
+    """The README's Papalexi shape: an input without a cell-type column (its cells get
+    IMPLICIT_LABEL in the store), a tiny ST run on it and its bundle."""
+    import anndata as ad
+
+    from latentcell.data_pipelines.build import build_store
+    from latentcell.data_pipelines.synth import SynthConfig, synthesize
+
+    root = tmp_path_factory.mktemp("implicit_type")
+    synthesize(SynthConfig(n_cells=400, n_genes=60, n_perturbations=3, n_cell_types=1,
+                           n_batches=2, seed=2), root / "typed.h5ad")  # fmt: skip
+    cells = ad.read_h5ad(root / "typed.h5ad")
+    del cells.obs["cell_type"]
+    cells.write_h5ad(root / "cells.h5ad")
+    build_store([root / "cells.h5ad"], root / "cells.zarr", schema="vcc", chunk_cells=100)
+    split = root / "split.toml"
+    split.write_text("[split]\nseed = 0\n[split.cells]\ntest_fraction = 0.2\n")
+    train("st", f"data.path={root / 'cells.zarr'}", f"split.file={split}",
+          f"run.dir={root / 'st'}", "data.set_size=16", "data.sets_per_batch=4",
+          "model.hidden=32", "model.depth=1", "model.heads=2", "model.basal=train",
+          "train.max_steps=2", "tracking.enabled=false")  # fmt: skip
+    export(root / "st", root / "bundle")
+    return SimpleNamespace(run=root / "st", bundle=root / "bundle", cells=cells)

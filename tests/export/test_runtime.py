@@ -85,7 +85,7 @@ def test_set_model_prediction_matches_torch(runs, bundles):
         x, runs.held, cell_type
     )
     np.testing.assert_allclose(generic_onnx, generic_torch, atol=1e-5)
-    with pytest.raises(DataValidationError, match="was not seen in training"):
+    with pytest.raises(DataValidationError, match="not a cell type of the run's store"):
         onnx_st.predict(x, trained, "no such type")
     with pytest.raises(DataValidationError, match="log1p expression on the bundle's genes"):
         onnx_st.predict(x[:, :-1], trained, cell_type)
@@ -167,3 +167,66 @@ def test_unknown_conditions_are_refused(bundles):
         gen.generate(2, {"cell_type": "neuron"})
     with pytest.raises(DataValidationError, match="cannot generate"):
         OnnxGenerator(Bundle.load(bundles.st))
+
+
+def test_held_out_cell_type_is_refused_or_routed_like_torch(held_type):
+    """The bundle records the trained cell types and those with a training-control mean; the
+    runtime refuses the held-out type by default with torch's words, and with
+    unseen_cell_type="unknown" predicts it as torch does (the unknown cell type, the set's
+    own mean), saying so in ``routes``."""
+    p = held_type.meta["prediction"]
+    assert p["trained_cell_types"] == [held_type.kept] and p["unknown_cell_type"]
+    assert p["basal_cell_types"] == [held_type.kept] and p["cell_type_conditioning"]
+    torch_st, onnx_st = STPredictor(held_type.run), OnnxSetPredictor(Bundle.load(held_type.bundle))
+    x = np.log1p(np.random.default_rng(0).poisson(1.0, (37, len(torch_st.genes))))
+    x = x.astype(np.float32)
+    assert onnx_st.cell_types == torch_st.cell_types
+    label = next(x for x in torch_st.labels if x != "non-targeting")
+    np.testing.assert_allclose(onnx_st.predict(x, label, held_type.kept),
+                               torch_st.predict(x, label, held_type.kept), atol=1e-5)  # fmt: skip
+    for predictor in (torch_st, onnx_st):
+        with pytest.raises(DataValidationError, match="never trained.*--unseen-cell-type unknown"):
+            predictor.predict(x, label, held_type.held)
+    torch_u = STPredictor(held_type.run, unseen_cell_type="unknown")
+    onnx_u = OnnxSetPredictor(Bundle.load(held_type.bundle), unseen_cell_type="unknown")
+    for cell_type in (held_type.held, "a type from elsewhere"):
+        np.testing.assert_allclose(onnx_u.predict(x, label, cell_type),
+                                   torch_u.predict(x, label, cell_type), atol=1e-5)  # fmt: skip
+        assert (
+            onnx_u.routes(label, cell_type)
+            == torch_u.routes(label, cell_type)
+            == {"cell_type": "unknown"}
+        )
+    assert onnx_u.routes(label, held_type.kept) == {}
+
+
+def test_controls_without_a_cell_type_column_predict_like_torch(implicit_type, runs, bundles):
+    """Controls without the cell-type column, for a run whose store had none: read as the
+    build read them (IMPLICIT_LABEL), the same file from torch and from the runtime; for a
+    run with real cell types, one error naming the column."""
+    import anndata as ad
+
+    from latentcell.data_pipelines.schemas import IMPLICIT_LABEL
+    from latentcell.trainer.predict import PopulationRequest, predict_population
+
+    torch_st = STPredictor(implicit_type.run)
+    onnx_st = OnnxSetPredictor(Bundle.load(implicit_type.bundle))
+    assert onnx_st.cell_types == torch_st.cell_types == [IMPLICIT_LABEL]
+    labels = tuple(x for x in torch_st.labels if x != "non-targeting")[:2]
+    request = PopulationRequest(labels, cells_per_perturbation=12, seed=4)
+    files = [predict_population(p, implicit_type.cells, request, "c") for p in (torch_st, onnx_st)]
+    assert files[0].n_obs == files[1].n_obs and "cell_type" not in files[1].obs
+    assert list(files[0].obs["target_gene"]) == list(files[1].obs["target_gene"])
+    x = np.log1p(np.random.default_rng(0).poisson(1.0, (20, len(torch_st.genes))))
+    x = x.astype(np.float32)
+    np.testing.assert_allclose(onnx_st.predict(x, labels[0], IMPLICIT_LABEL),
+                               torch_st.predict(x, labels[0], IMPLICIT_LABEL), atol=1e-5)  # fmt: skip
+
+    typed = ad.read_h5ad(runs.store.parent / "cells.h5ad")
+    del typed.obs["cell_type"]
+    trained = next(x for x in bundles.meta["st"]["prediction"]["trained"] if x != "non-targeting")
+    with pytest.raises(
+        DataValidationError, match="cell_type: the controls have no cell-type column"
+    ):
+        predict_population(OnnxSetPredictor(Bundle.load(bundles.st)), typed,
+                           PopulationRequest((trained,), 5), "c")  # fmt: skip

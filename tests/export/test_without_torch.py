@@ -178,3 +178,36 @@ def test_serve_refuses_bad_settings_in_one_line(env, bundles, tmp_path):
         assert len(result.stderr.strip().splitlines()) == 1
     result = runtime(env, "serve", "--bundle", tmp_path, "--port", 0, check=False)
     assert result.returncode == 2 and "not a bundle directory" in result.stderr
+
+
+def test_predict_without_torch_routes_a_held_out_cell_type(env, held_type, runs, tmp_path):
+    """The runtime's command: refused by default (one line, exit 2), routed with
+    --unseen-cell-type unknown and reported in its summary and in the file."""
+    cells = ad.read_h5ad(runs.store.parent / "cells.h5ad")
+    controls = tmp_path / "held.h5ad"
+    cells[(cells.obs["cell_type"] == held_type.held).to_numpy()].copy().write_h5ad(controls)
+    label = next(x for x in held_type.meta["prediction"]["trained"] if x != "non-targeting")
+    args = ("predict", "--bundle", held_type.bundle, "--controls", controls,
+            "--perturbations", label, "--cells-per-perturbation", 5)  # fmt: skip
+    refused = runtime(env, *args, "--out", tmp_path / "no.h5ad", check=False)
+    assert refused.returncode == 2 and refused.stderr.startswith("error:")
+    assert "--unseen-cell-type unknown" in refused.stderr and len(refused.stderr.splitlines()) == 1
+    done = runtime(env, *args, "--unseen-cell-type", "unknown", "--out", tmp_path / "p.h5ad")
+    assert json.loads(done.stdout)["fallbacks"] == {"cell_type": {held_type.held: "unknown"}}
+    pred = ad.read_h5ad(tmp_path / "p.h5ad")
+    assert pred.uns["latentcell"]["fallbacks"]["cell_type"][held_type.held] == "unknown"
+
+
+def test_predict_without_torch_takes_controls_without_a_cell_type_column(
+    env, implicit_type, tmp_path
+):
+    """The README's Papalexi recipe: the store labelled the missing cell type, and the same
+    file's controls (no cell-type column) predict through the runtime's command."""
+    controls = tmp_path / "controls.h5ad"
+    implicit_type.cells.write_h5ad(controls)
+    out = tmp_path / "pred.h5ad"
+    done = runtime(env, "predict", "--bundle", implicit_type.bundle, "--controls", controls,
+                   "--perturbations", "all", "--cells-per-perturbation", 5, "--out", out)  # fmt: skip
+    summary = json.loads(done.stdout)
+    assert summary["n_perturbations"] == 3 and summary["fallbacks"] == {}
+    assert "cell_type" not in ad.read_h5ad(out).obs

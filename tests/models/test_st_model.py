@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from latentcell.models.perturbation_encoders import PerturbationEncoderConfig
-from latentcell.models.set_losses import SetLossConfig
+from latentcell.models.set_losses import SetLossConfig, set_loss
 from latentcell.models.st_model import STConfig, STModel, cell_features
 
 LABELS = ("non-targeting", "A", "B", "A+B")
@@ -261,3 +261,117 @@ def test_generic_perturbation_and_target_effect_predict_an_unseen_target():
     expected = common.clone()
     expected[2] = -0.5 * control[0, :, 2].mean()
     assert (delta - expected).abs().max() < 0.2, (delta, expected)
+
+
+def test_basal_train_recentres_per_cell_type_without_cell_type_conditioning():
+    """basal='train' keeps one training-control mean per cell type even when the model is not
+    cell-type-conditioned: two types with different means each get their own, never the
+    pooled mean (which moved both to the average of the two)."""
+    torch.manual_seed(0)
+    config = STConfig(
+        n_features=6, perturbation_labels=LABELS, hidden=32, depth=1, basal="train",
+        basal_cell_types=2, space="latent",
+    )  # fmt: skip
+    m = STModel(config).eval()
+    assert m.cell_type is None and m.uses_cell_type
+    means = torch.tensor([[0.5] * 6, [4.0] * 6])
+    m.set_control_mean(means)
+    control = torch.rand(2, 5, 6) + torch.tensor([0.5, 4.0])[:, None, None]
+    ct = torch.tensor([0, 1])
+    with torch.no_grad():
+        out = m.predict(control, torch.tensor([1, 2]), cell_type=ct)
+    torch.testing.assert_close(out, control - control.mean(1, keepdim=True) + means[ct][:, None])
+    with pytest.raises(ValueError, match="per cell type"):
+        m.predict(control, torch.tensor([1, 2]))
+
+
+def held_out_type_model(**kw) -> STModel:
+    """Cell-type-conditioned, basal='train', two cell types of which only type 0 trained
+    (type 1: no training sets, no training controls), with the unknown cell type."""
+    torch.manual_seed(0)
+    config = STConfig(
+        n_features=6, perturbation_labels=LABELS, hidden=32, depth=1, basal="train",
+        n_cell_types=2, basal_cell_types=2, space="latent", cell_type_dropout=0.3, **kw,
+    )  # fmt: skip
+    m = STModel(config)
+    torch.nn.init.normal_(m.head.weight, std=0.1)
+    m.set_control_mean(torch.tensor([[1.0] * 6, [float("nan")] * 6]))
+    m.set_trained_cell_types(torch.tensor([True, False]))
+    return m.eval()
+
+
+def test_unknown_cell_type_replaces_the_row_and_the_basal():
+    """The unknown route never reads the cell type's row or its training-control mean: the
+    learned unknown vector and the set's own mean stand in, explicitly (``unknown``)."""
+    m = held_out_type_model()
+    assert m.known_cell_types().tolist() == [True, False] and m.takes_unknown
+    control = 1 + torch.rand(1, 5, 6)
+    one = torch.tensor([1])
+    with pytest.raises(ValueError, match="no training-control mean"):
+        m.predict(control, one, cell_type=one)  # type 1, not routed: refused
+    with torch.no_grad():
+        routed = m.predict(control, one, cell_type=one, unknown=torch.tensor([True]))
+        m.cell_type.weight[1].normal_()  # the untrained row: not read
+        m.control_mean[1] = 100.0  # nor a mean for it
+        again = m.predict(control, one, cell_type=one, unknown=torch.tensor([True]))
+        as_type_0 = m.predict(
+            control, one, cell_type=torch.tensor([0]), unknown=torch.tensor([True])
+        )
+        m.unknown_cell_type.normal_()
+        other = m.predict(control, one, cell_type=one, unknown=torch.tensor([True]))
+    torch.testing.assert_close(again, routed)
+    torch.testing.assert_close(as_type_0, routed)  # the code is a placeholder
+    assert (other - routed).abs().max() > 1e-3  # the unknown vector is what is used
+    with torch.no_grad():  # an untrained model: the control identity on the set's own mean
+        torch.nn.init.zeros_(m.head.weight)
+        identity = m.predict(control, one, cell_type=one, unknown=torch.tensor([True]))
+    torch.testing.assert_close(identity, control)
+    plain = model(n_cell_types=2)
+    with pytest.raises(ValueError, match="cell_type_dropout"):
+        plain.predict(control, one, cell_type=one, unknown=torch.tensor([True]))
+
+
+def _typed_batch(cell_type: list[int], generator: torch.Generator) -> dict:
+    n = len(cell_type)
+    return {
+        "control": {"features": 1 + torch.rand(n, 8, 6, generator=generator)},
+        "perturbed": {"features": 2 + torch.rand(n, 8, 6, generator=generator)},
+        "perturbation": torch.ones(n, dtype=torch.long),
+        "cell_type": torch.tensor(cell_type),
+        "is_pad": torch.zeros(n, dtype=torch.bool),
+    }
+
+
+def test_training_never_reaches_an_untrained_cell_type_row():
+    """Training trains the unknown vector on a share of the sets (cell_type_dropout) and the
+    held-out type's row not at all; validation routes the held-out type's sets through the
+    unknown cell type; a model without one refuses them instead of using the random row."""
+    g = torch.Generator().manual_seed(0)
+    m = held_out_type_model().train()
+    torch.manual_seed(1)
+    m(_typed_batch([0] * 16, g)).loss.backward()
+    assert m.unknown_cell_type.grad.abs().sum() > 0
+    assert m.cell_type.weight.grad[0].abs().sum() > 0
+    assert m.cell_type.weight.grad[1].abs().sum() == 0
+    m.eval()
+    batch = _typed_batch([1, 1], g)
+    control = batch["control"]["features"]
+    with torch.no_grad():
+        loss = m(batch).loss  # no NaN mean, no random row: the unknown route
+        pred = m.predict(control, batch["perturbation"], cell_type=batch["cell_type"],
+                         unknown=torch.tensor([True, True]))  # fmt: skip
+        terms = set_loss(m.config.loss, pred, batch["perturbed"]["features"], control)
+    torch.testing.assert_close(loss, terms["total"].mean())
+    plain = model(n_cell_types=2)
+    plain.set_trained_cell_types(torch.tensor([True, False]))
+    with pytest.raises(ValueError, match=r"cell types \[1\] have no trained"):
+        plain(_typed_batch([0, 1], g))
+
+
+def test_cell_type_dropout_config_errors():
+    with pytest.raises(ValueError, match="cell_type_dropout must be in"):
+        STConfig(n_features=6, perturbation_labels=LABELS, n_cell_types=2, cell_type_dropout=1.0)
+    with pytest.raises(ValueError, match="needs cell-type conditioning"):
+        STConfig(n_features=6, perturbation_labels=LABELS, cell_type_dropout=0.2)
+    with pytest.raises(ValueError, match="expected 2 cell types"):
+        model(n_cell_types=2).set_trained_cell_types(torch.tensor([True]))

@@ -88,7 +88,7 @@ def test_missing_or_broken_file(tmp_path):
 
 def test_to_dict_is_plain():
     d = config_to_dict(VAERunConfig())
-    assert set(d) == {"run", "data", "model", "optim", "train", "tracking"}
+    assert set(d) == {"run", "data", "split", "model", "optim", "train", "tracking"}
     assert isinstance(d["train"]["max_steps"], int)
 
 

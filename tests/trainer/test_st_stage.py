@@ -163,7 +163,9 @@ def test_latent_space_model_and_latent_arithmetic_baseline(st_run, small_store, 
         STStage(bad).prepare_data(True)
 
 
-def test_vocabulary_tables_load_only_for_the_same_vocabulary(st_run, tmp_path):
+def test_vocabulary_tables_map_by_label(st_run, tmp_path):
+    """A table over other labels loads only the rows of the labels both have (a row never
+    loads under another label's meaning); genes map by key (tests/trainer/test_init_from_run.py)."""
     stage = STStage(st_config(st_run.store, tmp_path / "v", st_run.split))
     stage.prepare_data(True)
     model = STModel(stage.model_config())
@@ -173,11 +175,14 @@ def test_vocabulary_tables_load_only_for_the_same_vocabulary(st_run, tmp_path):
     load_matching(model, st_run.dir, card["genes"], other)
     trained = STPredictor(st_run.dir, "model").model.state_dict()
     after = model.state_dict()
-    assert torch.equal(after["perturbation.table.weight"], before["perturbation.table.weight"])
+    control = card["categories"]["perturbation"].index("non-targeting")
+    table = after["perturbation.table.weight"]
+    assert torch.equal(table[0], trained["perturbation.table.weight"][control])
+    assert torch.equal(table[1:], before["perturbation.table.weight"][1:])
     assert torch.equal(after["cell_type.weight"], trained["cell_type.weight"])
     assert torch.equal(after["head.weight"], trained["head.weight"])
-    with pytest.raises(DataValidationError, match="another gene vocabulary"):
-        load_matching(model, st_run.dir, card["genes"][::-1], card["categories"])
+    load_matching(model, st_run.dir, card["genes"][::-1], card["categories"])
+    assert torch.equal(model.state_dict()["head.weight"], trained["head.weight"].flip(0))
 
 
 def test_serving_form_matches_predict(st_run):
@@ -192,13 +197,17 @@ def test_serving_form_matches_predict(st_run):
     torch.testing.assert_close(served, direct)
 
 
-def test_train_basal_stores_the_training_control_mean(st_run, small_store, tmp_path):
+@pytest.mark.parametrize("conditioning", ["true", "false"])
+def test_train_basal_stores_the_training_control_mean(st_run, small_store, tmp_path, conditioning):
     """model.basal=train: the stage fills control_mean with the mean log1p features of the
-    TRAINING controls per cell type (checked against the h5ad, cell by cell)."""
+    TRAINING controls per cell type (checked against the h5ad, cell by cell), with or without
+    cell-type conditioning: the store's two types have different means, and each set is
+    re-centred on its own type's (never on the pooled mean)."""
     from latentcell.data_pipelines.stores import open_store
     from latentcell.trainer.predict import log1p_normalize
 
-    config = st_config(small_store, tmp_path / "basal", st_run.split, "model.basal=train")
+    config = st_config(small_store, tmp_path / "basal", st_run.split, "model.basal=train",
+                       f"model.cell_type_conditioning={conditioning}")  # fmt: skip
     stage = STStage(config)
     stage.prepare_data(True)
     model = stage.build_model()
@@ -214,6 +223,16 @@ def test_train_basal_stores_the_training_control_mean(st_run, small_store, tmp_p
         rows = np.intersect1d(train, np.flatnonzero((pert == control) & (ctype == t)))
         assert len(rows) > 0
         np.testing.assert_allclose(model.control_mean[t].numpy(), x[rows].mean(0), atol=1e-5)
+    means = model.control_mean.numpy()
+    assert np.abs(means[0] - means[1]).max() > 0.5  # two types, different means
+    assert (model.cell_type is None) == (conditioning == "false") and model.uses_cell_type
+    # the untrained model: each type's controls keep their spread around their OWN type's mean
+    rows = [np.flatnonzero((pert == control) & (ctype == t))[:16] for t in (0, 1)]
+    sets = torch.from_numpy(np.stack([x[r] for r in rows])).float()
+    with torch.no_grad():
+        out = model.eval().predict(sets, torch.tensor([1, 1]), cell_type=torch.tensor([0, 1]))
+    recentred = sets - sets.mean(1, keepdim=True) + model.control_mean[:, None]
+    torch.testing.assert_close(out, torch.relu(recentred))
 
 
 def test_predictor_refuses_a_perturbation_the_split_kept_out_of_training(small_store, tmp_path):
@@ -239,3 +258,135 @@ def test_predictor_refuses_a_perturbation_the_split_kept_out_of_training(small_s
     assert predictor.predict(control, seen[0], predictor.cell_types[0]).shape == control.shape
     with pytest.raises(DataValidationError, match="never trained.*perturbation_encoder=external"):
         predictor.predict(control, held[0], predictor.cell_types[0])
+
+
+def _cell_type_names(store) -> list[str]:
+    from latentcell.data_pipelines.stores import open_store
+
+    meta = open_store(store).meta
+    return list(meta.categories[meta.roles["cell_type"]])
+
+
+@pytest.fixture(scope="module")
+def held_out_type_run(small_store, tmp_path_factory):
+    """A run whose split holds out a whole cell type (controls included) for validation,
+    trained with the unknown cell type (cell_type_dropout) and basal=train."""
+    root = tmp_path_factory.mktemp("held_out_type")
+    held = _cell_type_names(small_store)[1]
+    split = root / "split.toml"
+    split.write_text("[split]\nseed = 0\n[split.cells]\nval_fraction = 0.0\n"
+                     f"test_fraction = 0.2\n[split.cell_types]\nval = [{held!r}]\n")  # fmt: skip
+    config = st_config(small_store, root / "st", split, "train.max_steps=4",
+                       "train.eval_every=4", "train.eval_batches=1", "model.basal=train",
+                       "model.cell_type_dropout=0.3")  # fmt: skip
+    result = fit(STStage(config), config)
+    _reset_accelerate()
+    return SimpleNamespace(dir=root / "st", split=split, held=held, result=result,
+                           kept=_cell_type_names(small_store)[0])  # fmt: skip
+
+
+def test_a_held_out_cell_type_is_refused_or_predicted_through_the_unknown_cell_type(
+    held_out_type_run, small_store
+):
+    """The card records the cell types that had training sets; predict refuses the held-out
+    one by default (its row and its basal mean were never trained) and, asked explicitly,
+    predicts it through the unknown cell type, never reading its row or mean, and says so
+    in the file. Validation on it went through the same route (a finite loss)."""
+    run = held_out_type_run
+    assert np.isfinite(run.result.val_metrics["val/loss"])
+    default = STPredictor(run.dir)
+    assert default.card["trained_cell_types"] == [run.kept]
+    pert = next(p for p in default.labels if p != "non-targeting")
+    x = np.log1p(np.random.default_rng(0).poisson(1.0, (20, len(default.genes)))).astype(np.float32)
+    assert default.predict(x, pert, run.kept).shape == x.shape
+    with pytest.raises(
+        DataValidationError, match="row for it was never trained.*--unseen-cell-type unknown"
+    ):
+        default.predict(x, pert, run.held)
+    with pytest.raises(DataValidationError, match="not a cell type of the run"):
+        default.predict(x, pert, "neuron")
+
+    unknown = STPredictor(run.dir, unseen_cell_type="unknown")
+    routed = unknown.predict(x, pert, run.held)
+    assert unknown.routes(pert, run.held) == {"cell_type": "unknown"}
+    assert unknown.routes(pert, run.kept) == {}
+    np.testing.assert_array_equal(unknown.predict(x, pert, "neuron"), routed)  # no per-type input
+    m = unknown.model
+    held_code = default.cell_types.index(run.held)
+    assert torch.isnan(m.control_mean[held_code]).all()  # no training control of it
+    with torch.no_grad():
+        m.cell_type.weight[held_code].normal_(0, 10)  # neither its row ...
+        m.control_mean[held_code] = 50.0  # ... nor a mean for it is read
+        np.testing.assert_array_equal(unknown.predict(x, pert, run.held), routed)
+        own = m.predict(torch.from_numpy(x[:16])[None], torch.tensor([default.labels.index(pert)]),
+                        cell_type=torch.tensor([0]), unknown=torch.tensor([True]))[0]  # fmt: skip
+    np.testing.assert_allclose(routed[:16], own.numpy(), atol=1e-6)  # (sets of 16 cells)
+
+    cells = ad.read_h5ad(small_store.parent / "cells.h5ad")
+    request = PopulationRequest((pert,), cells_per_perturbation=10)
+    pred = predict_population(unknown, cells, request, "cells.h5ad")
+    assert pred.uns["latentcell"]["fallbacks"] == {"cell_type": {run.held: "unknown"}}
+    with pytest.raises(DataValidationError, match=f"cell type '{run.held}'"):
+        predict_population(default, cells, request, "cells.h5ad")
+
+
+def test_validation_on_a_held_out_cell_type_needs_the_unknown_cell_type(
+    held_out_type_run, small_store, tmp_path
+):
+    """Without cell_type_dropout, validation would meet the held-out type's random row: the
+    stage refuses at the start, naming the key that fixes it."""
+    config = st_config(small_store, tmp_path / "no_unknown", held_out_type_run.split)
+    stage = STStage(config)
+    stage.prepare_data(True)
+    with pytest.raises(DataValidationError, match="model.cell_type_dropout.*validation holds"):
+        stage.build_model()
+    with pytest.raises(ValueError, match="cell_type_conditioning=true"):
+        st_config(small_store, tmp_path / "x", held_out_type_run.split,
+                  "model.cell_type_conditioning=false", "model.cell_type_dropout=0.2")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def implicit_type_run(tmp_path_factory):
+    """A store built from an h5ad WITHOUT a cell-type column (its cells: IMPLICIT_LABEL), as
+    the README's Papalexi recipe builds one, and a tiny run on it."""
+    from latentcell.data_pipelines.build import build_store
+    from latentcell.data_pipelines.synth import SynthConfig, synthesize
+
+    root = tmp_path_factory.mktemp("implicit_type")
+    synthesize(SynthConfig(n_cells=400, n_genes=60, n_perturbations=3, n_cell_types=1,
+                           n_batches=2, seed=2), root / "typed.h5ad")  # fmt: skip
+    cells = ad.read_h5ad(root / "typed.h5ad")
+    del cells.obs["cell_type"]
+    cells.write_h5ad(root / "cells.h5ad")
+    build_store([root / "cells.h5ad"], root / "cells.zarr", schema="vcc", chunk_cells=100)
+    split = root / "split.toml"
+    split.write_text("[split]\nseed = 0\n[split.cells]\nval_fraction = 0.0\n"
+                     "test_fraction = 0.2\n")  # fmt: skip
+    config = st_config(root / "cells.zarr", root / "st", split, "train.max_steps=2",
+                       "train.eval_every=0", "model.basal=train")  # fmt: skip
+    fit(STStage(config), config)
+    _reset_accelerate()
+    return SimpleNamespace(dir=root / "st", cells=cells)
+
+
+def test_controls_without_the_cell_type_column(implicit_type_run, st_run, small_store):
+    """A run whose store had no cell-type column takes controls without one, as the build
+    read its input (IMPLICIT_LABEL); a run with real cell types names the missing column."""
+    from latentcell.data_pipelines.schemas import IMPLICIT_LABEL
+
+    predictor = STPredictor(implicit_type_run.dir)
+    assert predictor.cell_types == [IMPLICIT_LABEL]
+    cells = implicit_type_run.cells
+    perts = tuple(p for p in predictor.labels if p != "non-targeting")[:2]
+    pred = predict_population(predictor, cells, PopulationRequest(perts, 10), "cells.h5ad")
+    n_ctrl = int((cells.obs["target_gene"] == "non-targeting").sum())
+    assert pred.n_obs == n_ctrl + 2 * 10 and "cell_type" not in pred.obs
+    assert "fallbacks" not in pred.uns["latentcell"]
+
+    typed = ad.read_h5ad(small_store.parent / "cells.h5ad")
+    del typed.obs["cell_type"]
+    with pytest.raises(
+        DataValidationError,
+        match="cell_type: the controls have no cell-type column.*--cell-type-col",
+    ):
+        predict_population(STPredictor(st_run.dir), typed, PopulationRequest(perts[:1], 5), "c")
