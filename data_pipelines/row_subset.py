@@ -38,6 +38,7 @@ import pandas as pd
 from .blocks import CellBlock, StoreMeta, StoreReader
 from .errors import DataValidationError
 from .stores import open_store
+from .unit_split import rows_of_units
 
 __all__ = [
     "RowSubset",
@@ -90,15 +91,7 @@ class RowSubset:
         return block if len(local) == block.n_cells else block.take(local)
 
     def read_rows(self, start: int, stop: int) -> CellBlock:
-        first = int(np.searchsorted(self._starts, start, side="right")) - 1
-        last = int(np.searchsorted(self._starts, stop, side="left"))
-        blocks = []
-        for k in range(max(first, 0), min(last, len(self.units))):
-            a = max(start, int(self._starts[k])) - int(self._starts[k])
-            b = min(stop, int(self._starts[k + 1])) - int(self._starts[k])
-            if b > a:
-                blocks.append(self.read_unit(k).slice(a, b))
-        return CellBlock.concat(blocks)
+        return rows_of_units(self, self._starts, start, stop)
 
     def group_index(self) -> pd.DataFrame:
         raise NotImplementedError(

@@ -147,20 +147,26 @@ class UnitSubset:
         return self.base.read_unit(int(self.units[unit]))
 
     def read_rows(self, start: int, stop: int) -> CellBlock:
-        first = int(np.searchsorted(self._starts, start, side="right")) - 1
-        last = int(np.searchsorted(self._starts, stop, side="left"))
-        blocks = []
-        for k in range(max(first, 0), min(last, len(self.units))):
-            a = max(start, int(self._starts[k])) - int(self._starts[k])
-            b = min(stop, int(self._starts[k + 1])) - int(self._starts[k])
-            if b > a:
-                blocks.append(self.read_unit(k).slice(a, b))
-        return CellBlock.concat(blocks)
+        return rows_of_units(self, self._starts, start, stop)
 
     def group_index(self) -> pd.DataFrame:
         raise NotImplementedError(
             "a unit subset has no group index; build a separate store for set sampling"
         )
+
+
+def rows_of_units(view, starts: np.ndarray, start: int, stop: int) -> CellBlock:
+    """Rows [start, stop) of a reader view whose unit k holds its rows [starts[k],
+    starts[k+1]): the pieces of the units that overlap them (``UnitSubset``, ``RowSubset``)."""
+    first = int(np.searchsorted(starts, start, side="right")) - 1
+    last = int(np.searchsorted(starts, stop, side="left"))
+    blocks = []
+    for k in range(max(first, 0), min(last, len(starts) - 1)):
+        a = max(start, int(starts[k])) - int(starts[k])
+        b = min(stop, int(starts[k + 1])) - int(starts[k])
+        if b > a:
+            blocks.append(view.read_unit(k).slice(a, b))
+    return CellBlock.concat(blocks)
 
 
 def open_unit_subset(path: str | os.PathLike, units: tuple[int, ...], **opts) -> UnitSubset:

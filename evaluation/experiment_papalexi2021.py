@@ -122,7 +122,9 @@ def training_gene_vectors(adata: ad.AnnData, store: Path, split_file: Path, path
     return path
 
 
-def train_vae(out: Path, store: Path, args) -> Path:
+def train_vae(out: Path, store: Path, split: Path, args) -> Path:
+    """The count VAE of the latent baseline, trained on the split's training cells only
+    (``split.file``): a VAE that saw the test cells would flatter scGen's arithmetic."""
     from latentcell.trainer.config import load_config
     from latentcell.trainer.loop import fit
     from latentcell.trainer.vae_stage import VAERunConfig, VAEStage
@@ -131,9 +133,9 @@ def train_vae(out: Path, store: Path, args) -> Path:
     if (run / "final" / "model_config.json").exists() and args.reuse:
         return run
     config = load_config(VAERunConfig, None, [
-        f"data.path={store}", f"run.dir={run}", f"run.root={out.parent}",
+        f"data.path={store}", f"split.file={split}", f"run.dir={run}", f"run.root={out.parent}",
         "model.batch_conditioning=false", "model.n_latent=16", "model.n_hidden=128",
-        f"train.max_steps={args.vae_steps}", "train.eval_every=0", "data.val_fraction=0",
+        f"train.max_steps={args.vae_steps}", "train.eval_every=0",
         "train.checkpoint_every=0", "train.progress=false", "data.batch_size=256",
     ])  # fmt: skip
     fit(VAEStage(config), config)
@@ -203,7 +205,7 @@ def run_split(name: str, adata: ad.AnnData, out: Path, args) -> dict:
     predictors = {f"st_{m}": STPredictor(run, unseen=unseen) for m, run in runs.items()}
     genes = [str(g) for g in adata.var_names]
     baselines = ["control", "mean", "linear"] + (["additive", "latent"] if name == "cells" else [])
-    vae = train_vae(out, store, args) if "latent" in baselines else None
+    vae = train_vae(out, store, split_file, args) if "latent" in baselines else None
     for b in ("mean", "linear") if generic else ():  # ST's target-effect prior, given to them too
         predictors[f"{b}+target"] = fit_baseline(
             b, train, genes, PERT, CONTROL, None, source="train", basal=args.basal,

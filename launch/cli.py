@@ -14,6 +14,7 @@ from latentcell.data_pipelines.errors import debug_requested, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from latentcell.benchmarks.cli import add_benchmark_commands
     from latentcell.data_pipelines.cli import add_data_commands
     from latentcell.evaluation.cli import add_evaluate_commands
     from latentcell.launch.demo import add_demo_command
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_predict_command(sub)
     add_evaluate_commands(sub)
     add_export_command(sub)
+    add_benchmark_commands(sub)
     add_demo_command(sub)
     version = sub.add_parser("version", help="print the installed version")
     version.set_defaults(func=_print_version)
