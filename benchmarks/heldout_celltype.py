@@ -8,7 +8,8 @@ T's controls stay in training (``[[split.perturbations]] cell_types = [T]``, the
 file for every method), and each method predicts T's perturbed populations from T's control
 cells:
 
-- ``st``: the ST set model (``model.basal=train``, ``model.cell_type_dropout``), which meets T
+- ``st``: the ST set model (``model.basal=train``, ``model.cell_type_dropout``,
+  ``model.shift_path``: without it the mean effects were not learned here), which meets T
   through its learned unknown cell type (``--unseen-cell-type unknown``): T had no
   perturbed training sets;
 - the baselines (``evaluation/perturbation_baselines.py``, fitted on the split's training
@@ -46,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cell-types", help="comma-separated cell types to hold out (default: all)"
     )
-    parser.add_argument("--st-steps", type=int, default=1500)
+    parser.add_argument("--st-steps", type=int, default=4000)
     parser.add_argument("--vae-steps", type=int, default=800)
     parser.add_argument("--cells-per-perturbation", type=int, default=300)
     parser.add_argument("--top-genes", type=int, default=100)
@@ -174,6 +175,7 @@ def _train(stage: str, store: Path, split_file: Path, out: Path, args) -> Path:
                 f"train.max_steps={args.vae_steps}", "data.batch_size=256"],
         "st": ["data.set_size=32", "data.sets_per_batch=8", "model.hidden=128", "model.depth=2",
                "model.heads=4", "model.basal=train", "model.cell_type_dropout=0.2",
+               "model.shift_path=true",
                f"train.max_steps={args.st_steps}", "train.ema=true", "train.ema_decay=0.995",
                "optim.lr=1e-3", "optim.warmup_steps=100"],
     }  # fmt: skip

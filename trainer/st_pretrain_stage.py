@@ -212,6 +212,7 @@ class STPretrainStage(CountStoreStage):
                 n_features=meta.n_genes,
                 perturbation_labels=(control,),
                 space="gene",
+                shift_path=False,  # one label, the control: nothing to shift by
                 n_cell_types=n_types,
                 n_batches=n_batches,
                 perturbation=PerturbationEncoderConfig(
@@ -238,7 +239,7 @@ class STPretrainStage(CountStoreStage):
         }
 
     def serving_module(self, model: nn.Module) -> tuple[nn.Module, np.ndarray]:
-        example = np.zeros((1, 8, 2 + self.model_config().n_features), dtype=np.float32)
+        example = np.zeros((2, 8, 2 + self.model_config().n_features), dtype=np.float32)
         return SetImputer(model).eval(), example
 
 

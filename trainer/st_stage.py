@@ -42,6 +42,7 @@ from latentcell.models.st_model import (
     cell_features,
     check_basal,
     check_space,
+    is_exporting,
 )
 
 from .config import ConfigError
@@ -103,6 +104,7 @@ class STModelSection(STShape):
     perturbation_dropout: float = 0.0
     cell_type_dropout: float = 0.0
     cell_type_conditioning: bool = True
+    shift_path: bool = False
     batch_conditioning: bool = False
     perturbation_encoder: str = "onehot"
     embeddings_file: str = ""
@@ -281,6 +283,7 @@ class STStage(CountStoreStage):
                 target_effect=m.target_effect,
                 perturbation_dropout=m.perturbation_dropout,
                 cell_type_dropout=m.cell_type_dropout,
+                shift_path=m.shift_path,
                 basal_cell_types=len(cell_types) if m.basal == "train" else 0,
                 feature_genes=tuple(str(g) for g in meta.var["gene_symbol"])
                 if m.target_effect
@@ -423,7 +426,7 @@ class STStage(CountStoreStage):
         }
 
     def serving_module(self, model: nn.Module) -> tuple[nn.Module, np.ndarray]:
-        example = np.zeros((1, 8, 2 + self.model_config().n_features), dtype=np.float32)
+        example = np.zeros((2, 8, 2 + self.model_config().n_features), dtype=np.float32)
         known = np.flatnonzero(model.known_cell_types().numpy())
         example[:, :, 1] = known[0] if len(known) else 0
         return SetPredictor(model).eval(), example
@@ -457,7 +460,8 @@ class SetPredictor(nn.Module):
     code in column 1 (the first cell's are used), then the control's features -> predicted
     features (B, S, F). The MLflow serving form. It has no option for the unknown cell type,
     so a set of a cell type without trained parameters is refused (``latentcell predict
-    --unseen-cell-type unknown`` and the exported bundle offer that route)."""
+    --unseen-cell-type unknown`` and the exported bundle offer that route); the graph MLflow
+    saves cannot raise on a value, so there such a set's cells come back NaN."""
 
     def __init__(self, model: STModel) -> None:
         super().__init__()
@@ -468,9 +472,12 @@ class SetPredictor(nn.Module):
         if self.model.uses_cell_type:
             cell_type = packed[:, 0, 1].long()
             untrained = ~self.model.known_cell_types()[cell_type]
-            if untrained.any():
+            if not is_exporting() and untrained.any():
                 raise ValueError(
                     f"cell type codes {sorted(set(cell_type[untrained].tolist()))} had no "
                     "training sets (or training controls): their rows were never trained"
                 )
-        return self.model.predict(packed[:, :, 2:], packed[:, 0, 0].long(), cell_type=cell_type)
+        out = self.model.predict(packed[:, :, 2:], packed[:, 0, 0].long(), cell_type=cell_type)
+        if cell_type is not None:  # the exported graph cannot raise: such sets come back NaN
+            out = torch.where(untrained[:, None, None], torch.nan, out)
+        return out

@@ -375,3 +375,54 @@ def test_cell_type_dropout_config_errors():
         STConfig(n_features=6, perturbation_labels=LABELS, cell_type_dropout=0.2)
     with pytest.raises(ValueError, match="expected 2 cell types"):
         model(n_cell_types=2).set_trained_cell_types(torch.tensor([True]))
+
+
+def test_shift_path_alone_carries_each_perturbations_population_shift():
+    """The shift path by itself (every other tensor frozen at its zero-head start but the
+    perturbation table) moves each set's mean to its perturbation's shift: one shift per
+    set, the same for all its cells, so the cells keep their spread."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(2)
+    shift = torch.zeros(4, 40)
+    for p in range(1, 4):
+        # within (-1.5, 2): the controls sit at 2 and gene-space predictions pass a ReLU
+        shift[p, torch.randperm(40, generator=g)[:8]] = 3.5 * torch.rand(8, generator=g) - 1.5
+    config = STConfig(
+        n_features=40,
+        perturbation_labels=("non-targeting", "A", "B", "C"),
+        hidden=32,
+        depth=1,
+        shift_path=True,
+    )
+    m = STModel(config)
+    train = [m.shift_norm.weight, m.shift_norm.bias, m.shift_head.weight, m.shift_head.bias,
+             m.perturbation.table.weight]  # fmt: skip
+    for p in m.parameters():
+        p.requires_grad_(any(p is t for t in train))
+    opt = torch.optim.Adam(train, lr=1e-2)
+    for _ in range(200):
+        out = m(_pair_batch(shift, torch.randint(0, 4, (8,), generator=g), g))
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    test = _pair_batch(shift, torch.tensor([1, 2, 3]), g)
+    with torch.no_grad():
+        pred = m.predict(test["control"]["features"], test["perturbation"])
+    control = test["control"]["features"]
+    delta = pred.mean(1) - control.mean(1)
+    assert (delta - shift[1:]).abs().max() < 0.3, delta
+    torch.testing.assert_close(pred - pred.mean(1, keepdim=True),
+                               control - control.mean(1, keepdim=True))  # fmt: skip
+
+
+def test_cards_without_shift_path_load_without_it():
+    """Runs saved before the shift path have no key in their card and no tensors for it."""
+    import dataclasses
+
+    config = STConfig(n_features=6, perturbation_labels=LABELS, shift_path=True)
+    assert STModel(config).state_dict()["shift_head.weight"].abs().sum() == 0  # identity start
+    card = dataclasses.asdict(config)
+    del card["shift_path"]
+    old = STConfig.from_dict(card)
+    assert not old.shift_path
+    assert not any(k.startswith("shift_") for k in STModel(old).state_dict())

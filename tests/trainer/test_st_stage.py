@@ -44,7 +44,7 @@ def st_run(small_store, tmp_path_factory):
     root = tmp_path_factory.mktemp("st_stage")
     split = root / "split.toml"
     split.write_text("[split]\nseed = 0\n[split.cells]\nval_fraction = 0.2\ntest_fraction = 0.2\n")
-    config = st_config(small_store, root / "st", split)
+    config = st_config(small_store, root / "st", split, "model.shift_path=true")
     result = fit(STStage(config), config)
     _reset_accelerate()
     return SimpleNamespace(
@@ -166,7 +166,7 @@ def test_latent_space_model_and_latent_arithmetic_baseline(st_run, small_store, 
 def test_vocabulary_tables_map_by_label(st_run, tmp_path):
     """A table over other labels loads only the rows of the labels both have (a row never
     loads under another label's meaning); genes map by key (tests/trainer/test_init_from_run.py)."""
-    stage = STStage(st_config(st_run.store, tmp_path / "v", st_run.split))
+    stage = STStage(st_config(st_run.store, tmp_path / "v", st_run.split, "model.shift_path=true"))
     stage.prepare_data(True)
     model = STModel(stage.model_config())
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -183,6 +183,8 @@ def test_vocabulary_tables_map_by_label(st_run, tmp_path):
     assert torch.equal(after["head.weight"], trained["head.weight"])
     load_matching(model, st_run.dir, card["genes"][::-1], card["categories"])
     assert torch.equal(model.state_dict()["head.weight"], trained["head.weight"].flip(0))
+    for name in ("shift_head.weight", "shift_head.bias"):  # gene-indexed: mapped by key too
+        assert torch.equal(model.state_dict()[name], trained[name].flip(0))
 
 
 def test_serving_form_matches_predict(st_run):
@@ -195,6 +197,26 @@ def test_serving_form_matches_predict(st_run):
         served = SetPredictor(model)(packed)
         direct = model.predict(control, torch.tensor([1, 2]), cell_type=torch.tensor([0, 1]))
     torch.testing.assert_close(served, direct)
+
+
+def test_exported_serving_form_marks_untrained_cell_types_nan(st_run):
+    """The MLflow serving graph (torch.export, as log_model saves it) cannot raise on a value:
+    a set of a cell type without a trained row comes back NaN there, while eager refuses it;
+    sets of trained types match eager exactly."""
+    model = STPredictor(st_run.dir).model
+    model.set_trained_cell_types(torch.tensor([True, False]))
+    packed = torch.cat([torch.zeros(2, 5, 2), torch.rand(2, 5, model.config.n_features)], -1)
+    packed[:, :, 0] = 1.0
+    packed[1, :, 1] = 1.0  # the second set is of the untrained type
+    served = SetPredictor(model).eval()
+    graph = torch.export.export(served, (packed,)).module()
+    with torch.no_grad():
+        out = graph(packed)
+        with pytest.raises(ValueError, match="never trained"):
+            served(packed)
+        eager = served(packed[:1])
+    assert torch.isnan(out[1]).all() and not torch.isnan(out[0]).any()
+    torch.testing.assert_close(out[:1], eager)
 
 
 @pytest.mark.parametrize("conditioning", ["true", "false"])
