@@ -352,6 +352,10 @@ def test_de_metrics_skip_perturbations_without_real_de_genes(tmp_path):
     assert summary["meaningful_metrics"]["model"]["overlap_at_N"] == pytest.approx(kept)
     assert summary["headline"]["overlap_at_N"]["model"] == pytest.approx(kept)
     assert summary["metrics"]["model"]["overlap_at_N"] < kept  # cell-eval's, pZ's 0 included
+    # the ceiling averages pZ too: not comparable, so the headline shows none for overlap
+    assert summary["headline"]["overlap_at_N"]["ceiling"] is None
+    assert summary["metrics"]["ceiling"]["overlap_at_N"] is not None
+    assert summary["headline"]["pearson_delta"]["ceiling"] is not None  # not restricted
     reference = _reference_scores(tmp_path / "out", ["overlap_at_N"], ["pA", "pB", "pC"])
     assert summary["scores"]["overlap_at_N"] == pytest.approx(reference["overlap_at_N"])
     assert "pr_auc" in summary["scores"]  # NaN at pZ made cell-eval's null; restricted, kept
