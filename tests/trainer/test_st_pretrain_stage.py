@@ -100,7 +100,7 @@ def test_loss_falls_and_masked_genes_beat_the_corrupted_input(pretrain_run):
     assert card["genes"] == [str(g) for g in open_store(pretrain_run.store).meta.var.index]
     assert card["config"]["perturbation_labels"] == ["non-targeting"]
     module, example = stage.serving_module(model)
-    assert module(torch.from_numpy(example)).shape == (1, 8, 200)
+    assert module(torch.from_numpy(example)).shape == (2, 8, 200)
 
 
 def test_validation_holds_out_whole_groups(pretrain_run):
