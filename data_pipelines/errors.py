@@ -91,5 +91,8 @@ def run_cli(command: Callable[[], int | None], debug: bool) -> int:
         if debug:
             traceback.print_exc()
         line, code = one_line(err)
-        print(line, file=sys.stderr, flush=True)
+        # one write: the processes of a launch share the pipe, and print's separate write of
+        # the newline let two ranks' lines run together
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
         return code

@@ -281,7 +281,7 @@ def test_zero2_payload_in_a_partition_of_one_process_fails_on_every_process(
     errors = [line for line in out.splitlines() if line.startswith("error:")]
     assert len(errors) == 2 and all(
         line.startswith(f"error: {step_dir / name}: ") for line in errors
-    )
+    ), out[-3000:]
     assert not marker.exists()
 
 
