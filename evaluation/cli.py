@@ -58,7 +58,12 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
     d = DEFAULT_PROTOCOL
     parser.add_argument("--generated", required=True, help="h5ad of generated raw counts")
     parser.add_argument("--real", required=True, help="h5ad of real held-out raw counts")
-    parser.add_argument("--condition-col", required=True, help="obs column naming the condition")
+    parser.add_argument(
+        "--condition-col",
+        required=True,
+        help="obs column naming the condition; several, comma-separated, group cells by "
+        "their combination (e.g. cell_type,condition)",
+    )
     parser.add_argument("--out", required=True, help="folder for summary.json and figures")
     parser.add_argument("--train", help="h5ad of the real training counts (optional)")
     parser.add_argument(

@@ -259,7 +259,7 @@ def evaluate_generation(
 
     train_cells = None  # every training cell of each condition, for the memorization check
     if train is not None:
-        labels = train.obs[condition_col].astype(str).to_numpy()
+        labels = condition_labels(train, condition_col)
         rows = {c: np.flatnonzero(labels == c)[:MEMORIZATION_MAX_TRAIN] for c in split.conditions}
         train_cells = _project(_expression(train, rows, genes, hvg, protocol), pca)
 

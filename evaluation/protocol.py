@@ -81,15 +81,31 @@ def rng_for(seed: int, *keys: str) -> np.random.Generator:
     return np.random.default_rng([seed, *(zlib.crc32(k.encode()) for k in keys)])
 
 
+# Joins the values of several condition columns into one group label.
+CONDITION_JOIN = " | "
+
+
+def condition_columns(condition_col: str) -> list[str]:
+    """``"cell_type,condition"`` -> ``["cell_type", "condition"]``: a group is a combination
+    of the columns' values (cell type x stimulation, say), with no hand-made column."""
+    return [c.strip() for c in condition_col.split(",") if c.strip()]
+
+
 def check_condition_column(adata: ad.AnnData, source: str, condition_col: str) -> None:
-    """The condition column must exist in ``obs``."""
-    if condition_col not in adata.obs.columns:
+    """Every condition column must exist in ``obs``."""
+    columns = condition_columns(condition_col)
+    if not columns:
         raise DataValidationError(
-            source,
-            f"obs['{condition_col}']",
-            f"column not found (obs has {list(adata.obs.columns)[:10]})",
-            "pass --condition-col naming a column present in every input",
-        )
+            source, "--condition-col", "no column named", "pass one or more comma-separated obs columns"
+        )  # fmt: skip
+    for column in columns:
+        if column not in adata.obs.columns:
+            raise DataValidationError(
+                source,
+                f"obs['{column}']",
+                f"column not found (obs has {list(adata.obs.columns)[:10]})",
+                "pass --condition-col naming columns present in every input",
+            )
 
 
 def check_input(
@@ -123,8 +139,14 @@ def match_gene_names(adata: ad.AnnData, genes: pd.Index) -> ad.AnnData:
 
 
 def condition_labels(adata: ad.AnnData, condition_col: str) -> np.ndarray:
-    """The condition of each cell, as strings."""
-    return adata.obs[condition_col].astype(str).to_numpy()
+    """The condition of each cell, as strings: with several columns, their values joined by
+    ``CONDITION_JOIN`` in the order given."""
+    columns = condition_columns(condition_col)
+    labels = adata.obs[columns[0]].astype(str).to_numpy()
+    for column in columns[1:]:
+        labels = np.char.add(np.char.add(labels.astype(str), CONDITION_JOIN),
+                             adata.obs[column].astype(str).to_numpy().astype(str))  # fmt: skip
+    return labels.astype(object)
 
 
 def check_counts(adata: ad.AnnData, source: str) -> None:

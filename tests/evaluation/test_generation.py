@@ -220,3 +220,28 @@ def test_reserved_baseline_name_raises(real):
     generated = nb_cells(SIZES, seed=2)
     with pytest.raises(DataValidationError, match="reserved"):
         evaluate_generation(generated, real, "condition", baselines={"real_ceiling": generated})
+
+
+def _two_columns(adata):
+    """The condition as two columns (group, variant) and as their hand-made combination."""
+    out = adata.copy()
+    parts = {"ctrl": ("c", "x"), "pertA": ("p", "A"), "pertB": ("p", "B"), "rare": ("r", "x")}
+    labels = out.obs["condition"].astype(str)
+    out.obs["group"] = [parts[c][0] for c in labels]
+    out.obs["variant"] = [parts[c][1] for c in labels]
+    out.obs["combo"] = out.obs["group"] + " | " + out.obs["variant"]
+    return out
+
+
+def test_several_condition_columns_group_by_their_combination(real):
+    """--condition-col group,variant scores exactly what a hand-made combined column does."""
+    real2, generated = _two_columns(real), _two_columns(nb_cells(SIZES, seed=2))
+    both = evaluate_generation(generated, real2, "group,variant")
+    combo = evaluate_generation(generated, real2, "combo")
+    assert set(both["methods"]["generated"]["per_condition"]) == {"c | x", "p | A", "p | B"}
+    for method in ("generated", "gaussian_pca", "real_ceiling"):  # "r | x" is rare: skipped
+        for part in ("per_condition", "macro"):
+            assert both["methods"][method][part] == combo["methods"][method][part]
+    with pytest.raises(DataValidationError, match="column not found") as err:
+        evaluate_generation(generated, real2, "group,batch")
+    assert err.value.field == "obs['batch']"
