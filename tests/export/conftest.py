@@ -133,21 +133,13 @@ def held_type(runs, tmp_path_factory):
 def implicit_type(tmp_path_factory):
     """The README's Papalexi shape: an input without a cell-type column (its cells get
     IMPLICIT_LABEL in the store), a tiny ST run on it and its bundle."""
-    import anndata as ad
-
-    from latentcell.data_pipelines.build import build_store
-    from latentcell.data_pipelines.synth import SynthConfig, synthesize
+    from tests.synthetic_stores import store_without_cell_type
 
     root = tmp_path_factory.mktemp("implicit_type")
-    synthesize(SynthConfig(n_cells=400, n_genes=60, n_perturbations=3, n_cell_types=1,
-                           n_batches=2, seed=2), root / "typed.h5ad")  # fmt: skip
-    cells = ad.read_h5ad(root / "typed.h5ad")
-    del cells.obs["cell_type"]
-    cells.write_h5ad(root / "cells.h5ad")
-    build_store([root / "cells.h5ad"], root / "cells.zarr", schema="vcc", chunk_cells=100)
+    cells, store = store_without_cell_type(root)
     split = root / "split.toml"
     split.write_text("[split]\nseed = 0\n[split.cells]\ntest_fraction = 0.2\n")
-    train("st", f"data.path={root / 'cells.zarr'}", f"split.file={split}",
+    train("st", f"data.path={store}", f"split.file={split}",
           f"run.dir={root / 'st'}", "data.set_size=16", "data.sets_per_batch=4",
           "model.hidden=32", "model.depth=1", "model.heads=2", "model.basal=train",
           "train.max_steps=2", "tracking.enabled=false")  # fmt: skip

@@ -371,20 +371,14 @@ def test_validation_on_a_held_out_cell_type_needs_the_unknown_cell_type(
 def implicit_type_run(tmp_path_factory):
     """A store built from an h5ad WITHOUT a cell-type column (its cells: IMPLICIT_LABEL), as
     the README's Papalexi recipe builds one, and a tiny run on it."""
-    from latentcell.data_pipelines.build import build_store
-    from latentcell.data_pipelines.synth import SynthConfig, synthesize
+    from tests.synthetic_stores import store_without_cell_type
 
     root = tmp_path_factory.mktemp("implicit_type")
-    synthesize(SynthConfig(n_cells=400, n_genes=60, n_perturbations=3, n_cell_types=1,
-                           n_batches=2, seed=2), root / "typed.h5ad")  # fmt: skip
-    cells = ad.read_h5ad(root / "typed.h5ad")
-    del cells.obs["cell_type"]
-    cells.write_h5ad(root / "cells.h5ad")
-    build_store([root / "cells.h5ad"], root / "cells.zarr", schema="vcc", chunk_cells=100)
+    cells, store = store_without_cell_type(root)
     split = root / "split.toml"
     split.write_text("[split]\nseed = 0\n[split.cells]\nval_fraction = 0.0\n"
                      "test_fraction = 0.2\n")  # fmt: skip
-    config = st_config(root / "cells.zarr", root / "st", split, "train.max_steps=2",
+    config = st_config(store, root / "st", split, "train.max_steps=2",
                        "train.eval_every=0", "model.basal=train")  # fmt: skip
     fit(STStage(config), config)
     _reset_accelerate()

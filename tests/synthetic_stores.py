@@ -1,0 +1,22 @@
+"""Stores the tests of several packages build the same way."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata as ad
+
+
+def store_without_cell_type(root: Path) -> tuple[ad.AnnData, Path]:
+    """The README's Papalexi shape: synthetic perturbation cells whose input h5ad has no
+    cell-type column (the store labels them IMPLICIT_LABEL). Returns (the cells, the store)."""
+    from latentcell.data_pipelines.build import build_store
+    from latentcell.data_pipelines.synth import SynthConfig, synthesize
+
+    synthesize(SynthConfig(n_cells=400, n_genes=60, n_perturbations=3, n_cell_types=1,
+                           n_batches=2, seed=2), root / "typed.h5ad")  # fmt: skip
+    cells = ad.read_h5ad(root / "typed.h5ad")
+    del cells.obs["cell_type"]
+    cells.write_h5ad(root / "cells.h5ad")
+    build_store([root / "cells.h5ad"], root / "cells.zarr", schema="vcc", chunk_cells=100)
+    return cells, root / "cells.zarr"
