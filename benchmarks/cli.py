@@ -11,6 +11,11 @@ BENCHMARKS = {
         "latentcell.benchmarks.heldout_celltype",
         "hold out each cell type's perturbed cells; ST vs every baseline and the ceiling",
     ),
+    "generation": (
+        "latentcell.benchmarks.generation",
+        "hold out cells of every condition group; VAE + DiT vs the Gaussian in PCA, the VAE "
+        "prior and the real-vs-real ceiling, over training and sampling seeds",
+    ),
 }
 
 

@@ -4,7 +4,8 @@ The second stage of latent diffusion trains on these instead of counts, so they 
 once, streamed unit by unit from the count store (memory stays at one unit), and read back
 through the same ``CellStream`` as counts: ``LatentStoreReader`` is a ``StoreReader`` whose
 blocks carry a dense ``(n, n_latent)`` X. Its read units mirror the count store's units, so
-a unit-level train/validation split (``unit_split``) holds out the same cells in both.
+a train/validation split by units or rows (``unit_split``, ``cell_split``) holds out the same
+cells in both.
 
 Layout (a Zarr v3 group; built in ``<out>.tmp-<hex>``, renamed into place when complete)::
 

@@ -4,8 +4,8 @@ Streaming only stays fast when whole units (Zarr chunks, WebDataset shards) are 
 held-out set made of whole units streams exactly as fast as the training set. The split is
 a pure function of (number of units, fraction, seed): every rank and every resumed run
 agrees on it. Units hold consecutive rows, so stores written in sample order hold out whole
-stretches of a sample; use a separate validation store (``data.val_path``) when the split
-must follow another rule.
+stretches of a sample: ``cell_split`` holds out cells instead, and ``split_choice`` picks one
+of the two (``data.split_by``).
 """
 
 from __future__ import annotations
@@ -19,14 +19,12 @@ import numpy as np
 import pandas as pd
 
 from .blocks import CellBlock, StoreMeta, StoreReader
-from .errors import DataValidationError
 from .stores import open_store
 
 __all__ = [
     "UnitSubset",
     "held_out_share",
     "open_unit_subset",
-    "split_store_units",
     "split_units",
     "subset_factory",
     "warn_lopsided_split",
@@ -100,27 +98,12 @@ def warn_lopsided_split(
         warnings.warn(
             f"{reader.meta.path}: the validation split (data.val_fraction) holds out most "
             f"cells of {column} {detail}: the store is sorted by group, so whole read units "
-            "of one group are held out. Fix: pass a separate validation store "
-            "(data.val_path), or data.val_fraction=0, or build the store with smaller "
-            "chunks (--chunk-cells).",
+            "of one group are held out. Fix: split by cells (data.split_by=cells or auto), "
+            "or pass a separate validation store (data.val_path), or build the store with "
+            "smaller chunks (--chunk-cells).",
             stacklevel=2,
         )
     return names
-
-
-def split_store_units(reader: StoreReader, fraction: float, seed: int):
-    """``split_units`` over the store's read units, warning when the held-out units take most
-    of a cell type (``warn_lopsided_split``): what every stage's validation split needs."""
-    n_units = len(reader.meta.unit_sizes)
-    if fraction > 0 and n_units < 2:
-        raise DataValidationError(
-            reader.meta.path, "data.val_fraction", f"the store has {reader.meta.n_cells} cells "
-            f"in {n_units} read unit(s), too few to hold a validation split out",
-            "pass a separate validation store (data.val_path) or set data.val_fraction=0",
-        )  # fmt: skip
-    train_units, val_units = split_units(n_units, fraction, seed)
-    warn_lopsided_split(reader, val_units)
-    return train_units, val_units
 
 
 class UnitSubset:

@@ -15,7 +15,12 @@ from pathlib import Path
 
 from latentcell.data_pipelines.errors import DataValidationError
 from latentcell.evaluation.perturbation import PROFILES
-from latentcell.evaluation.protocol import DEFAULT_PROTOCOL, GenerationProtocol
+from latentcell.evaluation.protocol import (
+    DEFAULT_PROTOCOL,
+    MIN_CELLS_AUTO,
+    GenerationProtocol,
+    min_cells_floor,
+)
 
 # Columns of the printed table: (key in the flattened method scores, header).
 TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
@@ -64,6 +69,12 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
         help="obs column naming the condition; several, comma-separated, group cells by "
         "their combination (e.g. cell_type,condition)",
     )
+    parser.add_argument(
+        "--classifier-col",
+        default=None,
+        help="obs column(s) the classifier predicts, comma-separated like --condition-col "
+        "(default: the condition columns; e.g. cell_type when groups are cell_type,condition)",
+    )
     parser.add_argument("--out", required=True, help="folder for summary.json and figures")
     parser.add_argument("--train", help="h5ad of the real training counts (optional)")
     parser.add_argument(
@@ -75,7 +86,12 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
     )
     parser.add_argument("--n-hvg", type=int, default=d.n_hvg)
     parser.add_argument("--n-pcs", type=int, default=d.n_pcs)
-    parser.add_argument("--min-cells", type=int, default=d.min_cells)
+    parser.add_argument(
+        "--min-cells",
+        default=str(d.min_cells),
+        help=f"reference cells a condition needs to be scored; 'auto' (default): the smallest "
+        f"condition's, clamped to [2 * knn_k + 2, 50] (= [{min_cells_floor(d.knn_k)}, 50])",
+    )
     parser.add_argument("--seed", type=int, default=d.seed)
     return parser
 
@@ -120,18 +136,77 @@ def _read(path: Path):
     return read_h5ad(path)
 
 
-def format_table(scores: dict[str, dict[str, float | None]]) -> str:
-    """Macro (and pooled) metrics, one row per method."""
+def parse_min_cells(value: str) -> int | str:
+    """``--min-cells``: ``auto`` or an integer."""
+    if value == MIN_CELLS_AUTO:
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise DataValidationError(
+            "<options>", "--min-cells", f"expected 'auto' or an integer, got {value!r}",
+            "pass --min-cells auto or e.g. --min-cells 50",
+        ) from None  # fmt: skip
+
+
+def _format_value(value: float | None, sd: float | None = None) -> str:
+    """``0.5781``, or ``0.578±0.027`` for a mean over sampling seeds, or ``-`` for none."""
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if sd is None else f"{value:.3g}±{sd:.2g}"
+
+
+def format_table(
+    scores: dict[str, dict[str, float | None]],
+    spread: dict[str, dict[str, float | None]] | None = None,
+) -> str:
+    """Macro (and pooled) metrics, one row per method; with ``spread`` (method -> sd over
+    sampling seeds), that method's cells read mean ± sd."""
+    spread = spread or {}
+    cells = {
+        name: [_format_value(values.get(k), spread.get(name, {}).get(k)) for k, _ in TABLE_COLUMNS]
+        for name, values in scores.items()
+    }
+    widths = [
+        max(10, len(header) + 1, *(len(row[i]) + 1 for row in cells.values()))
+        for i, (_, header) in enumerate(TABLE_COLUMNS)
+    ]
     width = max(len(name) for name in scores) + 2
-    header = "method".ljust(width) + "".join(f"{h:>10}" for _, h in TABLE_COLUMNS)
-    rows = [header]
-    for name, values in scores.items():
-        cells = []
-        for key, _ in TABLE_COLUMNS:
-            value = values.get(key)
-            cells.append(f"{'-':>10}" if value is None else f"{value:>10.4g}")
-        rows.append(name.ljust(width) + "".join(cells))
+
+    def line(label: str, row: list[str]) -> str:
+        return label.ljust(width) + "".join(f"{c:>{w}}" for c, w in zip(row, widths, strict=True))
+
+    rows = [line("method", [h for _, h in TABLE_COLUMNS])]
+    rows += [line(name, row) for name, row in cells.items()]
     return "\n".join(rows)
+
+
+def seed_spread(summary: dict) -> dict[str, dict[str, float | None]]:
+    """The sd over sampling seeds of each metric, for the methods scored per seed."""
+    return {name: report["sd"] for name, report in summary["seeds"]["methods"].items()}
+
+
+def summary_lines(summary: dict) -> list[str]:
+    """What was evaluated: conditions and min_cells, skipped conditions with why, seeds."""
+    used = summary["min_cells"]
+    how = "auto" if used["auto"] else "given"
+    skipped = summary["skipped_conditions"]
+    lines = [
+        f"{len(summary['conditions'])} conditions evaluated, {len(skipped)} skipped; "
+        f"min_cells {used['used']} ({how}); classifier predicts "
+        f"{summary['classifier']['column']}; {summary['n_genes_used']} genes, "
+        f"{summary['n_pcs_used']} PCs"
+    ]
+    if skipped:
+        items = [f"{c}: {v['n_cells']} cells, {v['reason']}" for c, v in skipped.items()]
+        lines.append("skipped: " + "; ".join(items))
+    for name, report in summary["seeds"]["methods"].items():
+        seeds = ", ".join(str(s) for s in report["seeds"])
+        lines.append(
+            f"{name}: {len(report['seeds'])} sampling seeds ({seeds}), scored separately; "
+            "table shows mean ± sd, the PCA figure the first seed"
+        )
+    return lines
 
 
 def run_evaluate_generation(args: argparse.Namespace) -> int:
@@ -143,9 +218,10 @@ def run_evaluate_generation(args: argparse.Namespace) -> int:
         evaluate_generation,
     )
 
+    min_cells = parse_min_cells(args.min_cells)
     try:
         protocol = GenerationProtocol(
-            n_hvg=args.n_hvg, n_pcs=args.n_pcs, min_cells=args.min_cells, seed=args.seed
+            n_hvg=args.n_hvg, n_pcs=args.n_pcs, min_cells=min_cells, seed=args.seed
         )
     except ValueError as exc:
         raise DataValidationError("<options>", "protocol", str(exc), "change the option") from exc
@@ -160,6 +236,7 @@ def run_evaluate_generation(args: argparse.Namespace) -> int:
             data[GENERATED],
             data["real"],
             args.condition_col,
+            classifier_col=args.classifier_col,
             train=data.get("train"),
             baselines={n: data[baseline_source(n)] for n in baseline_paths},
             protocol=protocol,
@@ -168,12 +245,9 @@ def run_evaluate_generation(args: argparse.Namespace) -> int:
     except DataValidationError as err:  # name the file, not the role
         path = paths.get(err.path, err.path)
         raise DataValidationError(path, err.field, err.problem, err.fix) from None
-    print(
-        f"{len(summary['conditions'])} conditions evaluated, "
-        f"{len(summary['skipped_conditions'])} skipped (< {protocol.min_cells} reference cells); "
-        f"{summary['n_genes_used']} genes, {summary['n_pcs_used']} PCs"
-    )
-    print(format_table(bar_scores(summary)))
+    for line in summary_lines(summary):
+        print(line)
+    print(format_table(bar_scores(summary), seed_spread(summary)))
     print(f"wrote {Path(args.out) / 'summary.json'} and figures")
     return 0
 

@@ -9,8 +9,9 @@ the summary, so two results are comparable exactly when their protocols are equa
   4. PCA with ``n_pcs`` components fitted on REAL cells only (``pca_fit``: by default real
      cells held out from every compared set, else the reference cells; see ``splits``);
      every set is centred with the real mean and projected on the real loadings;
-  5. per condition with at least ``min_cells`` real reference cells, equal sample sizes on both
-     sides (the larger one subsampled, seeded, at most ``max_cells_per_condition``); metrics
+  5. per condition with at least ``min_cells`` real reference cells (``"auto"``: the smallest
+     condition's count clamped to [2 * knn_k + 2, 50], see ``resolve_min_cells``), equal sample
+     sizes on both sides (the larger one subsampled, seeded, at most ``max_cells_per_condition``); metrics
      are then macro-averaged over conditions.
 """
 
@@ -33,6 +34,8 @@ PCA_FIT_CHOICES = ("held_out", "reference")
 HVG_METHOD = "seurat_v3 (latentcell.data_pipelines.hvg) on raw counts"
 _COUNT_CHECK_VALUES = 200_000  # values inspected by the integer-counts check
 _HVG_BLOCK_CELLS = 10_000
+MIN_CELLS_AUTO = "auto"
+MIN_CELLS_CAP = 50  # auto never asks for more reference cells than this
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,7 @@ class GenerationProtocol:
     log1p: bool = True
     n_hvg: int = 2000
     n_pcs: int = 50
-    min_cells: int = 50
+    min_cells: int | str = MIN_CELLS_AUTO  # or an integer; resolved in splits.split_cells
     knn_k: int = 5
     knn_test_fraction: float = 0.5
     mmd_bandwidths: tuple[float, ...] = MMD_BANDWIDTHS
@@ -57,8 +60,7 @@ class GenerationProtocol:
         for name in ("n_hvg", "n_pcs", "knn_k", "max_cells_per_condition"):
             if getattr(self, name) < 1:
                 raise ValueError(f"GenerationProtocol.{name} must be >= 1")
-        if self.min_cells < 2 * self.knn_k + 2:
-            raise ValueError("GenerationProtocol.min_cells must be at least 2 * knn_k + 2")
+        _check_min_cells(self.min_cells, self.knn_k)
         if self.pca_fit not in PCA_FIT_CHOICES:
             raise ValueError(f"GenerationProtocol.pca_fit must be one of {PCA_FIT_CHOICES}")
         if not 0.0 < self.knn_test_fraction < 1.0:
@@ -71,6 +73,36 @@ class GenerationProtocol:
         out["hvg_method"] = HVG_METHOD
         out["pca_centring"] = "every set centred with the mean of the PCA's real cells"
         return out
+
+
+def min_cells_floor(knn_k: int) -> int:
+    """The fewest reference cells a condition may have: the kNN AUC's held-out split needs
+    more than ``knn_k`` cells per side on both halves."""
+    return 2 * knn_k + 2
+
+
+def _check_min_cells(min_cells: int | str, knn_k: int) -> None:
+    if min_cells == MIN_CELLS_AUTO:
+        return
+    if isinstance(min_cells, bool) or not isinstance(min_cells, (int, np.integer)):
+        raise ValueError(
+            f"GenerationProtocol.min_cells must be an integer or 'auto', got {min_cells!r}"
+        )
+    if min_cells < min_cells_floor(knn_k):
+        raise ValueError("GenerationProtocol.min_cells must be at least 2 * knn_k + 2")
+
+
+def resolve_min_cells(protocol: GenerationProtocol, sizes: list[int]) -> int:
+    """The min_cells a run uses, given each condition's number of reference cells.
+
+    ``"auto"``: the smallest size clamped to [floor, MIN_CELLS_CAP], so data whose conditions
+    all reach 50 cells is judged as with 50, and smaller conditions are let in down to the
+    floor the kNN AUC needs instead of being skipped silently. An integer is used as given.
+    """
+    if protocol.min_cells != MIN_CELLS_AUTO:
+        return int(protocol.min_cells)
+    floor = min_cells_floor(protocol.knn_k)
+    return max(floor, min(MIN_CELLS_CAP, min(sizes, default=floor)))
 
 
 DEFAULT_PROTOCOL = GenerationProtocol()  # frozen, so safe as a shared default argument
@@ -91,29 +123,38 @@ def condition_columns(condition_col: str) -> list[str]:
     return [c.strip() for c in condition_col.split(",") if c.strip()]
 
 
-def check_condition_column(adata: ad.AnnData, source: str, condition_col: str) -> None:
-    """Every condition column must exist in ``obs``."""
+def check_condition_column(
+    adata: ad.AnnData, source: str, condition_col: str, option: str = "--condition-col"
+) -> None:
+    """Every column of ``condition_col`` (given by ``option``) must exist in ``obs``."""
     columns = condition_columns(condition_col)
     if not columns:
         raise DataValidationError(
-            source, "--condition-col", "no column named", "pass one or more comma-separated obs columns"
-        )  # fmt: skip
+            source, option, "no column named", "pass one or more comma-separated obs columns"
+        )
     for column in columns:
         if column not in adata.obs.columns:
             raise DataValidationError(
                 source,
                 f"obs['{column}']",
                 f"column not found (obs has {list(adata.obs.columns)[:10]})",
-                "pass --condition-col naming columns present in every input",
+                f"pass {option} naming columns present in every input",
             )
 
 
 def check_input(
-    adata: ad.AnnData, source: str, condition_col: str, genes: pd.Index | None = None
+    adata: ad.AnnData,
+    source: str,
+    condition_col: str,
+    genes: pd.Index | None = None,
+    classifier_col: str | None = None,
 ) -> ad.AnnData:
-    """All input checks for one AnnData: condition column, raw counts, reference genes.
-    Returns ``adata``, re-keyed by gene symbol or id when that is how it matches the genes."""
+    """All input checks for one AnnData: condition (and classifier) columns, raw counts,
+    reference genes. Returns ``adata``, re-keyed by gene symbol or id when that is how it
+    matches the genes."""
     check_condition_column(adata, source, condition_col)
+    if classifier_col is not None:
+        check_condition_column(adata, source, classifier_col, "--classifier-col")
     check_counts(adata, source)
     if genes is not None:
         adata = match_gene_names(adata, genes)

@@ -11,6 +11,9 @@ Per condition, the cells are shuffled (seeded) and cut into disjoint parts, each
   that the reference, the ceiling and the generated cells are all out-of-sample for the PCA;
   ``"reference"``: the reference cells themselves (HVGs on all of ``train`` when given).
 
+A condition whose reference part has fewer than ``min_cells`` cells is skipped and reported
+with the reason; ``min_cells="auto"`` is resolved here, from the reference parts' sizes.
+
 Why ``held_out`` is the default: PCA fitted on the reference inflates the reference's spread
 along its noise directions, and every other set, real or generated, is projected without that
 inflation. Measured on Paul 2015 (GMP, two disjoint thirds of 368 real cells, PCA-50 of 2000
@@ -27,7 +30,14 @@ import anndata as ad
 import numpy as np
 
 from latentcell.data_pipelines.errors import DataValidationError
-from latentcell.evaluation.protocol import GenerationProtocol, condition_labels, rng_for
+from latentcell.evaluation.protocol import (
+    MIN_CELLS_AUTO,
+    GenerationProtocol,
+    condition_labels,
+    min_cells_floor,
+    resolve_min_cells,
+    rng_for,
+)
 
 
 @dataclass(frozen=True)
@@ -44,7 +54,8 @@ class CellSplit:
     """The evaluated conditions and the real cells of every role."""
 
     conditions: list[str]
-    skipped: dict[str, int]  # condition -> its number of real reference cells
+    min_cells: int  # the protocol's min_cells, resolved ("auto" -> a number)
+    skipped: dict[str, dict]  # condition -> {"n_cells": reference cells, "reason": why}
     reference: dict[str, np.ndarray]  # rows of ``real``
     fit_data: ad.AnnData
     fit: dict[str, np.ndarray]  # rows of ``fit_data``; may be empty for a condition
@@ -67,30 +78,44 @@ def _equal_parts(rows: np.ndarray, n_parts: int) -> list[np.ndarray]:
     return [rows[i * k : (i + 1) * k] for i in range(n_parts - 1)] + [rows[(n_parts - 1) * k :]]
 
 
+def _real_parts(
+    real: ad.AnnData, has_train: bool, condition_col: str, protocol: GenerationProtocol
+) -> dict[str, list[np.ndarray]]:
+    """Per condition, its shuffled real rows cut into the parts of the roles (the reference
+    first): all of them when train is given, else halves or thirds."""
+    n_parts = 1 if has_train else 3 if protocol.pca_fit == "held_out" else 2
+    labels = condition_labels(real, condition_col)
+    return {
+        cond: _equal_parts(shuffled_rows(labels, cond, protocol.seed, "real"), n_parts)
+        for cond in sorted(set(labels))
+    }
+
+
 def split_cells(
     real: ad.AnnData, train: ad.AnnData | None, condition_col: str, protocol: GenerationProtocol
 ) -> CellSplit:
     """Assign real (and training) cells to roles; conditions with too few reference cells skip."""
     held_out = protocol.pca_fit == "held_out"
     cap = protocol.max_cells_per_condition
-    labels = condition_labels(real, condition_col)
+    parts_by_cond = _real_parts(real, train is not None, condition_col, protocol)
+    min_cells = resolve_min_cells(protocol, [len(p[0]) for p in parts_by_cond.values()])
     reference, fit, pca, skipped = {}, {}, {}, {}
-    for cond in sorted(set(labels)):
-        rows = shuffled_rows(labels, cond, protocol.seed, "real")
-        parts = [rows] if train is not None else _equal_parts(rows, 3 if held_out else 2)
-        if len(parts[0]) < protocol.min_cells:
-            skipped[cond] = len(parts[0])
+    for cond, parts in parts_by_cond.items():
+        if len(parts[0]) < min_cells:
+            skipped[cond] = {"n_cells": len(parts[0]), "reason": skip_reason(protocol, min_cells)}
             continue
         reference[cond] = parts[0][:cap]
         if train is None:
             fit[cond] = parts[1][:cap]
             pca[cond] = parts[2][:cap] if held_out else reference[cond]
     if not reference:
+        counts = {c: v["n_cells"] for c, v in skipped.items()}
+        fix = "lower --min-cells or pass more real cells"
         raise DataValidationError(
             "real",
             f"obs['{condition_col}']",
-            f"no condition has {protocol.min_cells} real reference cells (counts: {skipped})",
-            "lower --min-cells or pass more real cells",
+            f"no condition has {min_cells} real reference cells (counts: {counts})",
+            "pass more real cells" if protocol.min_cells == MIN_CELLS_AUTO else fix,
         )
     if train is None:
         source, fit_data = "real", real
@@ -118,6 +143,7 @@ def split_cells(
         hvg_cells = CellRows(train, None, roles["hvg"])
     return CellSplit(
         conditions=list(reference),
+        min_cells=min_cells,
         skipped=skipped,
         reference=reference,
         fit_data=fit_data,
@@ -126,6 +152,14 @@ def split_cells(
         hvg=hvg_cells,
         roles=roles,
     )
+
+
+def skip_reason(protocol: GenerationProtocol, min_cells: int) -> str:
+    """Why a condition below ``min_cells`` reference cells is not evaluated, in words."""
+    if protocol.min_cells == MIN_CELLS_AUTO:
+        floor = min_cells_floor(protocol.knn_k)
+        return f"fewer than {floor} reference cells, the least the kNN AUC needs (2 * knn_k + 2)"
+    return f"fewer than min_cells={min_cells} reference cells (set explicitly)"
 
 
 def _role_descriptions(has_train: bool, held_out: bool) -> dict[str, str]:

@@ -1,10 +1,12 @@
 """``latentcell generate``: cells from a trained latent-diffusion run, written as h5ad.
 
     latentcell generate --run DIR --n N --condition cell_type=LABEL [--condition k=v ...]
-                        [--steps K --guidance S --seed S] [--library latent|condition]
+                        [--steps K --guidance S --seed 0,1,2] [--library latent|condition]
                         [--baseline vae-prior] --out GEN.h5ad
 
-``--condition k=*`` generates N cells for every label of k.
+``--condition k=*`` generates N cells for every label of k. ``--seed`` takes a comma list
+(default three seeds): N cells per combination for each, ``obs['sampling_seed']`` saying
+which, so ``latentcell evaluate generation`` can report the spread over seeds.
 """
 
 from __future__ import annotations
@@ -13,7 +15,10 @@ import argparse
 import json
 import time
 
+from latentcell.data_pipelines.errors import DataValidationError
 from latentcell.models.conditions import parse_conditions
+
+DEFAULT_SEEDS = "0,1,2"
 
 
 def add_generate_command(sub: argparse._SubParsersAction) -> None:
@@ -26,7 +31,11 @@ def add_generate_command(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the run's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed", default=DEFAULT_SEEDS, metavar="S[,S...]",
+        help="sampling seeds, comma-separated: --n cells per combination for each "
+        f"(obs['sampling_seed']); default {DEFAULT_SEEDS}",
+    )  # fmt: skip
     p.add_argument("--weights", default="auto", choices=("auto", "ema", "model"))
     p.add_argument(
         "--library", default="latent", choices=("latent", "condition"),
@@ -41,21 +50,37 @@ def add_generate_command(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_generate)
 
 
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]``; anything else than distinct non-negative integers is an
+    input error (before any model is loaded)."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise DataValidationError(
+            "<options>", "--seed", f"expected distinct non-negative integers, got {text!r}",
+            "pass e.g. --seed 0 or --seed 0,1,2",
+        )  # fmt: skip
+    return seeds
+
+
 def run_generate(args: argparse.Namespace) -> int:
     from latentcell.trainer.generate import CellGenerator, write_h5ad_atomic
 
     start = time.perf_counter()
+    seeds = parse_seeds(args.seed)
     generator = CellGenerator.load(args.run, args.weights, args.library)
-    adata = generator.generate(
+    adata = generator.generate_seeds(
         args.n,
         parse_conditions(args.condition),
+        seeds,
         steps=args.steps,
         guidance=args.guidance,
-        seed=args.seed,
         source="vae_prior" if args.baseline == "vae-prior" else "dit",
     )
     out = write_h5ad_atomic(adata, args.out)
     seconds = time.perf_counter() - start
     print(json.dumps({"out": str(out), "n_cells": adata.n_obs, "n_genes": adata.n_vars,
-                      "seconds": round(seconds, 2)}))  # fmt: skip
+                      "seeds": seeds, "seconds": round(seconds, 2)}))  # fmt: skip
     return 0

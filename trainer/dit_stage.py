@@ -4,11 +4,13 @@
 store under ``<run.dir>/latents`` (reused while the store and the VAE weights are unchanged)
 and computes the training statistics (latent scale, continuous-condition scaling, the
 library-size model) into ``<run.dir>/latent_stats.json``. Training then streams latents
-through the same ``CellStream`` and the same unit-level validation split as the VAE stage, or,
-with ``split.file``, the train / val rows of that perturbation split (assigned on the count
-store, as ``train st`` does; the latent store mirrors the count store's rows and units, so
-``row_subset.RowSubset`` over it selects the same cells). The training statistics then come
-from the train rows only.
+through the same ``CellStream`` and the same kind of validation split as the VAE stage
+(``val_split``: read units, or cells stratified by ``data.stratify`` plus the DiT's
+``model.conditions``; the same cells as the VAE's when its settings are equal and the
+conditions are roles, else a warning), or, with ``split.file``, the train / val rows of that
+perturbation split (assigned on the count store, as ``train st`` does; the latent store
+mirrors the count store's rows and units, so ``row_subset.RowSubset`` over it selects the same
+cells). The training statistics come from the training cells only.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 from torch import nn
 
 from latentcell.data_pipelines.batches import csr_to_torch
+from latentcell.data_pipelines.cell_split import resolve_columns
 from latentcell.data_pipelines.cell_stream import CellStream, CellStreamConfig
 from latentcell.data_pipelines.errors import DataValidationError
 from latentcell.data_pipelines.latent_store import (
@@ -35,11 +38,12 @@ from latentcell.data_pipelines.latent_store import (
 from latentcell.data_pipelines.perturbation_splits import SPLIT_ROWS, assign_split, save_split
 from latentcell.data_pipelines.row_subset import rows_digest, split_sources
 from latentcell.data_pipelines.stores import open_store
-from latentcell.data_pipelines.unit_split import split_store_units, subset_factory
+from latentcell.data_pipelines.unit_split import subset_factory
 from latentcell.models.diffusion import DiffusionConfig
 from latentcell.models.dit import DiTConfig
 from latentcell.models.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
 
+from . import val_split
 from .builtin_data import CountStoreInput
 from .config import ConfigError, tomllib
 from .latent_stats import training_stats
@@ -72,9 +76,9 @@ class DiTModelSection:
 
     conditions: tuple[str, ...] = ("cell_type",)
     continuous: tuple[str, ...] = ()
-    patch_size: int = 2
+    patch_size: int = 4
     hidden: int = 128
-    depth: int = 4
+    depth: int = 3
     heads: int = 4
     mlp_ratio: float = 4.0
     cfg_dropout: float = 0.1
@@ -83,13 +87,17 @@ class DiTModelSection:
 @dataclass(frozen=True)
 class DiTRunConfig:
     run: RunSection = field(default_factory=lambda: RunSection(dir="runs/dit"))
-    data: DataConfig = field(default_factory=lambda: DataConfig(batch_size=512))
+    data: DataConfig = field(default_factory=lambda: DataConfig(batch_size=256))
     split: SplitFileSection = field(default_factory=SplitFileSection)
     vae: VAERef = field(default_factory=VAERef)
     model: DiTModelSection = field(default_factory=DiTModelSection)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, weight_decay=0.0))
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(ema=True, ema_decay=0.999))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4, weight_decay=0.0))
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            max_steps=8000, eval_every=1000, ema=True, ema_decay=0.999
+        )
+    )
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
@@ -162,6 +170,10 @@ class DiTStage:
         self._input.ensure_store()
         self.condition_columns(), self.continuous_columns()  # fail on a typo before encoding
         vae, provenance = load_vae(self.config.vae.run, self.config.vae.weights)
+        if val_split.used(self.config):  # chosen (or refused) before anything is encoded
+            record = val_split.prepare(self.store, self.config.data, self.stratify_columns(),
+                                       self.config.run.dir_path, True)  # fmt: skip
+            self._check_vae_val_split(record)
         self._ensure_latents(vae, provenance, self.store, self.latents)
         if self.config.split.file:
             split = assign_split(self.store, self.config.split.file)
@@ -206,6 +218,30 @@ class DiTStage:
                 f"warning: the VAE {self.config.vae.run} was not trained on the train rows of "
                 f"{self.config.split.file} (it may have seen its val/test cells); train it with "
                 f"--set split.file={self.config.split.file}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def _check_vae_val_split(self, record: dict) -> None:
+        """Warn when the VAE held out other cells of this store than the DiT validates on
+        (another data.split_by / stratify / val_fraction / split_seed, or a condition that
+        is not a role): its latents of the DiT's validation cells may be of training cells."""
+        vae = self._vae_model_card().get("validation_split") or {}
+        if not vae or vae.get("asked", {}).get("store") != record["asked"]["store"]:
+            return
+        if (vae["by"], vae["train_sha256"]) != (record["by"], record["train_sha256"]):
+
+            def said(r: dict) -> str:
+                a = r["asked"]
+                return (f"by {r['by']}, val_fraction {a['val_fraction']}, split_seed "
+                        f"{a['split_seed']}, stratified by {r['stratify']}")  # fmt: skip
+
+            print(
+                f"warning: the VAE {self.config.vae.run} held out other cells than this run's "
+                f"validation split (VAE: {said(vae)}; DiT: {said(record)}): it may have "
+                "trained on the DiT's validation cells; train the VAE with the same "
+                "data.split_by, data.val_fraction, data.split_seed and "
+                f"data.stratify={record['stratify']}",
                 file=sys.stderr,
                 flush=True,
             )
@@ -296,6 +332,12 @@ class DiTStage:
     def continuous_columns(self) -> tuple[str, ...]:
         return self._resolve(self.config.model.continuous, "numeric")
 
+    def stratify_columns(self) -> tuple[str, ...]:
+        """The validation split's strata: ``data.stratify`` (default: the store's roles) and
+        the conditions, so every condition label keeps training cells."""
+        columns = resolve_columns(self.count_meta, self.config.data.stratify)
+        return tuple(sorted({*columns, *self.condition_columns()}))
+
     def _sources(self):
         data = self.config.data
         if self.config.split.file:  # rows of the count store = rows of its latents
@@ -307,10 +349,9 @@ class DiTStage:
             return everything, subset_factory(self.val_latents, np.arange(n_val_units))
         if data.val_fraction <= 0:
             return everything, None
-        # the count store's units: the latent store mirrors them, and it has the group index
-        reader = open_store(self.store)
-        train_units, val_units = split_store_units(reader, data.val_fraction, data.split_seed)
-        return subset_factory(self.latents, train_units), subset_factory(self.latents, val_units)
+        # chosen on the count store (its group index); the latent store mirrors its rows
+        run_dir = self.config.run.dir_path
+        return val_split.sources(self.latents, self.store, data, self.stratify_columns(), run_dir)
 
     def _stream(self, source, rank: int, world_size: int, train: bool):
         data = self.config.data
@@ -416,6 +457,8 @@ class DiTStage:
             }
             if self.config.split.file:
                 self._card["split"] = split_card(self.split_path)
+            elif val_split.used(self.config):
+                self._card["validation_split"] = val_split.read_record(self.config.run.dir_path)
         return self._card
 
     def build_model(self) -> nn.Module:

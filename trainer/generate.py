@@ -6,7 +6,8 @@
        latent (``library="latent"``, default) or not (``library="condition"``); batch drawn
        from its training mix when the VAE decoder is batch-aware and no batch was asked for
     -> counts sampled from that likelihood -> AnnData with the store's genes, obs = conditions,
-       ``obsm["X_latent"]`` = each cell's latent (for the latent memorization check).
+       ``obsm["X_latent"]`` = each cell's latent (for the latent memorization check);
+       ``generate_seeds`` repeats that for several seeds, ``obs["sampling_seed"]`` saying which.
 
 The same path with ``source="vae_prior"`` decodes z ~ N(0, I) instead: the baseline that
 shows what the DiT adds over the VAE alone.
@@ -36,6 +37,7 @@ from .trained_runs import load_model_card, load_vae, load_weights, read_run_json
 __all__ = ["CellGenerator", "condition_space", "write_h5ad_atomic"]
 
 SOURCES = ("dit", "vae_prior")
+SEED_COL = "sampling_seed"  # read by latentcell.evaluation.seeds
 
 
 class CellGenerator:
@@ -153,6 +155,20 @@ class CellGenerator:
             "library": self.library.mode,
             "conditions": json.dumps(conditions),
         }
+        return adata
+
+    def generate_seeds(self, n: int, conditions: dict[str, str], seeds: list[int], **kwargs):
+        """``n`` cells per condition combination for EACH seed, in one AnnData (seed order),
+        ``obs['sampling_seed']`` naming each cell's seed; one seed's numbers move with the
+        sampling noise, several show by how much. ``uns['latentcell']['seed']`` is the first."""
+        parts = [self.generate(n, conditions, seed=s, **kwargs) for s in seeds]
+        for part, seed in zip(parts, seeds, strict=True):
+            part.obs[SEED_COL] = np.full(part.n_obs, seed, dtype=np.int64)
+        adata = parts[0]
+        if len(parts) > 1:
+            keys = [str(s) for s in seeds]
+            adata = ad.concat(parts, keys=keys, index_unique="-seed", merge="same")
+        adata.uns["latentcell"] = {**parts[0].uns["latentcell"], "seeds": [int(s) for s in seeds]}
         return adata
 
 

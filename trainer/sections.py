@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from latentcell.data_pipelines.integrity import ON_CORRUPT
+from latentcell.data_pipelines.split_choice import SPLIT_BY
 
 from .config import ConfigError
 
@@ -44,15 +45,21 @@ class RunSection:
 class DataConfig:
     """path: a store written by ``latentcell data build`` (Zarr or WebDataset); "" uses the
     built-in synthetic dataset, generated once under ``<run root>/builtin_data``.
-    val_path: a separate validation store; else ``val_fraction`` of the store's read units
-    (Zarr chunks / shards, chosen by ``split_seed``) are held out. on_corrupt: "error" stops
-    at a damaged unit naming its file; "skip" leaves its cells out, prints it and records it
-    in summary.json (``data_pipelines.skipping_reader``)."""
+    val_path: a separate validation store; else ``val_fraction`` of the store is held out
+    (0: no validation), chosen by ``split_seed``: split_by "units" holds out whole read units
+    (Zarr chunks / shards: fastest), "cells" cells stratified by ``stratify`` (obs columns or
+    role names; [] = the store's roles; the DiT adds its model.conditions), "auto" cells when
+    the store has under 100 units or a unit split would hold out most of a label
+    (``data_pipelines/split_choice.py``). on_corrupt: "error" stops at a damaged unit naming
+    its file; "skip" leaves its cells out, prints it and records it in summary.json
+    (``data_pipelines.skipping_reader``)."""
 
     path: str = ""
     val_path: str = ""
     val_fraction: float = 0.05
     split_seed: int = 0
+    split_by: str = "auto"
+    stratify: tuple[str, ...] = ()
     batch_size: int = 256
     num_workers: int = 0
     buffer_units: int = 8
@@ -62,6 +69,11 @@ class DataConfig:
         check_on_corrupt(self.on_corrupt)
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.split_by not in SPLIT_BY or self.split_seed < 0:
+            raise ValueError(f"split_by must be one of {SPLIT_BY} (got {self.split_by!r}), "
+                             f"split_seed >= 0 (got {self.split_seed})")  # fmt: skip
+        if len(set(self.stratify)) != len(self.stratify) or not all(self.stratify):
+            raise ValueError(f"stratify must name columns once each, got {list(self.stratify)}")
         if self.batch_size < 1 or self.num_workers < 0 or self.buffer_units < 1:
             raise ValueError("batch_size and buffer_units must be >= 1, num_workers >= 0")
 
@@ -70,17 +82,18 @@ class DataConfig:
 class SplitFileSection:
     """file: a split TOML (``data_pipelines/perturbation_splits.py``), the file ``train st``
     takes. When set, the stage trains on the split's train rows only and validates on its val
-    rows (no validation when it has none), instead of the read-unit split: ``data.val_fraction``
-    and ``data.split_seed`` are then unused, and ``data.val_path`` is refused. The rows are
-    those of ``train st`` on the same store and file, saved as ``split.npz`` / ``split.json``
-    in the run, so a VAE later used by an ST run (``model.space=latent``) or a baseline
-    (``--baseline latent``) of that split never saw its test cells. "" = the read-unit split."""
+    rows (no validation when it has none), instead of the ``data.val_fraction`` split:
+    ``data.val_fraction``, ``split_seed``, ``split_by`` and ``stratify`` are then unused, and
+    ``data.val_path`` is refused. The rows are those of ``train st`` on the same store and
+    file, saved as ``split.npz`` / ``split.json`` in the run, so a VAE later used by an ST run
+    (``model.space=latent``) or a baseline (``--baseline latent``) of that split never saw its
+    test cells. "" = the ``data.val_fraction`` split."""
 
     file: str = ""
 
 
 def check_split_section(config) -> None:
-    """``split.file`` replaces the read-unit split; a separate validation store would
+    """``split.file`` replaces the data.val_fraction split; a separate validation store would
     contradict it (every rank checks it, before anything runs)."""
     if config.split.file and config.data.val_path:
         raise ConfigError(

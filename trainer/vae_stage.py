@@ -4,7 +4,8 @@ The model section holds only what a user chooses; sizes that come from the data 
 batches) are read from the store, and the resolved ``CountVAEConfig`` is saved next to the
 weights (``final/model_config.json``) so a model can be rebuilt without the run config.
 
-Cells: the store's read units minus a held-out share of units for validation, or, with
+Cells: the store minus ``data.val_fraction`` of it held out for validation (whole read units
+or cells stratified by the store's roles, ``data.split_by``: see ``val_split``), or, with
 ``split.file``, the train rows of that perturbation split (the rows ``train st`` trains on,
 streamed through ``row_subset.RowSubset``) and its val rows for validation.
 """
@@ -24,9 +25,9 @@ from latentcell.data_pipelines.cell_stream import CellStream, CellStreamConfig
 from latentcell.data_pipelines.perturbation_splits import SPLIT_ROWS, assign_split, save_split
 from latentcell.data_pipelines.row_subset import split_sources
 from latentcell.data_pipelines.stores import open_store
-from latentcell.data_pipelines.unit_split import split_store_units, subset_factory
 from latentcell.models.count_vae import LIKELIHOODS, CountVAE, CountVAEConfig, LatentMeanEncoder
 
+from . import val_split
 from .sections import (
     DataConfig,
     OptimConfig,
@@ -95,6 +96,9 @@ class VAEStage(CountStoreStage):
             self._input.ensure_store()
             if self.config.split.file:
                 save_split(assign_split(self.store, self.config.split.file), self.split_path.parent)
+            elif val_split.used(self.config):  # stratified by data.stratify (default: roles)
+                data = self.config.data
+                val_split.prepare(self.store, data, data.stratify, self.config.run.dir_path, True)
 
     def _sources(self):
         data = self.config.data
@@ -104,9 +108,8 @@ class VAEStage(CountStoreStage):
             return partial(open_store, self.store), partial(open_store, Path(data.val_path))
         if data.val_fraction <= 0:
             return partial(open_store, self.store), None
-        reader = open_store(self.store)
-        train_units, val_units = split_store_units(reader, data.val_fraction, data.split_seed)
-        return subset_factory(self.store, train_units), subset_factory(self.store, val_units)
+        run_dir = self.config.run.dir_path
+        return val_split.sources(self.store, self.store, data, data.stratify, run_dir)
 
     def _stream(self, source, rank: int, world_size: int, train: bool) -> CellStream:
         data = self.config.data
@@ -168,6 +171,8 @@ class VAEStage(CountStoreStage):
         out = {"class": "latentcell.models.count_vae.CountVAE", "config": card}
         if self.config.split.file:
             out["split"] = split_card(self.split_path)
+        elif val_split.used(self.config):
+            out["validation_split"] = val_split.read_record(self.config.run.dir_path)
         return out
 
     def serving_module(self, model: nn.Module) -> tuple[nn.Module, np.ndarray]:

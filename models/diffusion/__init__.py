@@ -45,7 +45,7 @@ class DiffusionConfig:
     n_train_steps: int = 1000
     solver: str = "heun"
     sample_steps: int = 50
-    guidance: float = 2.0
+    guidance: float = 1.0
     eta: float = 0.0
 
     def __post_init__(self) -> None:

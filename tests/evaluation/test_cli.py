@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+import anndata as ad
 import pytest
 
 from latentcell.data_pipelines.errors import DataValidationError
@@ -13,6 +14,7 @@ from latentcell.evaluation.cli import add_evaluate_commands, parse_baselines
 from tests.evaluation.synthetic import CONDITIONS, nb_cells
 
 SIZES = dict.fromkeys(CONDITIONS, 165)
+SWAP = {"ctrl": "pertA", "pertA": "pertB", "pertB": "ctrl"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -74,3 +76,63 @@ def test_cli_missing_file_and_bad_baseline_spec(files, tmp_path):
     with pytest.raises(DataValidationError, match="NAME=FILE"):
         parse_baselines(["no_equals_sign"])
     assert parse_baselines(["a=x.h5ad", "b=y.h5ad"]) == {"a": Path("x.h5ad"), "b": Path("y.h5ad")}
+
+
+@pytest.fixture(scope="module")
+def more_files(tmp_path_factory):
+    """Real cells with a rare condition and a cell_type column; generated cells of two seeds
+    (the second with swapped labels), without a cell_type column."""
+    root = tmp_path_factory.mktemp("cli_more")
+    real = nb_cells({**SIZES, "rare": 22}, seed=1)
+    real.obs["cell_type"] = real.obs["condition"].map(lambda c: "T" if c == "ctrl" else "B")
+    seeds = [nb_cells(SIZES, seed=2), nb_cells(SIZES, seed=3, relabel=SWAP)]
+    for seed, part in enumerate(seeds):
+        part.obs["sampling_seed"] = seed
+        part.obs_names = [f"s{seed}-{n}" for n in part.obs_names]
+    paths = {"real": root / "real.h5ad", "seeds": root / "seeds.h5ad"}
+    real.write_h5ad(paths["real"])
+    ad.concat(seeds).write_h5ad(paths["seeds"])
+    return paths
+
+
+def _more_args(files, out, *extra: str) -> argparse.Namespace:
+    argv = ["evaluate", "generation", "--real", str(files["real"]), "--generated"]
+    argv += [str(files["seeds"]), "--condition-col", "condition", "--out", str(out)]
+    return _parser().parse_args([*argv, "--n-pcs", "10", *extra])
+
+
+def test_cli_prints_skipped_conditions_and_the_spread_over_seeds(more_files, tmp_path, capsys):
+    args = _more_args(more_files, tmp_path / "eval")
+    assert args.func(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("3 conditions evaluated, 1 skipped; min_cells 12 (auto)")
+    assert lines[1] == (
+        "skipped: rare: 7 cells, fewer than 12 reference cells, the least the kNN AUC needs "
+        "(2 * knn_k + 2)"
+    )
+    assert lines[2].startswith("generated: 2 sampling seeds (0, 1), scored separately")
+    generated_row = next(line for line in lines if line.startswith("generated "))
+    ceiling_row = next(line for line in lines if line.startswith("real_ceiling "))
+    assert generated_row.count("±") == 13 and "±" not in ceiling_row
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["seeds"]["methods"]["generated"]["seeds"] == [0, 1]
+    assert summary["classifier"]["column"] == "condition"  # the default
+
+
+def test_cli_explicit_min_cells_and_bad_values(more_files, tmp_path, capsys):
+    args = _more_args(more_files, tmp_path / "eval", "--min-cells", "40")
+    assert args.func(args) == 0
+    assert "min_cells 40 (given)" in capsys.readouterr().out
+    for bad, match in (("lots", "expected 'auto' or an integer"), ("3", "at least 2 \\* knn_k")):
+        args = _more_args(more_files, tmp_path / "bad", "--min-cells", bad)
+        with pytest.raises(DataValidationError, match=match):
+            args.func(args)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_cli_classifier_column_missing_names_the_file(more_files, tmp_path, capsys):
+    args = _more_args(more_files, tmp_path / "eval", "--classifier-col", "cell_type")
+    with pytest.raises(DataValidationError, match="--classifier-col") as err:
+        args.func(args)
+    assert err.value.path == str(more_files["seeds"]) and err.value.field == "obs['cell_type']"
+    assert not (tmp_path / "eval").exists()

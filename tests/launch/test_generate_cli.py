@@ -3,8 +3,9 @@
 
 Covered: the AnnData written (cells per condition, the store's genes in order, integer
 counts, categorical obs with the store's categories, the sampling settings in ``uns``),
-seeding, the VAE-prior baseline, sampler options, bad input (exit 2, one ``error:`` line,
-nothing written), and scoring the generated file against real cells of the store.
+seeding (several seeds in one file, ``obs['sampling_seed']``), the VAE-prior baseline, sampler
+options, bad input (exit 2, one ``error:`` line, nothing written), and scoring the generated
+file against real cells of the store (per sampling seed when it holds several).
 """
 
 from __future__ import annotations
@@ -79,7 +80,9 @@ def generate(runs, out: Path, *extra: str) -> int:
 
 
 def every_cell_type(runs, out: Path, *extra: str) -> ad.AnnData:
-    assert generate(runs, out, "--n", "30", "--condition", "cell_type=*", *extra) == 0
+    """30 cells of every cell type, one seed (0) unless ``extra`` passes --seed."""
+    argv = ["--n", "30", "--condition", "cell_type=*", "--seed", "0", *extra]
+    assert generate(runs, out, *argv) == 0
     return ad.read_h5ad(out)
 
 
@@ -102,7 +105,7 @@ def test_generates_every_cell_type_in_the_store_vocabulary(runs, tmp_path, capsy
     assert adata.obsm["X_latent"].shape == (60, 4)  # model.n_latent=4
     info = adata.uns["latentcell"]
     assert info["source"] == "dit" and info["seed"] == 0 and info["library"] == "latent"
-    assert info["steps"] == 8 and info["guidance"] == 2.0  # the run's sampling defaults
+    assert info["steps"] == 8 and info["guidance"] == 1.0  # the run's sampling defaults
 
 
 def test_same_seed_same_cells(runs, tmp_path):
@@ -112,6 +115,27 @@ def test_same_seed_same_cells(runs, tmp_path):
     assert (first.X != again.X).nnz == 0
     assert (first.X != other.X).nnz > 0
     assert first.uns["latentcell"]["seed"] == 3 and other.uns["latentcell"]["seed"] == 4
+
+
+def test_several_seeds_in_one_file(runs, tmp_path, capsys):
+    """--seed 0,1: each seed's cells as a run with that seed alone would sample them, tagged
+    with obs['sampling_seed']; the default is three seeds."""
+    both = every_cell_type(runs, tmp_path / "both.h5ad", "--seed", "0,1")
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["seeds"] == [0, 1]
+    assert both.n_obs == 120 and both.obs_names.is_unique
+    assert both.obs["sampling_seed"].dtype == np.int64
+    assert both.obs["sampling_seed"].value_counts().to_dict() == {0: 60, 1: 60}
+    assert list(both.uns["latentcell"]["seeds"]) == [0, 1]
+    assert list(both.obs["cell_type"].cat.categories) == runs.meta.categories["cell_type"]
+    assert both.obsm["X_latent"].shape == (120, 4)
+    alone = every_cell_type(runs, tmp_path / "one.h5ad", "--seed", "1")
+    assert (alone.obs["sampling_seed"] == 1).all()
+    seed1 = (both.obs["sampling_seed"] == 1).to_numpy()
+    assert (both.X[seed1] != alone.X).nnz == 0
+    assert (both.X[~seed1] != alone.X).nnz > 0
+    assert generate(runs, tmp_path / "default.h5ad", "--n", "4") == 0
+    default = ad.read_h5ad(tmp_path / "default.h5ad")
+    assert default.obs["sampling_seed"].value_counts().to_dict() == {0: 4, 1: 4, 2: 4}
 
 
 def test_library_modes_share_the_latents_and_differ_in_depth(runs, tmp_path):
@@ -134,9 +158,8 @@ def test_sampler_options_are_recorded(runs, tmp_path):
     adata = every_cell_type(runs, tmp_path / "gen.h5ad", "--steps", "5", "--guidance", "1.0")
     assert adata.uns["latentcell"]["steps"] == 5 and adata.uns["latentcell"]["guidance"] == 1.0
     label = runs.meta.categories["cell_type"][1]
-    assert (
-        generate(runs, tmp_path / "one.h5ad", "--n", "7", "--condition", f"cell_type={label}") == 0
-    )
+    argv = ["--n", "7", "--condition", f"cell_type={label}", "--seed", "0"]
+    assert generate(runs, tmp_path / "one.h5ad", *argv) == 0
     assert ad.read_h5ad(tmp_path / "one.h5ad").obs["cell_type"].tolist() == [label] * 7
 
 
@@ -147,8 +170,10 @@ def test_sampler_options_are_recorded(runs, tmp_path):
         (["--n", "5", "--condition", "tissue=lung"], "tissue"),
         (["--n", "5", "--condition", "cell_type"], "KEY=VALUE"),
         (["--n", "0", "--condition", "cell_type=*"], "--n"),
+        (["--n", "5", "--seed", "0,0"], "--seed"),
+        (["--n", "5", "--seed", "1,x"], "--seed"),
     ],
-    ids=["unknown-label", "unknown-key", "no-value", "zero-cells"],
+    ids=["unknown-label", "unknown-key", "no-value", "zero-cells", "repeated-seed", "bad-seed"],
 )
 def test_bad_input_exits_2_and_writes_nothing(runs, tmp_path, capsys, args, named):
     assert generate(runs, tmp_path / "gen.h5ad", *args) == 2
@@ -169,16 +194,21 @@ def real_cells(store: Path, out: Path) -> Path:
     return out
 
 
-def test_evaluate_generation_scores_the_generated_cells(runs, tmp_path, capsys):
+def _evaluate_every_cell_type(runs, tmp_path, *generate_args) -> tuple[dict, Path]:
+    """Generated cells (``generate_args``) and a one-seed VAE-prior baseline, evaluated."""
     real = real_cells(runs.store, tmp_path / "real.h5ad")
     gen, prior = tmp_path / "gen.h5ad", tmp_path / "prior.h5ad"
-    every_cell_type(runs, gen)
+    every_cell_type(runs, gen, *generate_args)
     every_cell_type(runs, prior, "--baseline", "vae-prior")
     out = tmp_path / "eval"
     argv = ["evaluate", "generation", "--generated", str(gen), "--real", str(real)]
     argv += ["--condition-col", "cell_type", "--out", str(out), "--baseline", f"vae_prior={prior}"]
     assert main([*argv, "--min-cells", "20", "--n-hvg", "100", "--n-pcs", "10"]) == 0
-    summary = json.loads((out / "summary.json").read_text())
+    return json.loads((out / "summary.json").read_text()), out
+
+
+def test_evaluate_generation_scores_the_generated_cells(runs, tmp_path, capsys):
+    summary, out = _evaluate_every_cell_type(runs, tmp_path)
     assert list(summary["methods"]) == ["generated", "vae_prior", "gaussian_pca", "real_ceiling"]
     assert sorted(summary["conditions"]) == sorted(runs.meta.categories["cell_type"])
     assert summary["n_pcs_used"] == 10
@@ -187,6 +217,18 @@ def test_evaluate_generation_scores_the_generated_cells(runs, tmp_path, capsys):
     assert "2 conditions evaluated" in capsys.readouterr().out
 
 
+def test_evaluate_generation_reports_the_spread_over_seeds(runs, tmp_path, capsys):
+    """A file of three seeds is scored per seed (beside a one-seed baseline, scored once)."""
+    summary, _ = _evaluate_every_cell_type(runs, tmp_path, "--seed", "0,1,2")
+    report = summary["seeds"]["methods"]
+    assert list(report) == ["generated"] and report["generated"]["seeds"] == [0, 1, 2]
+    per_seed = [v["macro"]["knn_auc"] for v in report["generated"]["per_seed"].values()]
+    assert summary["methods"]["generated"]["macro"]["knn_auc"] == pytest.approx(np.mean(per_seed))
+    assert report["generated"]["sd"]["knn_auc"] == pytest.approx(np.std(per_seed, ddof=1))
+    printed = capsys.readouterr().out
+    assert "generated: 3 sampling seeds (0, 1, 2)" in printed and "±" in printed
+
+
 def test_unconditional_generation(runs, tmp_path):
     assert generate(runs, tmp_path / "gen.h5ad", "--n", "10") == 0
-    assert ad.read_h5ad(tmp_path / "gen.h5ad").n_obs == 10
+    assert ad.read_h5ad(tmp_path / "gen.h5ad").n_obs == 30  # 10 for each default seed

@@ -2,7 +2,7 @@
 DiT trained through the real loop on that VAE's latents.
 
 Covered: the latent store and ``latent_stats.json`` that ``prepare_data`` writes (latents are
-the VAE's posterior means, statistics come from the training units only); the held-out loss
+the VAE's posterior means, statistics come from the training cells only); the held-out loss
 falls; the saved model card rebuilds the model and loads the EMA weights; the latent store is
 reused while store and VAE are unchanged and rebuilt when the VAE changes (another run, or the
 same run retrained); configuration and data errors; and one run tracked in MLflow.
@@ -20,10 +20,10 @@ import torch
 from safetensors.torch import load_file
 
 from latentcell.data_pipelines.atomic import sha256_file
+from latentcell.data_pipelines.cell_split import stratified_cell_split
 from latentcell.data_pipelines.errors import DataValidationError
 from latentcell.data_pipelines.latent_store import LatentStoreReader
 from latentcell.data_pipelines.stores import open_store
-from latentcell.data_pipelines.unit_split import split_units
 from latentcell.trainer.config import ConfigError, load_config
 from latentcell.trainer.dit_stage import (
     DenoiserStep,
@@ -36,7 +36,7 @@ from latentcell.trainer.trained_runs import load_vae
 from latentcell.trainer.vae_stage import VAERunConfig, VAEStage
 
 N_LATENT = 4
-VAL_FRACTION = 0.25  # 3 of the store's 12 units
+VAL_FRACTION = 0.25
 
 
 def _reset_accelerate() -> None:
@@ -148,15 +148,16 @@ def test_prepare_data_writes_the_vae_latents_and_their_stats(runs):
     }
     assert stats["genes"]["gene_key"] == list(open_store(runs.store).meta.var.index)
     assert stats["latents"] == str((runs.dit / "latents").absolute())
-    # the statistics describe the training units only (the validation units are held out)
-    train_units, _ = split_units(12, VAL_FRACTION, 0)
-    z = np.concatenate([latents.read_unit(int(u)).X for u in train_units]).astype(np.float64)
-    assert stats["n_cells"] == len(z) == 900
+    # the statistics describe the training cells only: split_by=auto holds out cells of this
+    # 12-unit store, stratified by its roles (the condition, cell_type, is one)
+    train, _ = stratified_cell_split(open_store(runs.store), (), VAL_FRACTION, 0)
+    z = latents.read_rows(0, 1200).X[train].astype(np.float64)
+    assert stats["n_cells"] == len(z) and 880 <= len(z) <= 920  # about 75% of 1,200
     np.testing.assert_allclose(stats["latent_shift"], z.mean(axis=0), rtol=1e-6, atol=1e-7)
     assert stats["latent_scale"] == pytest.approx(1 / np.std(z - z.mean(axis=0)), rel=1e-6)
     assert stats["library"]["columns"] == ["cell_type"]
     assert stats["library"]["batch_column"] == "batch"  # the VAE decodes per batch
-    assert sum(g["n_cells"] for g in stats["library"]["groups"]) == 900
+    assert sum(g["n_cells"] for g in stats["library"]["groups"]) == len(train)
 
 
 def test_validation_loss_falls(runs):
@@ -169,7 +170,7 @@ def test_validation_loss_falls(runs):
 
 def test_summary_reports_the_latent_memorization_check(runs):
     """The stage's final_report: sampled latents against the training latents, per cell type
-    (a 100-step DiT on 900 cells is far from copying them)."""
+    (a 100-step DiT on ~900 cells is far from copying them)."""
     checks = json.loads((runs.dit / "summary.json").read_text())["checks"]
     assert set(checks) == {"memorization/latent_nn_ratio"}
     assert 0.5 < checks["memorization/latent_nn_ratio"] < 5.0

@@ -104,7 +104,9 @@ def test_unreachable_tracking_server_warns_and_training_completes(
 
 
 def test_validation_split_holds_out_whole_units(small_store, tmp_path):
-    stage = VAEStage(_config(tmp_path, small_store, "data.val_fraction=0.25"))
+    """data.split_by=units (auto would split this 12-unit store by cells)."""
+    config = _config(tmp_path, small_store, "data.val_fraction=0.25", "data.split_by=units")
+    stage = VAEStage(config)
     train, val = stage.train_loader(0, 1), stage.val_loader(0, 1)
     train_rows = np.concatenate([b["row"][~b["is_pad"]].numpy() for b in train])
     val_rows = np.concatenate([b["row"][~b["is_pad"]].numpy() for b in val])
