@@ -30,6 +30,10 @@ import argparse
 import time
 from pathlib import Path
 
+from latentcell.data_pipelines.errors import DataValidationError
+
+COMMAND = "latentcell benchmark generation"
+
 REPORTED = (
     "knn_auc", "energy_distance", "mmd", "precision", "recall", "density", "coverage",
     "mean_r2", "var_r2", "zero_frac_mae", "distance_to_training_ratio",
@@ -81,12 +85,16 @@ def run(args: argparse.Namespace) -> int:
     )
 
     t0 = time.perf_counter()
+    train_seeds = _seeds(args.train_seeds, "--train-seeds")  # flags first: before any work
+    sampling_seeds = _seeds(args.sampling_seeds, "--sampling-seeds")
+    if not 0.0 < args.heldout_fraction < 1.0:
+        raise DataValidationError(
+            COMMAND, "--heldout-fraction", f"got {args.heldout_fraction}", "pass a value in (0, 1)"
+        )
     out = Path(args.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
     cells = load_cells(args, out)
     split = split_held_out(cells, args.heldout_fraction, out)
-    train_seeds = _seeds(args.train_seeds, "--train-seeds")
-    sampling_seeds = _seeds(args.sampling_seeds, "--sampling-seeds")
     runs, timings = [], {}
     for train_seed in train_seeds:
         t = time.perf_counter()
@@ -96,19 +104,16 @@ def run(args: argparse.Namespace) -> int:
             t = time.perf_counter()
             runs.append(evaluate_seed(args, split, trained, train_seed, seed))
             timings[f"evaluate_train{train_seed}_sample{seed}_s"] = time.perf_counter() - t
-        runs_meta = trained
     timings["total_s"] = time.perf_counter() - t0
-    write_report(args, out, split, runs, runs_meta, timings)
+    write_report(args, out, split, runs, timings)
     return 0
 
 
 def _seeds(text: str, flag: str) -> list[int]:
-    from latentcell.data_pipelines.errors import DataValidationError
-
     try:
         seeds = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
         seeds = []
     if not seeds or min(seeds) < 0:
-        raise DataValidationError(flag, flag, f"got {text!r}", "pass comma-separated ints >= 0")
+        raise DataValidationError(COMMAND, flag, f"got {text!r}", "pass comma-separated ints >= 0")
     return seeds

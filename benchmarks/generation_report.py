@@ -129,7 +129,7 @@ def figure(table: dict, path: Path) -> Path:
     return path
 
 
-def write_report(args, out: Path, split, runs: list[dict], trained, timings: dict) -> dict:
+def write_report(args, out: Path, split, runs: list[dict], timings: dict) -> dict:
     from latentcell.trainer.tracking import TrackingConfig, make_tracker
 
     first = runs[0]["summary"]

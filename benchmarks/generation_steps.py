@@ -13,6 +13,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from latentcell.data_pipelines.errors import DataValidationError
+from latentcell.data_pipelines.read_h5ad import read_h5ad
 from latentcell.evaluation.protocol import (
     CONDITION_JOIN,
     check_condition_column,
@@ -56,10 +57,13 @@ class HeldOutSplit:
 
 @dataclass(frozen=True)
 class TrainedModels:
-    vae_dir: Path
+    """One training seed's DiT, loaded once for all its sampling seeds, with the VAE latents
+    of the training and held-out cells that the memorization check compares with."""
+
     dit_dir: Path
-    dit_run_id: str | None
-    tracking_uri: str
+    generator: object  # trainer.generate.CellGenerator
+    train_latents: np.ndarray
+    held_latents: np.ndarray
 
 
 def group_labels(obs: pd.DataFrame, columns: list[str]) -> np.ndarray:
@@ -80,11 +84,9 @@ def load_cells(args: argparse.Namespace, out: Path) -> Cells:
                 "pass the obs column(s) to condition on, e.g. --condition-col cell_type",
             )  # fmt: skip
         path, condition_col = Path(args.data), args.condition_col
-        if not path.exists():
-            raise DataValidationError(path, "--data", "file not found", "pass an existing .h5ad")
     else:
         path, condition_col = _synthesize(args, out), args.condition_col or SYNTHETIC_CONDITIONS
-    adata = ad.read_h5ad(path)
+    adata = read_h5ad(path, "--data")
     check_condition_column(adata, str(path), condition_col)
     columns = condition_columns(condition_col)
     keep = list(dict.fromkeys([*columns, *([args.classifier_col] if args.classifier_col else [])]))
@@ -138,10 +140,6 @@ def split_held_out(cells: Cells, fraction: float, out: Path) -> HeldOutSplit:
     cell. The training cells become the store the models train on."""
     from latentcell.data_pipelines.build import build_store
 
-    if not 0.0 < fraction < 1.0:
-        raise DataValidationError(
-            "--heldout-fraction", "--heldout-fraction", f"got {fraction}", "pass a value in (0, 1)"
-        )
     groups = cells.groups
     held = np.zeros(len(groups), dtype=bool)
     rng = np.random.default_rng(0)
@@ -182,6 +180,7 @@ def train_models(
     folders and ``--set`` overrides aside)."""
     from latentcell.trainer.config import load_config
     from latentcell.trainer.dit_stage import DiTRunConfig, DiTStage
+    from latentcell.trainer.generate import CellGenerator
     from latentcell.trainer.loop import fit
     from latentcell.trainer.vae_stage import VAERunConfig, VAEStage
 
@@ -204,11 +203,11 @@ def train_models(
         f"model.conditions={','.join(split.cells.columns)}",
         *_stage_overrides(args.overrides, "dit"),
     ])  # fmt: skip
-    run_id, uri = None, f"sqlite:///{root / 'mlflow.db'}"
     if not (args.reuse and (dit_dir / "final" / "model_config.json").exists()):
-        result = fit(DiTStage(dit), dit)
-        run_id, uri = result.mlflow_run_id, result.tracking_uri
-    return TrainedModels(vae_dir, dit_dir, run_id, uri)
+        fit(DiTStage(dit), dit)
+    generator = CellGenerator.load(dit_dir)
+    train_latents, held_latents = _encode(generator, split.train), _encode(generator, split.held)
+    return TrainedModels(dit_dir, generator, train_latents, held_latents)
 
 
 def _group_sizes(held: ad.AnnData, columns: list[str]) -> dict[str, tuple[dict, int]]:
@@ -252,9 +251,9 @@ def _with_classifier_labels(gen: ad.AnnData, split: HeldOutSplit) -> ad.AnnData:
 def evaluate_seed(args, split: HeldOutSplit, trained: TrainedModels, train_seed: int, seed: int):
     """One sampling seed of one trained DiT, judged by ``evaluate_generation``."""
     from latentcell.evaluation.generation import evaluate_generation
-    from latentcell.trainer.generate import CellGenerator, write_h5ad_atomic
+    from latentcell.trainer.generate import write_h5ad_atomic
 
-    generator = CellGenerator.load(trained.dit_dir)
+    generator = trained.generator
     sizes = _group_sizes(split.held, split.cells.columns)
     gen = _with_classifier_labels(generate_groups(generator, sizes, seed, "dit", args), split)
     prior = _with_classifier_labels(
@@ -267,21 +266,22 @@ def evaluate_seed(args, split: HeldOutSplit, trained: TrainedModels, train_seed:
         gen, split.held, ",".join(split.cells.columns), train=split.train,
         baselines={"vae_prior": prior}, out_dir=folder, **extra,
     )  # fmt: skip
-    memorization = latent_memorization(generator, split, gen, summary["conditions"])
+    memorization = latent_memorization(trained, split, gen, summary["conditions"])
     return {
         "train_seed": train_seed, "sampling_seed": seed, "summary": summary,
         "memorization": memorization, "eval_dir": str(folder),
     }  # fmt: skip
 
 
-def latent_memorization(generator, split: HeldOutSplit, gen: ad.AnnData, conditions) -> dict:
+def latent_memorization(
+    trained: TrainedModels, split: HeldOutSplit, gen: ad.AnnData, conditions
+) -> dict:
     """``latent_nn_ratio`` per evaluated group of the DiT's latents and, as its ceiling, of the
     held-out real cells' VAE latents, both against the DiT's training latents."""
     from latentcell.evaluation.metrics import latent_nn_ratio
 
     columns = split.cells.columns
-    train_latents = _encode(generator, split.train)
-    held_latents = _encode(generator, split.held)
+    train_latents, held_latents = trained.train_latents, trained.held_latents
     train_groups, held_groups = (
         group_labels(split.train.obs, columns),
         group_labels(split.held.obs, columns),
