@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 
 # name -> (module, one-line help); each module has add_arguments(parser) and run(args)
 BENCHMARKS = {
@@ -11,10 +12,51 @@ BENCHMARKS = {
         "latentcell.benchmarks.heldout_celltype",
         "hold out each cell type's perturbed cells; ST vs every baseline and the ceiling",
     ),
+    "perturbation": (
+        "latentcell.benchmarks.perturbation",
+        "the perturbation leaderboard: every family and baseline under one split and one "
+        "evaluator, mean ± sd over seeds, beside the cell-mean baseline and the ceiling",
+    ),
+    "latent-shift-pairing": (
+        "latentcell.benchmarks.latent_shift_pairing",
+        "random vs optimal-transport pairing of control and perturbed cells for latent shift",
+    ),
     "generation": (
         "latentcell.benchmarks.generation",
         "hold out cells of every condition group; VAE + DiT vs the Gaussian in PCA, the VAE "
         "prior and the real-vs-real ceiling, over training and sampling seeds",
+    ),
+    "papalexi2021": (
+        "latentcell.benchmarks.papalexi2021",
+        "ST vs every baseline on Papalexi 2021 (held-out cells and held-out targets), cell-eval",
+    ),
+    "vae-scvi": (
+        "latentcell.benchmarks.vae_vs_scvi",
+        "the count VAE against scvi-tools' SCVI on the same cells, side by side",
+    ),
+    "dit-throughput": (
+        "latentcell.benchmarks.dit_throughput",
+        "DiT training steps/s and whole-generation cells/s on this machine",
+    ),
+    "st-throughput": (
+        "latentcell.benchmarks.st_throughput",
+        "ST training throughput, beside Arc's STATE when it is installed",
+    ),
+    "readers": (
+        "latentcell.benchmarks.readers",
+        "read throughput of the Zarr and WebDataset stores against h5ad readers",
+    ),
+    "integrity": (
+        "latentcell.benchmarks.integrity_cost",
+        "what the read-time integrity checks cost the cell stream (paired ratios)",
+    ),
+    "codecs": (
+        "latentcell.benchmarks.codecs",
+        "store size and read speed per layout and codec (how the default was chosen)",
+    ),
+    "onnx-runtime": (
+        "latentcell.benchmarks.onnx_runtime",
+        "torch eager against the onnxruntime runtime on the same trained runs",
     ),
 }
 
@@ -24,6 +66,18 @@ def add_benchmark_commands(sub: argparse._SubParsersAction) -> None:
     bench_sub = bench.add_subparsers(dest="benchmark", required=True, metavar="NAME")
     for name, (module, help_text) in BENCHMARKS.items():
         parser = bench_sub.add_parser(name, help=help_text, description=help_text)
-        loaded = importlib.import_module(module)
+        loaded = importlib.import_module(module)  # benchmarks import their heavy deps lazily
         loaded.add_arguments(parser)
         parser.set_defaults(func=loaded.run)
+
+
+def standalone(doc: str, add_arguments, run) -> int:
+    """``python -m latentcell.benchmarks.MODULE [args]``: the same parser and run as ``latentcell
+    benchmark NAME``, with the CLI's error rule (one line, exit 2; ``--debug`` for the trace)."""
+    from latentcell.data_pipelines.errors import debug_requested, run_cli
+
+    debug, argv = debug_requested(sys.argv[1:])
+    parser = argparse.ArgumentParser(description=doc.strip().split("\n\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    return run_cli(lambda: run(args), debug)

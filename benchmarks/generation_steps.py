@@ -178,9 +178,9 @@ def train_models(
 ) -> TrainedModels:
     """The VAE, then the DiT on its latents, with the trainer's defaults (step budgets,
     folders and ``--set`` overrides aside)."""
+    from latentcell.inference.generate import CellGenerator
     from latentcell.trainer.config import load_config
     from latentcell.trainer.dit_stage import DiTRunConfig, DiTStage
-    from latentcell.trainer.generate import CellGenerator
     from latentcell.trainer.loop import fit
     from latentcell.trainer.vae_stage import VAERunConfig, VAEStage
 
@@ -251,7 +251,7 @@ def _with_classifier_labels(gen: ad.AnnData, split: HeldOutSplit) -> ad.AnnData:
 def evaluate_seed(args, split: HeldOutSplit, trained: TrainedModels, train_seed: int, seed: int):
     """One sampling seed of one trained DiT, judged by ``evaluate_generation``."""
     from latentcell.evaluation.generation import evaluate_generation
-    from latentcell.trainer.generate import write_h5ad_atomic
+    from latentcell.inference.generate import write_h5ad_atomic
 
     generator = trained.generator
     sizes = _group_sizes(split.held, split.cells.columns)

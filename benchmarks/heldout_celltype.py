@@ -116,7 +116,7 @@ def _cell_types(args, meta, store) -> list[str]:
         raise DataValidationError(
             store, "cell_type", f"{len(known)} cell type(s): nothing to hold out",
             "use data with several cell types; for held-out perturbations on one cell type "
-            "run python -m latentcell.evaluation.experiment_papalexi2021 (zero_shot split)",
+            "run latentcell benchmark papalexi2021 (zero_shot split)",
         )  # fmt: skip
     wanted = [c.strip() for c in args.cell_types.split(",")] if args.cell_types else known
     unknown = sorted(set(wanted) - set(known))
@@ -160,9 +160,8 @@ def held_out(cell_type: str, store: Path, out: Path, args) -> dict:
 
 
 def _train(stage: str, store: Path, split_file: Path, out: Path, args) -> Path:
-    from latentcell.launch.train import _stages
-    from latentcell.trainer.config import load_config
-    from latentcell.trainer.loop import fit
+    from latentcell.families import family_named
+    from latentcell.families.train import load_family_config, train_family
 
     run = out / stage
     if args.reuse and (run / "final" / "model_config.json").exists():
@@ -179,9 +178,8 @@ def _train(stage: str, store: Path, split_file: Path, out: Path, args) -> Path:
                f"train.max_steps={args.st_steps}", "train.ema=true", "train.ema_decay=0.995",
                "optim.lr=1e-3", "optim.warmup_steps=100"],
     }  # fmt: skip
-    config_cls, stage_cls = _stages()[stage]
-    config = load_config(config_cls, None, common + settings[stage])
-    fit(stage_cls(config), config)
+    family = family_named(stage)
+    train_family(family, load_family_config(family, None, common + settings[stage]))
     _reset_accelerate()
     return run
 
@@ -195,7 +193,7 @@ def _reset_accelerate() -> None:
 
 def _predictors(st: Path, vae: Path, train, meta, controls, args) -> dict:
     from latentcell.evaluation.perturbation_baselines import fit_baseline
-    from latentcell.trainer.st_predictor import STPredictor
+    from latentcell.inference.st_predictor import STPredictor
 
     genes = [str(g) for g in controls.var_names]
     roles = meta.roles
@@ -213,7 +211,7 @@ def _score(predictors, controls, test, perts, pert_col, control, type_col, args)
     """Per perturbation: each method's predicted cells vs one half of the real cells; the
     other half is the real-vs-real ceiling."""
     from latentcell.evaluation.population_metrics import energy_in_pca, shift_metrics
-    from latentcell.trainer.predict import PopulationRequest, predict_population
+    from latentcell.inference.predict import PopulationRequest, predict_population
 
     ctrl = _log1p(controls)
     real_all = _log1p(test)
@@ -250,7 +248,7 @@ def _score(predictors, controls, test, perts, pert_col, control, type_col, args)
 
 
 def _log1p(adata) -> np.ndarray:
-    from latentcell.trainer.predict import log1p_normalize
+    from latentcell.inference.predict import log1p_normalize
 
     x = adata.X.toarray() if hasattr(adata.X, "toarray") else np.asarray(adata.X)
     x = np.asarray(x, dtype=np.float64)

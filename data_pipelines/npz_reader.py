@@ -3,7 +3,7 @@
 Why hand-written rather than ``np.load``: ``np.load`` of a ``.npz`` goes through ``zipfile``
 (a file object, a CRC pass and an ``ast.literal_eval`` of the header, per array) and costs
 about 1.6 ms per 8-array sample against about 0.1 ms here (measured); with 256-cell samples
-a shard read runs at ~265k cells/s with ``np.load`` and ~780k with this (codec_benchmark).
+a shard read runs at ~265k cells/s with ``np.load`` and ~780k with this (`latentcell benchmark codecs`).
 The parser accepts exactly what ``np.savez`` writes (stored zip members, zip64 sizes, simple
 dtypes, C order) and returns ``None`` for anything else, so the caller falls back to
 ``np.load``. CRCs are not checked here: ``verify_store`` hashes whole shards.

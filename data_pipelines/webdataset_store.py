@@ -8,7 +8,7 @@ npz as a dict of arrays).
 
 Reading: a shard is read whole (it is the read unit). ``tarfile`` lists the members, the
 file is read into one buffer, and each sample's npz is parsed in place by ``npz_reader``.
-Measured (codec_benchmark, 16k-cell shards, 2000 genes, 10% non-zero): this reader 778k
+Measured (`latentcell benchmark codecs`, 16k-cell shards, 2000 genes, 10% non-zero): this reader 778k
 cells/s; webdataset's ``tariterators.tar_file_iterator`` with the same npz parser 523k and with
 ``np.load`` 204k. So the reader does not iterate with webdataset; any WebDataset pipeline still
 reads the shards (the tests stream one through ``wds.WebDataset``).
@@ -212,7 +212,7 @@ class WebDatasetStoreReader:
 
     names: include obs names in the blocks (off by default, as in ZarrStoreReader).
     verify: check each shard's size and checksum when reading it (``integrity``); False
-    exists only to measure what the check costs (``benchmark_integrity``).
+    exists only to measure what the check costs (``latentcell benchmark integrity``).
     """
 
     def __init__(self, path: str | os.PathLike, names: bool = False, verify: bool = True):

@@ -6,7 +6,7 @@ through its asyncio event-loop thread, about 0.7 ms even for a few bytes on a lo
 which is most of the 3.3 ms that 1000 cells may take at the 300k cells/s target. Reading the
 chunk files ourselves and decoding them with numcodecs (the same library zarr calls) costs the
 file read plus the decompression and nothing else: 757k against 256k cells/s on the same
-blosc-lz4 store (codec_benchmark).
+blosc-lz4 store (`latentcell benchmark codecs`).
 
 The format is still zarr's: arrays are created, written and described by zarr, and this class
 only reads what the Zarr v3 spec fixes (chunk key encoding from the metadata, the codec chain,

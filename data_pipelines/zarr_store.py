@@ -53,7 +53,7 @@ def _lz4():
 
 
 # Codec presets (compressor of every numeric array). The default is chosen by measurement:
-# see codec_benchmark's docstring for the table.
+# see `latentcell benchmark codecs`'s docstring for the table.
 CODECS = {
     "none": lambda: None,
     "zstd-1": lambda: ZstdCodec(level=1),
@@ -355,7 +355,7 @@ class ZarrStoreReader:
     direct: read chunk files directly (``zarr_chunks``); False reads through zarr's API
     (slower; for comparison and for layouts the direct path does not decode, which fall back
     to zarr anyway). verify: check each chunk's checksum (``integrity``); False exists only
-    to measure what the check costs (``benchmark_integrity``).
+    to measure what the check costs (``latentcell benchmark integrity``).
     """
 
     def __init__(

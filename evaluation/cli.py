@@ -301,7 +301,26 @@ def format_perturbation_table(summary: dict) -> str:
             f"DE metrics averaged without {len(left_out)} perturbation(s) that have no "
             f"significant real DE genes: {', '.join(left_out[:10])}"
         )
+    rows += scoreboard_rows(summary.get("scoreboards"))
     return "\n".join(rows)
+
+
+def scoreboard_rows(boards: dict | None) -> list[str]:
+    """The seed designs' scoreboards, model and baseline, means over perturbations (003: gene
+    space; 004: the embedding the summary names); a degenerate metric reads ``degen.``."""
+    if not boards:
+        return []
+    model, baseline = boards["model"], boards["baseline"]
+    degenerate = boards.get("degenerate") or {}
+    width = max(len(key) for key in model) + 2
+    rows = [f"seed scoreboards (means over perturbations; embedding: {boards['embedding']})"]
+    rows.append("scoreboard".ljust(width) + f"{'model':>10}{'baseline':>10}")
+    for key, value in model.items():
+        cells = (
+            f"{'degen.':>10}" * 2 if key in degenerate else _cell(value) + _cell(baseline.get(key))
+        )
+        rows.append(key.ljust(width) + cells)
+    return rows
 
 
 def run_evaluate_perturbation(args: argparse.Namespace) -> int:
@@ -343,5 +362,5 @@ def run_evaluate_perturbation(args: argparse.Namespace) -> int:
         f"cell-eval {summary['cell_eval_version']}, profile {summary['profile']}"
     )
     print(format_perturbation_table(summary))
-    print(f"wrote {Path(args.out) / 'summary.json'} and cell-eval's csv files")
+    print(f"wrote {Path(args.out) / 'summary.json'}, cell-eval's csv files and the scoreboards")
     return 0

@@ -45,6 +45,13 @@ sets are subsampled to the reference's size. Why not fit on the reference itself
 on the cells it then compares inflates their spread along noise directions, and every other set
 is projected without that inflation (measured in ``latentcell.evaluation.splits``).
 
+The seed designs' scoreboards (``latentcell.evaluation.scoreboards``, not part of cell-eval):
+seed 003's gene-space mean-shift Pearson r and top-K Jaccard, seed 004's embedding R², MSE,
+energy distance and kNN purity, for the model and the baseline through the same function,
+against REAL's control cells; means in the summary (``scoreboards``), every perturbation's
+values in ``scoreboard_per_perturbation.csv``, seed 003's figure in
+``figures/scoreboard_003.png``.
+
 VCC submission: copy REAL's control cells into the prediction file (labels in ``target_gene``,
 control ``non-targeting``, or pass ``--pert-col`` / ``--ntc-name``), write the challenge's gene
 order as a one-column csv without header (``genes.csv``), then
@@ -72,8 +79,10 @@ from latentcell.data_pipelines.atomic import write_json_atomic
 from latentcell.data_pipelines.errors import DataValidationError
 from latentcell.evaluation import degenerate_metrics as dm
 from latentcell.evaluation import metrics as m
+from latentcell.evaluation import scoreboards as sb
 from latentcell.evaluation.generation import to_jsonable
 from latentcell.evaluation.protocol import RealPCA, check_counts, reference_genes
+from latentcell.evaluation.scoreboard_figure import write_scoreboard_figure
 from latentcell.evaluation.splits import shuffled_rows
 
 PRED, REAL, TRAIN = "pred", "real", "train"
@@ -85,6 +94,8 @@ TARGET_SUM = 1e4
 SUMMARY_FILE = "summary.json"
 SCORE_FILE = "score.csv"
 MEANINGFUL_SCORE_FILE = "score_meaningful.csv"
+SCOREBOARD_FILE = "scoreboard_per_perturbation.csv"
+SCOREBOARD_FIGURE = "figures/scoreboard_003.png"
 INSTALL_HINT = (
     'cell-eval is not installed; install it with: pip install "latentcell[celleval]" '
     '(or pip install "cell-eval>=0.8,<0.9")'
@@ -468,6 +479,49 @@ def energy_distances(
     }
 
 
+# ---------------------------------------------------------------- seed scoreboards
+
+
+def scoreboards(
+    methods: Mapping[str, ad.AnnData], real: ad.AnnData, pert_col: str, control: str, out: Path
+) -> dict:
+    """The seeds' scoreboards (``latentcell.evaluation.scoreboards``) of each method against
+    REAL (log1p inputs), the shifts taken against REAL's control cells. Writes every
+    perturbation's values (``SCOREBOARD_FILE``) and the first method's seed 003 figure, with
+    the second's J(K) beside it (``SCOREBOARD_FIGURE``); returns the means for the summary."""
+    labels = perturbation_labels(real, pert_col)
+    perturbed = labels != control
+    real_x, real_labels, control_x = real.X[perturbed], labels[perturbed], real.X[~perturbed]
+    boards, arrays = {}, {}
+    for name, adata in methods.items():
+        method_labels = perturbation_labels(adata, pert_col)
+        keep = method_labels != control
+        arrays[name] = (adata.X[keep], method_labels[keep], real_x, real_labels, control_x)
+        boards[name] = sb.perturbation_scoreboard(*arrays[name])
+    rows = [
+        {"method": name, "perturbation": pert, **values}
+        for name, board in boards.items()
+        for pert, values in board["per_perturbation"].items()
+    ]
+    tmp = out / f".{SCOREBOARD_FILE}.tmp-{os.getpid()}"
+    try:
+        pd.DataFrame(rows).to_csv(tmp, index=False)
+        os.replace(tmp, out / SCOREBOARD_FILE)
+    finally:
+        tmp.unlink(missing_ok=True)
+    first, *rest = boards
+    write_scoreboard_figure(
+        out / SCOREBOARD_FIGURE, *arrays[first], boards[first], boards[rest[0]] if rest else None
+    )
+    any_board = boards[first]
+    return {
+        **{name: board["mean"] for name, board in boards.items()},
+        "degenerate": any_board["degenerate"],  # depends on the input, not the method
+        "embedding": any_board["embedding"],
+        "settings": any_board["settings"],
+    }
+
+
 # ---------------------------------------------------------------- summary
 
 
@@ -521,7 +575,8 @@ def evaluate_perturbation(
     Inputs hold raw counts in ``.X`` and ``obs[pert_col]``. Every input check runs before
     anything is written; a bad input raises ``DataValidationError`` whose path is the role
     (``pred``, ``real`` or ``train``). Writes cell-eval's csv files under ``out_dir``
-    (``model/``, ``baseline/``, ``score.csv``) and ``summary.json``; returns the summary.
+    (``model/``, ``baseline/``, ``score.csv``), the seed scoreboards' csv and figure and
+    ``summary.json``; returns the summary.
     Raises ImportError (with the install command) when cell-eval is missing.
     """
     if profile not in PROFILES:
@@ -564,6 +619,9 @@ def evaluate_perturbation(
         distances = energy_distances(
             {MODEL: pred_n, BASELINE: baseline}, real_n, pert_col, control, energy
         )
+        seed_boards = scoreboards(
+            {MODEL: pred_n, BASELINE: baseline}, real_n, pert_col, control, out
+        )
     model_failed = [c for c in one_sided if c in base_agg.columns and c not in kept.degenerate]
     if model_failed:  # the baseline has them, the prediction broke them: scored 0
         notes.append(f"cell-eval produced no value for the model on {model_failed}: scored 0")
@@ -595,6 +653,8 @@ def evaluate_perturbation(
         "baseline_agg_results": f"{BASELINE}/agg_results.csv",
         "score": SCORE_FILE,
         "score_meaningful": MEANINGFUL_SCORE_FILE,
+        "scoreboard_per_perturbation": SCOREBOARD_FILE,
+        "scoreboard_figure": SCOREBOARD_FIGURE,
     }
     summary = {
         "cell_eval_version": cell_eval_version(),
@@ -613,6 +673,7 @@ def evaluate_perturbation(
         "metrics": metrics,
         "meaningful_metrics": {MODEL: kept.model, BASELINE: kept.baseline},
         "energy_distance": distances,
+        "scoreboards": seed_boards,
         "files": files,
         "warnings": notes,
         "notes": {
@@ -635,6 +696,11 @@ def evaluate_perturbation(
             "metrics": "cell-eval's aggregates as it computed them; meaningful_metrics: the "
             "means the scores use",
             "vcc_avg_score": f"mean score of {list(VCC_METRICS)} (the VCC overall score)",
+            "scoreboards": "the seed designs' scoreboards (latentcell.evaluation.scoreboards), "
+            "model and baseline through the same function: 003 in gene space (mean-shift "
+            "Pearson r, top-K Jaccard of |shift|), 004 in the embedding named here (R² over "
+            "perturbations x dims, MSE, energy distance, kNN purity); means over perturbations, "
+            "each perturbation's values in scoreboard_per_perturbation.csv",
             "files": "relative to this folder",
         },
     }

@@ -64,8 +64,8 @@ import pandas as pd
 import scipy.sparse as sp
 
 from latentcell.data_pipelines.errors import DataValidationError
+from latentcell.inference.predict import _dense, _gene_matrix, log1p_normalize
 from latentcell.models.perturbation_encoders import split_genes, target_columns
-from latentcell.trainer.predict import _dense, _gene_matrix, log1p_normalize
 
 __all__ = [
     "BASELINES",
@@ -349,7 +349,7 @@ def fit_baseline(
                 "pass --vae-run VAE_RUN (trained with model.batch_conditioning=false)",
             )  # fmt: skip
         if bridge is None:
-            from latentcell.trainer.vae_bridge import VAEBridge
+            from latentcell.inference.vae_bridge import VAEBridge
 
             bridge = VAEBridge(vae_run)
         data = _Training(train, bridge.genes(), *columns)

@@ -1,6 +1,7 @@
 """``latentcell export``: a finished run -> a bundle of ONNX files and their metadata.
 
-What a run exports is decided by its model card's class (``EXPORTERS``):
+What a run exports is decided by its family (``families.registry``: the family whose runs
+write the model card's class names its ``exporter``):
 
 - a count VAE run: ``vae_encoder`` and ``vae_decoder``;
 - a latent-diffusion (DiT) run: its ``denoiser`` plus the encoder and decoder of the VAE it
@@ -21,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from importlib.metadata import version
 from pathlib import Path
 
@@ -29,19 +30,20 @@ import numpy as np
 
 from latentcell.data_pipelines.atomic import AtomicDir, sha256_file, write_json_atomic
 from latentcell.data_pipelines.errors import DataValidationError
-from latentcell.models.count_vae import TARGET_SUM, CountVAE
-from latentcell.trainer.trained_runs import (
+from latentcell.families import FAMILIES, family_of_card
+from latentcell.inference.trained_runs import (
     load_model_card,
     load_vae,
     read_run_json,
     weights_path,
 )
+from latentcell.models.count_vae import TARGET_SUM, CountVAE
 
 from .graphs import DenoiserGraph, ExportGraph, SetModelGraph, VAEDecoderGraph, VAEEncoderGraph
 from .onnx_io import DEFAULT_OPSET, TOLERANCE, export_graph, parity
 from .runtime.bundle import FORMAT, FORMAT_VERSION, METADATA, component_props
 
-__all__ = ["EXPORTERS", "ExportPlan", "export_run", "run_tracking"]
+__all__ = ["ExportPlan", "export_run", "plan_dit", "plan_st", "plan_vae", "run_tracking"]
 
 
 @dataclasses.dataclass
@@ -146,7 +148,7 @@ def plan_vae(run_dir: Path, card: dict, weights: str, **_) -> ExportPlan:
 
 
 def plan_dit(run_dir: Path, card: dict, weights: str, **_) -> ExportPlan:
-    from latentcell.trainer.generate import CellGenerator
+    from latentcell.inference.generate import CellGenerator
 
     gen = CellGenerator.load(run_dir, weights)
     model, stats = gen.dit, gen.stats
@@ -171,9 +173,9 @@ def plan_dit(run_dir: Path, card: dict, weights: str, **_) -> ExportPlan:
 
 
 def plan_st(run_dir: Path, card: dict, weights: str, add_perturbations=(), **_) -> ExportPlan:
-    from latentcell.trainer.st_stage import build_st_model
-    from latentcell.trainer.trained_runs import load_weights
-    from latentcell.trainer.vae_bridge import VAEBridge
+    from latentcell.inference.model_builders import build_st_model
+    from latentcell.inference.trained_runs import load_weights
+    from latentcell.inference.vae_bridge import VAEBridge
 
     path = weights_path(run_dir, weights)
     model = build_st_model(card).eval()  # STPretrainModel adds no parameter to STModel
@@ -235,14 +237,6 @@ def _basal_cell_types(model, cell_types: list[str]) -> list[str] | None:
     return [t for t, ok in zip(cell_types, has_mean, strict=True) if ok]
 
 
-EXPORTERS: dict[str, Callable[..., ExportPlan]] = {
-    "latentcell.models.count_vae.CountVAE": plan_vae,
-    "latentcell.models.latent_diffusion.LatentDiffusion": plan_dit,
-    "latentcell.models.st_model.STModel": plan_st,
-    "latentcell.models.st_pretrain.STPretrainModel": plan_st,
-}
-
-
 def _versions(opset: int) -> dict:
     import onnx
     import onnxruntime
@@ -266,12 +260,14 @@ def export_run(
     matched torch within ``TOLERANCE``."""
     run_dir = Path(run_dir)
     card = load_model_card(run_dir)
-    exporter = EXPORTERS.get(card.get("class"))
-    if exporter is None:
+    family = family_of_card(card, run_dir / "final" / "model_config.json")
+    if family.exporter is None:
+        exporting = sorted(name for name, f in FAMILIES.items() if f.exporter)
         raise DataValidationError(
-            run_dir, "class", f"no exporter for {card.get('class')}",
-            f"export a run of one of {sorted(EXPORTERS)}",
+            run_dir, "class", f"the {family.name} family has no ONNX export",
+            f"export a run of one of {exporting}, or predict with `latentcell predict --run`",
         )  # fmt: skip
+    exporter = family.load("exporter")
     plan = exporter(run_dir, card, weights, add_perturbations=tuple(add_perturbations))
     metadata = {
         "format": FORMAT,

@@ -45,6 +45,6 @@ fi
 case "$mode" in
   demo) exec "$venv/bin/latentcell" demo "$@" ;;
   test) exec "$py" -m pytest -q "$@" ;;
-  bench) exec "$py" -m latentcell.trainer.benchmark_vae "$@" ;;
+  bench) exec "$py" -m latentcell.benchmarks.vae_vs_scvi "$@" ;;
   *) echo "usage: bash launch/bootstrap.sh demo|test|bench [args]" >&2; exit 2 ;;
 esac

@@ -4,11 +4,12 @@ Synthesize a VCC-schema h5ad -> build a Zarr v3 store (HVGs + perturbed targets)
 one epoch through ``CellStream`` and ST-style sets through ``SetSampler`` -> train a count
 VAE through the shared trainer, tracked in MLflow (SQLite under ``--out``) -> train a small
 latent DiT on the VAE's latents -> generate cells of every cell type and judge them against
-real cells with the generation metric suite -> fine-tune a small ST set model on the
-perturbations (held-out cells), predict the test cells' perturbations from their controls and
-judge them with cell-eval beside the training-mean baseline -> export the DiT run to ONNX and
-sample from the bundle with onnxruntime (no torch) -> print where everything is. Everything stays
-under ``--out`` (default ``runs/demo``); re-running reuses the data and retrains the VAE.
+real cells with the generation metric suite -> export the DiT run to ONNX and sample from the
+bundle with onnxruntime (no torch) -> a small perturbation leaderboard (``latentcell benchmark
+perturbation``, held-out cells, one seed): ST, the conditional VAE (modes b and a), latent shift
+and every baseline trained on the same split and judged by cell-eval, its table printed last.
+Everything stays under ``--out`` (default ``runs/demo``), in one MLflow store; re-running reuses
+the data and retrains the models.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def add_demo_command(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--dit-steps", type=int, default=600, help="DiT training steps (0 skips the DiT)"
     )
-    parser.add_argument("--st-steps", type=int, default=300, help="ST set-model steps (0 skips it)")
+    parser.add_argument("--st-steps", type=int, default=300,
+                        help="ST steps in the perturbation leaderboard (0 skips the leaderboard)")  # fmt: skip
     parser.set_defaults(func=run_demo)
 
 
@@ -103,14 +105,12 @@ def run_demo(args: argparse.Namespace) -> int:
             step.done("trained the latent DiT")
             _generate_and_evaluate(out, h5ad, args.seed)
             step.done("generated cells and evaluated them")
-    if args.st_steps > 0:
-        _train_st(out, store, args.st_steps, args.seed)
-        step.done("trained the ST set model")
-        _predict_and_evaluate(out, h5ad, store, args.seed)
-        step.done("predicted the test perturbations and judged them with cell-eval")
     if args.vae_steps > 0 and args.dit_steps > 0:
         _export_and_sample(out, args.seed)
         step.done("exported the DiT run to ONNX and sampled from the bundle without torch")
+    if args.st_steps > 0:
+        _leaderboard(out, store, args.st_steps)
+        step.done("perturbation leaderboard: every family and baseline on the held-out cells")
     print(f"demo finished; outputs in {out}")
     return 0
 
@@ -205,7 +205,7 @@ def _generate_and_evaluate(out: Path, h5ad: Path, seed: int) -> None:
 
     from latentcell.evaluation.generation import evaluate_generation
     from latentcell.evaluation.protocol import GenerationProtocol
-    from latentcell.trainer.generate import CellGenerator, write_h5ad_atomic
+    from latentcell.inference.generate import CellGenerator, write_h5ad_atomic
 
     generator = CellGenerator.load(out / "dit")
     generated = generator.generate(200, {"cell_type": "*"}, seed=seed)
@@ -231,73 +231,30 @@ def _generate_and_evaluate(out: Path, h5ad: Path, seed: int) -> None:
     print(f"  summary and figures: {out / 'evaluation'}")
 
 
-def _train_st(out: Path, store: Path, steps: int, seed: int) -> None:
-    """The same run as ``latentcell train st --config launch/configs/st_demo.toml``."""
+def _leaderboard(out: Path, store: Path, st_steps: int) -> None:
+    """``latentcell benchmark perturbation`` on the demo's store with a held-out-cells split,
+    at demo sizes (one seed, short runs): its table is the demo's last output."""
     import shutil
 
-    from latentcell.trainer.config import load_config
-    from latentcell.trainer.loop import fit
-    from latentcell.trainer.st_stage import STRunConfig, STStage
+    from latentcell.benchmarks.perturbation import add_arguments, run
 
-    run_dir = out / "st"
-    shutil.rmtree(run_dir, ignore_errors=True)
+    board = out / "leaderboard"
+    shutil.rmtree(board, ignore_errors=True)  # retrain, as every demo step does
     split = out / "split.toml"
     split.write_text("[split]\nseed = 0\n[split.cells]\nval_fraction = 0.1\ntest_fraction = 0.2\n")
-    config = load_config(STRunConfig, None, [
-        f"data.path={store}", f"run.dir={run_dir}", f"split.file={split}",
-        f"train.max_steps={steps}", f"train.seed={seed}", f"train.eval_every={max(steps // 3, 1)}",
-        "train.eval_batches=8", f"train.checkpoint_every={max(steps // 2, 1)}",
-        "data.set_size=32", "data.sets_per_batch=8", "model.hidden=96", "model.depth=2",
-        "model.basal=train",
-        "optim.lr=1e-3", "optim.warmup_steps=30", "tracking.log_every=20",
-        "tracking.run_name=demo-st",
-    ])  # fmt: skip
-    result = fit(STStage(config), config)
-    val = result.val_metrics
-    print(
-        f"  ST: {result.step} steps at {result.cells_per_s:,.0f} cells/s; held-out set loss "
-        f"{val.get('val/loss', float('nan')):.3f} (energy distance "
-        f"{val.get('val/distribution', float('nan')):.3f}); MLflow run {result.mlflow_run_id}"
-    )
-
-
-def _predict_and_evaluate(out: Path, h5ad: Path, store: Path, seed: int) -> None:
-    """ST and the training-mean baseline predict every perturbation of the TEST cells from
-    the test controls (as ``latentcell predict``), judged by cell-eval (``latentcell evaluate
-    perturbation``) against the test cells."""
-    import anndata as ad
-
-    from latentcell.evaluation.perturbation import evaluate_perturbation
-    from latentcell.evaluation.perturbation_baselines import fit_baseline
-    from latentcell.trainer.generate import write_h5ad_atomic
-    from latentcell.trainer.predict import PopulationRequest, predict_population
-    from latentcell.trainer.st_predictor import STPredictor
-    from latentcell.trainer.st_stage import split_source_rows
-
-    cells = ad.read_h5ad(h5ad)
-    rows = split_source_rows(out / "st", store)
-    real, train = cells[rows["test"]].copy(), cells[rows["train"]].copy()
-    controls = real[real.obs["target_gene"] == "non-targeting"].copy()
-    targets = sorted(set(real.obs["target_gene"].astype(str)) - {"non-targeting"})
-    request = PopulationRequest(tuple(targets), 100, seed=seed)
-    st = STPredictor(out / "st")
-    mean = fit_baseline("mean", train, st.genes, gene_symbols=st.gene_symbols, basal="train")
-    for name, predictor in (("st", st), ("mean_baseline", mean)):
-        pred = predict_population(predictor, controls, request, "test controls")
-        write_h5ad_atomic(pred, out / f"predicted_{name}.h5ad")
-        try:
-            summary = evaluate_perturbation(pred, real, train, out / f"cell_eval_{name}")
-        except ImportError as err:  # cell-eval is an optional extra
-            print(f"  wrote {out / f'predicted_{name}.h5ad'}; not judged: {err}")
-            continue
-        h = summary["headline"]
-        print(
-            f"  {name:<14} cell-eval avg_score {h['avg_score']['model']:.3f}  "
-            f"overlap_at_N {h['overlap_at_N']['model']:.3f}  discrimination_l1 "
-            f"{h['discrimination_score_l1']['model']:.3f}  pearson_delta "
-            f"{h['pearson_delta']['model']:.3f}  energy {summary['energy_distance']['model']:.3f}"
-        )
-    print(f"  predictions: {out}/predicted_*.h5ad; cell-eval summaries: {out}/cell_eval_*/")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    demo_sizes = [
+        f"st:train.max_steps={st_steps}", "st:model.hidden=96",
+        "st:model.cell_type_dropout=0", "st:model.perturbation_dropout=0",
+        "st:train.ema_decay=0.99", "st:optim.warmup_steps=30",
+        "cvae:train.max_steps=600", "latent-shift:train.max_steps=600", "vae:train.max_steps=400",
+    ]  # fmt: skip
+    run(parser.parse_args([
+        "--data", str(store), "--split", str(split), "--seeds", "1",
+        "--cells-per-perturbation", "100", "--tracking-uri", f"sqlite:///{out / 'mlflow.db'}",
+        "--out", str(board), *(x for o in demo_sizes for x in ("--set", o)),
+    ]))  # fmt: skip
 
 
 def _export_and_sample(out: Path, seed: int) -> None:

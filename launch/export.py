@@ -16,8 +16,15 @@ import time
 
 
 def add_export_command(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="export a trained run to ONNX (+ metadata) for serving")
-    p.add_argument("--run", required=True, help="run.dir of a finished `latentcell train` run")
+    from latentcell.families import FAMILIES
+
+    exporting = ", ".join(name for name, f in FAMILIES.items() if f.exporter)
+    p = sub.add_parser(
+        "export", help="export a trained run to ONNX (+ metadata) for serving",
+        description=f"Export a finished run to an ONNX bundle. Families that export: {exporting}.",
+    )  # fmt: skip
+    p.add_argument("--run", required=True,
+                   help=f"run.dir of a finished `latentcell train` run ({exporting})")  # fmt: skip
     p.add_argument("--out", required=True, help="bundle directory to create")
     p.add_argument("--opset", type=int, default=20, help="ONNX opset (>= 18; default 20)")
     p.add_argument("--weights", default="auto", choices=("auto", "ema", "model"))

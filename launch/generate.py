@@ -66,7 +66,7 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from latentcell.trainer.generate import CellGenerator, write_h5ad_atomic
+    from latentcell.inference.generate import CellGenerator, write_h5ad_atomic
 
     start = time.perf_counter()
     seeds = parse_seeds(args.seed)

@@ -28,11 +28,25 @@ from latentcell.data_pipelines.errors import DataValidationError
 
 
 def add_predict_command(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="predict perturbed cells from controls (ST or baseline)")
-    p.add_argument("--run", help="run.dir of `latentcell train st`")
+    from latentcell.families import BASELINES, FAMILIES
+
+    families = [name for name, f in FAMILIES.items() if f.predicts_perturbations]
+    p = sub.add_parser(
+        "predict", help="predict perturbed cells from controls (a trained run or a baseline)",
+        description="Predict perturbed cells from control cells, with a finished run of a "
+        f"perturbation family ({', '.join(families)}) or a baseline fitted on training cells "
+        f"({', '.join(BASELINES)}).",
+    )  # fmt: skip
+    p.add_argument("--run", help=f"run.dir of `latentcell train FAMILY` ({', '.join(families)})")
+    p.add_argument(
+        "--mode", default=None,
+        help="--run only: the family's prediction mode ("
+        + "; ".join(f"{n}: {'|'.join(FAMILIES[n].modes)}" for n in families if FAMILIES[n].modes)
+        + "; default: the first)",
+    )  # fmt: skip
     p.add_argument(
         "--baseline",
-        help="control | mean | additive | linear | latent (needs --split and --store, or --train)",
+        help=f"{' | '.join(BASELINES)} (needs --split and --store, or --train)",
     )
     p.add_argument("--train", help="training cells (h5ad, counts) for --baseline")
     p.add_argument(
@@ -90,12 +104,17 @@ def _predictor(args, controls):
             "drop --split and --store (they choose a baseline's training cells)",
         )  # fmt: skip
     if args.run:
-        from latentcell.trainer.st_predictor import STPredictor
-
-        st = STPredictor(args.run, args.weights, args.unseen, args.unseen_cell_type)
-        roles, card = st.card["roles"], st.card
-        labels = [x for x in st.labels if x != card["control_label"] and st.is_trained(x)]
-        return st, roles["perturbation"], card["control_label"], roles.get("cell_type"), labels
+        predictor = load_run_predictor(args)
+        labels = predictor.run_labels
+        return (
+            predictor, labels.pert_col, labels.control_label, labels.cell_type_col,
+            list(labels.perturbations),
+        )  # fmt: skip
+    if args.mode:
+        raise DataValidationError(
+            "latentcell predict", "--mode", "a prediction mode belongs to a trained run",
+            "drop --mode, or pass --run DIR",
+        )  # fmt: skip
     from latentcell.evaluation.perturbation_baselines import fit_baseline
 
     train, source, roles = _training_cells(args)
@@ -113,10 +132,31 @@ def _predictor(args, controls):
     return baseline, pert_col, control, cell_type_col, labels
 
 
+def load_run_predictor(args):
+    """The predictor of ``--run``'s family (``families.registry``), in ``--mode``."""
+    from latentcell.families import family_of_run
+    from latentcell.inference.predict import PredictOptions
+
+    family = family_of_run(args.run)
+    if not family.predicts_perturbations:
+        raise DataValidationError(
+            args.run, "class", f"a {family.name} run does not predict perturbations",
+            "pass a run of a perturbation family: latentcell train st|cvae|latent-shift",
+        )  # fmt: skip
+    if args.mode is not None and args.mode not in family.modes:
+        choices = "|".join(family.modes) if family.modes else "no --mode"
+        raise DataValidationError(
+            args.run, "--mode", f"the {family.name} family has no mode {args.mode!r}",
+            f"use {choices}",
+        )  # fmt: skip
+    options = PredictOptions(args.weights, args.unseen, args.unseen_cell_type, args.mode)
+    return family.load("predictor")(args.run, options)
+
+
 def run_predict(args: argparse.Namespace) -> int:
     from latentcell.data_pipelines.read_h5ad import read_h5ad
-    from latentcell.trainer.generate import write_h5ad_atomic
-    from latentcell.trainer.predict import PopulationRequest, predict_population
+    from latentcell.inference.generate import write_h5ad_atomic
+    from latentcell.inference.predict import PopulationRequest, predict_population
 
     start = time.perf_counter()
     controls = read_h5ad(args.controls, "--controls")

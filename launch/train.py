@@ -16,26 +16,17 @@ import argparse
 import json
 
 
-def _stages() -> dict:
-    from latentcell.trainer.dit_stage import DiTRunConfig, DiTStage
-    from latentcell.trainer.st_pretrain_stage import STPretrainRunConfig, STPretrainStage
-    from latentcell.trainer.st_stage import STRunConfig, STStage
-    from latentcell.trainer.vae_stage import VAERunConfig, VAEStage
-
-    return {
-        "vae": (VAERunConfig, VAEStage),
-        "dit": (DiTRunConfig, DiTStage),
-        "st": (STRunConfig, STStage),
-        "st-pretrain": (STPretrainRunConfig, STPretrainStage),
-    }
-
-
-STAGE_NAMES = ("vae", "dit", "st", "st-pretrain")
-
-
 def add_train_command(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("train", help="train a model (one stage) with the shared loop")
-    parser.add_argument("stage", choices=STAGE_NAMES, help="what to train")
+    from latentcell.families import FAMILIES
+
+    listing = "\n".join(f"  {name:<13} {f.summary}" for name, f in FAMILIES.items())
+    parser = sub.add_parser(
+        "train", help="train a model family (see `latentcell train --help`)",
+        description=f"Train one run of a model family.\n\nfamilies:\n{listing}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    parser.add_argument("stage", choices=list(FAMILIES), metavar="FAMILY",
+                        help=f"the model family to train: {', '.join(FAMILIES)}")  # fmt: skip
     parser.add_argument("--config", help="TOML run config (every key has a default)")
     parser.add_argument(
         "--set",
@@ -57,34 +48,24 @@ def add_train_command(sub: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from latentcell.trainer.config import config_to_dict, load_config
-    from latentcell.trainer.loop import TrainingStopped, fit
+    from latentcell.families import family_named
+    from latentcell.families.train import load_family_config, train_family
+    from latentcell.trainer.config import config_to_dict
+    from latentcell.trainer.loop import TrainingStopped
 
-    config_cls, stage_cls = _stages()[args.stage]
-    config = load_config(config_cls, args.config, args.overrides)
+    family = family_named(args.stage)
+    config = load_family_config(family, args.config, args.overrides)
     if args.print_config:
         import tomli_w
 
         print(tomli_w.dumps(config_to_dict(config)), end="")
         return 0
     try:
-        result = fit(stage_cls(config), config, resume=args.resume)
+        summary = train_family(family, config, resume=args.resume)
     except TrainingStopped as stopped:  # its line is already printed
         return stopped.exit_code
     from accelerate import PartialState
 
     if PartialState().is_main_process:
-        print(
-            json.dumps(
-                {
-                    "run_dir": str(result.run_dir),
-                    "step": result.step,
-                    "final_weights": str(result.final_dir / "model.safetensors"),
-                    "val": result.val_metrics,
-                    "cells_per_s": round(result.cells_per_s, 1),
-                    "mlflow_tracking_uri": result.tracking_uri,
-                    "mlflow_run_id": result.mlflow_run_id,
-                }
-            )
-        )
+        print(json.dumps(summary))
     return 0

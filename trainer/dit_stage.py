@@ -39,6 +39,8 @@ from latentcell.data_pipelines.perturbation_splits import SPLIT_ROWS, assign_spl
 from latentcell.data_pipelines.row_subset import rows_digest, split_sources
 from latentcell.data_pipelines.stores import open_store
 from latentcell.data_pipelines.unit_split import subset_factory
+from latentcell.inference.model_builders import LATENT_DIFFUSION_CLASS, build_latent_diffusion
+from latentcell.inference.trained_runs import load_model_card, load_vae, read_run_json
 from latentcell.models.diffusion import DiffusionConfig
 from latentcell.models.dit import DiTConfig
 from latentcell.models.latent_diffusion import LatentDiffusion, LatentDiffusionConfig
@@ -58,11 +60,10 @@ from .sections import (
     split_card,
 )
 from .tracking import TrackingConfig
-from .trained_runs import load_model_card, load_vae, read_run_json
 
 __all__ = ["DiTModelSection", "DiTRunConfig", "DiTStage", "VAERef", "build_latent_diffusion"]
 
-MODEL_CLASS = "latentcell.models.latent_diffusion.LatentDiffusion"
+MODEL_CLASS = LATENT_DIFFUSION_CLASS
 CHECK_LABELS = 8  # the memorization check samples the most frequent labels ...
 CHECK_SAMPLES = 256  # ... this many latents each ...
 CHECK_TRAIN = 5000  # ... against at most this many training latents of the label
@@ -99,21 +100,6 @@ class DiTRunConfig:
         )
     )
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-
-
-def build_latent_diffusion(card: dict, stats: dict | None = None) -> LatentDiffusion:
-    """A LatentDiffusion from its model card (``final/model_config.json``)."""
-    config = dict(card["config"])
-    config["dit"] = DiTConfig(
-        **{**config["dit"], "n_categories": tuple(config["dit"]["n_categories"])}
-    )
-    config["diffusion"] = DiffusionConfig(**config["diffusion"])
-    for key in ("categorical_keys", "continuous_keys", "continuous_mean", "continuous_std"):
-        config[key] = tuple(config[key])
-    model = LatentDiffusion(LatentDiffusionConfig(**config))
-    if stats is not None:
-        model.set_latent_stats(torch.tensor(stats["latent_shift"]), stats["latent_scale"])
-    return model
 
 
 class DiTStage:

@@ -48,11 +48,10 @@ import torch
 from torch import nn
 
 from latentcell.data_pipelines.errors import DataValidationError
+from latentcell.inference.trained_runs import load_model_card, load_state, weights_path
 from latentcell.models.perturbation_encoders import ENCODER_CLASSES
 from latentcell.models.perturbation_labels import perturbation_genes
 from latentcell.models.st_model import STConfig, STModel
-
-from .trained_runs import load_model_card, load_state, weights_path
 
 __all__ = ["InitReport", "load_from_run", "load_matching"]
 

@@ -33,6 +33,9 @@ from latentcell.data_pipelines.perturbation_splits import (
 )
 from latentcell.data_pipelines.set_sampler import SetSampler, SetSamplerConfig
 from latentcell.data_pipelines.stores import open_store
+from latentcell.inference.model_builders import ST_CLASS, build_st_model  # noqa: F401  (re-export)
+from latentcell.inference.predict import _dense, log1p_normalize
+from latentcell.inference.vae_bridge import VAEBridge
 from latentcell.models.perturbation_encoders import ENCODER_KINDS, PerturbationEncoderConfig
 from latentcell.models.set_losses import SetLossConfig
 from latentcell.models.st_model import (
@@ -47,17 +50,15 @@ from latentcell.models.st_model import (
 
 from .config import ConfigError
 from .init_from_run import load_from_run, load_matching  # noqa: F401  (load_matching: re-export)
-from .predict import _dense, log1p_normalize
 from .sections import OptimConfig, RunSection, TrainConfig, VAERef
 from .set_batches import SetBatches, require_sets
 from .st_sections import SetDataSection, role_categories, store_card
 from .store_stage import CountStoreStage
 from .tracking import TrackingConfig
-from .vae_bridge import VAEBridge
 
 __all__ = ["MODEL_CLASS", "STDataSection", "STModelSection", "STRunConfig", "STStage"]
 
-MODEL_CLASS = "latentcell.models.st_model.STModel"
+MODEL_CLASS = ST_CLASS
 
 
 @dataclass(frozen=True)
@@ -142,11 +143,6 @@ class STRunConfig:
 
 _VOCABULARY_ROLES = ("perturbation", "cell_type", "batch")
 DEFAULT_SPLIT = {"split": {"seed": 0, "cells": {"val_fraction": 0.1, "test_fraction": 0.0}}}
-
-
-def build_st_model(card: dict) -> STModel:
-    """The model a card describes (weights not loaded)."""
-    return STModel(STConfig.from_dict(card["config"]))
 
 
 class STStage(CountStoreStage):

@@ -4,7 +4,7 @@
              --out GEN.h5ad
     predict  --bundle DIR --controls CTRL.h5ad --perturbations A,B|all
              [--cells-per-perturbation N --unseen error|generic --unseen-cell-type error|unknown
-              --seed S] --out PRED.h5ad
+              --mode b|a (cvae bundles) --seed S] --out PRED.h5ad
     serve    --bundle DIR [--host 127.0.0.1 --port 8000 --max-body-bytes N --read-timeout S
              --concurrency N --queue N --max-connections N --workers N]
 
@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cells-per-perturbation", type=int, default=100)
     p.add_argument("--unseen", default="error", choices=("error", "generic"))
     p.add_argument("--unseen-cell-type", default="error", choices=("error", "unknown"))
+    p.add_argument("--mode", default=None, choices=("b", "a"),
+                   help="cvae bundles: b re-decodes each control, a decodes prior draws")  # fmt: skip
     p.add_argument("--pert-col", default=None, help="perturbation column (default: the run's)")
     p.add_argument("--cell-type-col", default=None, help="cell type column (default: the run's)")
     p.add_argument("--seed", type=int, default=0)
@@ -94,14 +96,24 @@ def run_generate(args) -> int:
 
 def run_predict(args) -> int:
     from latentcell.data_pipelines.atomic import write_h5ad_atomic
+    from latentcell.data_pipelines.errors import DataValidationError
     from latentcell.data_pipelines.read_h5ad import read_h5ad
-    from latentcell.trainer.predict import PopulationRequest, predict_population
+    from latentcell.inference.predict import PopulationRequest, predict_population
 
     from .predict import OnnxSetPredictor
 
     start = time.perf_counter()
-    predictor = OnnxSetPredictor(Bundle.load(args.bundle), args.unseen, args.unseen_cell_type)
-    settings = predictor.settings
+    bundle = Bundle.load(args.bundle)
+    if bundle.kind == "cvae":  # the conditional VAE (seed 003): its own predictor and modes
+        from .cvae_predict import cvae_predictor
+
+        predictor, settings = cvae_predictor(bundle, args)
+    elif args.mode is not None:
+        raise DataValidationError(args.bundle, "--mode", f"a {bundle.kind} bundle has no "
+                                  "prediction modes", "drop --mode (it is for cvae bundles)")  # fmt: skip
+    else:
+        predictor = OnnxSetPredictor(bundle, args.unseen, args.unseen_cell_type)
+        settings = predictor.settings
     controls = read_h5ad(args.controls, "--controls")
     if args.perturbations == "all":
         wanted = [x for x in predictor.labels

@@ -160,6 +160,36 @@ def test_summary_fields_files_and_ceiling(good):
     assert "avg_score" in printed and "energy_PCA" in printed and "wrote" in printed
 
 
+def test_seed_scoreboards_for_model_and_baseline(good):
+    """The seeds' scoreboards of the same run: the true model beats the training mean in gene
+    and embedding space; per-perturbation values, the figure and the printed rows are there."""
+    summary, out, printed = good
+    boards = summary["scoreboards"]
+    model, baseline = boards["model"], boards["baseline"]
+    keys = {"mean_shift_pearson", "jaccard_top25", "jaccard_top50", "jaccard_top100"}
+    keys |= {"embedding_r2", "embedding_mse", "embedding_energy_distance"}
+    keys |= {"knn_purity_k10", "knn_purity_k20", "knn_purity_k50"}
+    assert set(model) == set(baseline) == keys and boards["degenerate"] == {}
+    assert model["mean_shift_pearson"] > 0.8 > baseline["mean_shift_pearson"]
+    for method in ("model", "baseline"):  # cell-eval's pearson_delta, the same controls
+        cell_eval_r = summary["metrics"][method]["pearson_delta"]
+        assert boards[method]["mean_shift_pearson"] == pytest.approx(cell_eval_r, abs=1e-4)
+    assert model["jaccard_top25"] > baseline["jaccard_top25"]
+    assert model["embedding_r2"] > 0.8 and baseline["embedding_r2"] <= 1e-9  # same for all
+    assert model["knn_purity_k10"] > 0.8 > baseline["knn_purity_k10"]
+    assert model["embedding_energy_distance"] < baseline["embedding_energy_distance"]
+    table = pd.read_csv(out / summary["files"]["scoreboard_per_perturbation"])
+    assert sorted(zip(table["method"], table["perturbation"], strict=True)) == sorted(
+        (method, pert) for method in ("baseline", "model") for pert in PERTS
+    )
+    assert table[table["method"] == "model"]["jaccard_top50"].mean() == pytest.approx(
+        model["jaccard_top50"]
+    )
+    figure = out / summary["files"]["scoreboard_figure"]
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "seed scoreboards" in printed and "knn_purity_k10" in printed
+
+
 def test_baseline_is_the_training_mean_with_real_controls(data):
     cell_eval = import_cell_eval(2)
     train = log_normalized(data["train"], COL, "train")
@@ -332,6 +362,9 @@ def test_one_perturbation_lists_degenerate_metrics_and_scores_the_rest(one_pertu
     # printed: the table says which metrics were left out, and why
     assert "degenerate for this input" in printed and "discrimination_score_l1" in printed
     assert "cell-eval avg" in printed
+    boards = summary["scoreboards"]  # one perturbation: R² and purity say nothing
+    assert boards["model"]["embedding_r2"] is None and "knn_purity_k10" in boards["degenerate"]
+    assert boards["model"]["mean_shift_pearson"] > boards["baseline"]["mean_shift_pearson"]
     # cell-eval's errors for the metrics degenerate by construction are not printed
     assert not [m for m in logged if m.startswith("Error computing metric")], logged
 

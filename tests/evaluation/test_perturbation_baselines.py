@@ -17,7 +17,7 @@ from latentcell.evaluation.perturbation_baselines import (
     coincident_groups,
     fit_baseline,
 )
-from latentcell.trainer.predict import PopulationRequest, predict_population
+from latentcell.inference.predict import PopulationRequest, predict_population
 
 GENES = [f"G{i}" for i in range(30)]
 CTRL = "non-targeting"
@@ -348,9 +348,9 @@ def test_latent_arithmetic_with_a_real_count_vae(small_store, tmp_path):
     is decode(encode(control) + mean over the other types of their batch-matched deltas)."""
     from accelerate.state import AcceleratorState, GradientState
 
+    from latentcell.inference.vae_bridge import VAEBridge
     from latentcell.trainer.config import load_config
     from latentcell.trainer.loop import fit
-    from latentcell.trainer.vae_bridge import VAEBridge
     from latentcell.trainer.vae_stage import VAERunConfig, VAEStage
 
     config = load_config(VAERunConfig, None, [

@@ -92,7 +92,7 @@ def test_dynamic_batch_and_set_size(bundles):
 
 def test_parity_recomputed_at_new_sizes(runs, bundles):
     """Beyond the export-time check: the denoiser and the decoder against torch here."""
-    from latentcell.trainer.generate import CellGenerator
+    from latentcell.inference.generate import CellGenerator
 
     gen = CellGenerator.load(runs.dit)
     rng = np.random.default_rng(3)
@@ -129,7 +129,7 @@ def test_latent_st_and_pretraining_runs_export(more_runs, tmp_path):
     """A latent-space ST exports its VAE beside the set model and predicts through it as the
     torch predictor does; a pretraining run exports its set model (kind "pretraining")."""
     from latentcell.export.runtime import Bundle, OnnxSetPredictor
-    from latentcell.trainer.st_predictor import STPredictor
+    from latentcell.inference.st_predictor import STPredictor
 
     meta = export(more_runs.st_latent, tmp_path / "latent")
     assert set(meta["components"]) == {"set_model", "vae_encoder", "vae_decoder"}
@@ -155,7 +155,7 @@ def test_new_combinations_of_trained_genes_are_added_at_export(more_runs, tmp_pa
     """A gene_table model embeds any combination of trained genes: --add-perturbations puts
     one in the bundle's vocabulary, and the runtime predicts it as torch does."""
     from latentcell.export.runtime import Bundle, OnnxSetPredictor
-    from latentcell.trainer.st_predictor import STPredictor
+    from latentcell.inference.st_predictor import STPredictor
 
     torch_st = STPredictor(more_runs.st_gene_table)
     a, b = [x for x in torch_st.trained if x != "non-targeting"][:2]

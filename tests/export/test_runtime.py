@@ -15,8 +15,8 @@ import torch
 from latentcell.data_pipelines.atomic import sha256_file
 from latentcell.data_pipelines.errors import DataValidationError
 from latentcell.export.runtime import Bundle, OnnxGenerator, OnnxSetPredictor
-from latentcell.trainer.generate import CellGenerator
-from latentcell.trainer.st_predictor import STPredictor
+from latentcell.inference.generate import CellGenerator
+from latentcell.inference.st_predictor import STPredictor
 
 SAMPLER_TOLERANCE = 1e-4  # max |latent ORT - latent torch| after the whole sampler
 
@@ -207,7 +207,7 @@ def test_controls_without_a_cell_type_column_predict_like_torch(implicit_type, r
     import anndata as ad
 
     from latentcell.data_pipelines.schemas import IMPLICIT_LABEL
-    from latentcell.trainer.predict import PopulationRequest, predict_population
+    from latentcell.inference.predict import PopulationRequest, predict_population
 
     torch_st = STPredictor(implicit_type.run)
     onnx_st = OnnxSetPredictor(Bundle.load(implicit_type.bundle))

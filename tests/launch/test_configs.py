@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import tomllib
 
-from latentcell.launch.train import _stages
+from latentcell.families import FAMILIES
 from latentcell.trainer.config import config_to_dict, load_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "launch" / "configs"
@@ -19,7 +19,7 @@ def stage_of(path: Path) -> str:
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.toml")), ids=lambda p: p.name)
 def test_config_loads(path):
-    config_cls, _ = _stages()[stage_of(path)]
+    config_cls = FAMILIES[stage_of(path)].config_class()
     load_config(config_cls, str(path), [])
 
 
@@ -30,8 +30,8 @@ def _keys(d: dict, prefix: str = "") -> set[str]:
     return out
 
 
-@pytest.mark.parametrize("name", ["vae", "dit", "st"])
+@pytest.mark.parametrize("name", ["vae", "dit", "st", "cvae", "latent-shift"])
 def test_full_config_lists_every_key(name):
-    config_cls, _ = _stages()[name]
+    config_cls = FAMILIES[name].config_class()
     written = _keys(tomllib.loads((CONFIGS / f"{name}.toml").read_text()))
     assert written == _keys(config_to_dict(config_cls()))

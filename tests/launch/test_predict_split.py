@@ -16,8 +16,8 @@ from latentcell.data_pipelines.build import build_store
 from latentcell.data_pipelines.perturbation_splits import assign_split
 from latentcell.data_pipelines.synth import SynthConfig, synthesize
 from latentcell.evaluation.perturbation_baselines import fit_baseline
+from latentcell.inference.predict import PopulationRequest, predict_population
 from latentcell.launch.cli import main
-from latentcell.trainer.predict import PopulationRequest, predict_population
 
 NAMES = {"target_gene": "knockdown", "cell_type": "line", "batch": "lane"}
 CONTROL = "NT"

@@ -24,6 +24,7 @@ from latentcell.data_pipelines.cell_split import stratified_cell_split
 from latentcell.data_pipelines.errors import DataValidationError
 from latentcell.data_pipelines.latent_store import LatentStoreReader
 from latentcell.data_pipelines.stores import open_store
+from latentcell.inference.trained_runs import load_vae
 from latentcell.trainer.config import ConfigError, load_config
 from latentcell.trainer.dit_stage import (
     DenoiserStep,
@@ -32,7 +33,6 @@ from latentcell.trainer.dit_stage import (
     build_latent_diffusion,
 )
 from latentcell.trainer.loop import fit
-from latentcell.trainer.trained_runs import load_vae
 from latentcell.trainer.vae_stage import VAERunConfig, VAEStage
 
 N_LATENT = 4

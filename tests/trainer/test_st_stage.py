@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from latentcell.data_pipelines.errors import DataValidationError
+from latentcell.inference.predict import PopulationRequest, predict_population
+from latentcell.inference.st_predictor import STPredictor
 from latentcell.models.st_model import STModel
 from latentcell.trainer.config import load_config
 from latentcell.trainer.loop import fit
-from latentcell.trainer.predict import PopulationRequest, predict_population
-from latentcell.trainer.st_predictor import STPredictor
 from latentcell.trainer.st_stage import SetPredictor, STRunConfig, STStage, load_matching
 
 
@@ -226,7 +226,7 @@ def test_train_basal_stores_the_training_control_mean(st_run, small_store, tmp_p
     cell-type conditioning: the store's two types have different means, and each set is
     re-centred on its own type's (never on the pooled mean)."""
     from latentcell.data_pipelines.stores import open_store
-    from latentcell.trainer.predict import log1p_normalize
+    from latentcell.inference.predict import log1p_normalize
 
     config = st_config(small_store, tmp_path / "basal", st_run.split, "model.basal=train",
                        f"model.cell_type_conditioning={conditioning}")  # fmt: skip

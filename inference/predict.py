@@ -44,7 +44,10 @@ from latentcell.models.expression import log1p_normalize, to_counts
 
 __all__ = [
     "PopulationRequest",
+    "PredictOptions",
     "Predictor",
+    "RunLabels",
+    "RunPredictor",
     "log1p_normalize",
     "predict_population",
     "to_counts",
@@ -72,6 +75,35 @@ class Predictor(Protocol):
         library: np.ndarray | None = None,
         rng: np.random.Generator | None = None,
     ) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """How ``predict --run`` loads a family's predictor. ``mode``: the family's prediction
+    mode (``Family.modes``; None = its default); the ``unseen`` options are ST's fallbacks
+    for labels without trained parameters (other families refuse such labels)."""
+
+    weights: str = "auto"
+    unseen: str = "error"
+    unseen_cell_type: str = "error"
+    mode: str | None = None
+
+
+@dataclass(frozen=True)
+class RunLabels:
+    """What a trained run knows about its labels: the defaults of ``predict --run``."""
+
+    pert_col: str
+    control_label: str
+    cell_type_col: str | None
+    perturbations: tuple[str, ...]  # the trained perturbations, the control excluded
+
+
+class RunPredictor(Predictor, Protocol):
+    """A predictor loaded from a finished run (``Family.predictor``): a ``Predictor`` that
+    also says which columns and labels its run was trained on."""
+
+    run_labels: RunLabels
 
 
 @dataclass(frozen=True)

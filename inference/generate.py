@@ -31,7 +31,8 @@ from latentcell.models.count_vae import CountVAE
 from latentcell.models.latent_diffusion import LatentDiffusion
 from latentcell.models.library_size import LibraryModel
 
-from .dit_stage import MODEL_CLASS, build_latent_diffusion
+from .model_builders import LATENT_DIFFUSION_CLASS as MODEL_CLASS
+from .model_builders import build_latent_diffusion
 from .trained_runs import load_model_card, load_vae, load_weights, read_run_json, weights_path
 
 __all__ = ["CellGenerator", "condition_space", "write_h5ad_atomic"]

@@ -1,6 +1,6 @@
 """Count VAE benchmark: latentcell's CountVAE against scvi-tools' SCVI, side by side in one run.
 
-    python -m latentcell.trainer.benchmark_vae [--data synth|PATH.h5ad] [--cells 20000]
+    latentcell benchmark vae-scvi [--data synth|PATH.h5ad] [--cells 20000]
         [--genes 2000] [--steps 600] [--repeats 3] [--threads 2] [--out bench.json]
 
 Both tools train on the same 90% of the cells (fixed permutation) for the same number of
@@ -34,12 +34,12 @@ from latentcell.data_pipelines.batches import BatchSpec, make_batch
 from latentcell.data_pipelines.build import build_store
 from latentcell.data_pipelines.stores import open_store
 from latentcell.data_pipelines.synth import SynthConfig, synthesize
+from latentcell.trainer.loop import fit
+from latentcell.trainer.sections import DataConfig, OptimConfig, RunSection, TrainConfig
+from latentcell.trainer.tracking import TrackingConfig
+from latentcell.trainer.vae_stage import VAEModelSection, VAERunConfig, VAEStage
 
-from .loop import fit
 from .scvi_reference import ReferenceSizes, scvi_heldout_metrics, train_scvi
-from .sections import DataConfig, OptimConfig, RunSection, TrainConfig
-from .tracking import TrackingConfig
-from .vae_stage import VAEModelSection, VAERunConfig, VAEStage
 
 INSTALL_HINT = (
     "scvi-tools is needed for this benchmark and is not installed here. Install it with "
@@ -48,8 +48,7 @@ INSTALL_HINT = (
 METRICS = ("reconstruction_ll", "elbo", "marginal_ll")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="synth", help="'synth' or an h5ad of raw counts")
     p.add_argument("--layer", default=None, help="layer holding raw counts (default: X)")
     p.add_argument("--schema", default=None, help="build schema (default: vcc / auto)")
@@ -63,7 +62,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default="bench_vae_work")
     p.add_argument("--out", default="bench.json")
-    return p.parse_args(argv)
 
 
 def scvi_version() -> str:
@@ -295,8 +293,7 @@ def print_table(s: dict) -> None:
         )
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     scvi_ver = scvi_version()
     torch.set_num_threads(args.threads)
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
@@ -340,4 +337,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from latentcell.benchmarks.cli import standalone
+
+    raise SystemExit(standalone(__doc__, add_arguments, run))

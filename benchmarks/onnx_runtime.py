@@ -1,6 +1,6 @@
 """Benchmark: torch eager against the onnxruntime runtime, on the same trained runs.
 
-    python -m latentcell.export.benchmark --dit-run runs/demo/dit --st-run runs/demo/st \
+    latentcell benchmark onnx-runtime --dit-run runs/demo/dit --st-run runs/demo/st \
         [--threads 1 2] [--repeats 7] [--steps 50] [--out bench.json]
 
 Generation: the whole pipeline after the conditions are resolved, i.e. ``steps`` DDIM (or
@@ -47,7 +47,7 @@ def _paired(run_torch, run_ort, repeats: int) -> dict:
 
 
 def _export(run: str, out: Path) -> Path:
-    from .exporters import export_run
+    from latentcell.export.exporters import export_run
 
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
@@ -56,9 +56,8 @@ def _export(run: str, out: Path) -> Path:
 
 
 def bench_generation(run: str, bundle: Path, threads: int, steps: int, repeats: int) -> list:
-    from latentcell.trainer.generate import CellGenerator
-
-    from .runtime import Bundle, OnnxGenerator
+    from latentcell.export.runtime import Bundle, OnnxGenerator
+    from latentcell.inference.generate import CellGenerator
 
     torch.set_num_threads(threads)
     eager = CellGenerator.load(run)
@@ -85,9 +84,8 @@ def bench_generation(run: str, bundle: Path, threads: int, steps: int, repeats: 
 
 
 def bench_prediction(run: str, bundle: Path, threads: int, repeats: int) -> list:
-    from latentcell.trainer.st_predictor import STPredictor
-
-    from .runtime import Bundle, OnnxSetPredictor
+    from latentcell.export.runtime import Bundle, OnnxSetPredictor
+    from latentcell.inference.st_predictor import STPredictor
 
     torch.set_num_threads(threads)
     eager = STPredictor(run)
@@ -106,15 +104,16 @@ def bench_prediction(run: str, bundle: Path, threads: int, repeats: int) -> list
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dit-run", default="runs/demo/dit")
     p.add_argument("--st-run", default="runs/demo/st")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--out", default=None, help="also write the results as JSON")
-    args = p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         dit_bundle = _export(args.dit_run, Path(tmp) / "dit") if args.dit_run else None
@@ -141,4 +140,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from latentcell.benchmarks.cli import standalone
+
+    raise SystemExit(standalone(__doc__, add_arguments, run))

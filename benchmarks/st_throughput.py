@@ -1,6 +1,6 @@
 """ST training throughput on CPU: latentcell's STModel, beside Arc's STATE when it is installed.
 
-    python -m latentcell.trainer.benchmark_st [--threads 2] [--steps 3] [--windows 5]
+    latentcell benchmark st-throughput [--threads 2] [--steps 3] [--windows 5]
         [--warmup 2] [--repeats 1] [--shapes state_sm,cpu] [--state-python PY] [--breakdown]
         [--json OUT]
 
@@ -45,7 +45,6 @@ import os
 import platform
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -97,8 +96,7 @@ SHAPES = {
 }
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads (both models)")
     p.add_argument("--steps", type=int, default=3, help="optimizer steps per timed window")
     p.add_argument("--windows", type=int, default=5, help="timed windows (median is reported)")
@@ -114,7 +112,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--breakdown", action="store_true", help="time our step's parts too")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the full report here")
-    return p.parse_args(argv)
 
 
 # -- data --------------------------------------------------------------------------------------
@@ -470,8 +467,7 @@ def print_table(summary: list[dict]) -> None:
     print("target: ours/STATE >= 1.5x (cells/s, same shapes, same threads)")
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     shapes = [SHAPES[name.strip()] for name in args.shapes.split(",") if name.strip()]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -520,4 +516,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from latentcell.benchmarks.cli import standalone
+
+    raise SystemExit(standalone(__doc__, add_arguments, run))

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
+from latentcell.benchmarks.papalexi2021 import training_gene_vectors
 from latentcell.data_pipelines.build import build_store
 from latentcell.data_pipelines.synth import SynthConfig, synthesize
-from latentcell.evaluation.experiment_papalexi2021 import training_gene_vectors
 from latentcell.models.perturbation_encoders import PerturbationEncoderConfig, load_gene_vectors
 
 

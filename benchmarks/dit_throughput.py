@@ -1,6 +1,6 @@
 """Throughput of latent diffusion on this machine: DiT training steps and whole generation.
 
-    python -m latentcell.trainer.benchmark_dit [--run DIT_RUN] [--threads 2] [--repeats 3]
+    latentcell benchmark dit-throughput [--run DIT_RUN] [--threads 2] [--repeats 3]
 
 Generation is the full path ``latentcell generate`` takes: 50-step DDIM with classifier-free
 guidance (conditional and unconditional rows in one batched forward) -> VAE decoder -> NB
@@ -83,21 +83,22 @@ def training(dit: DiTConfig, diffusion: DiffusionConfig, batch: int, repeats: in
             "ms_per_step": 1000 * seconds, "cells_per_s": batch / seconds}  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", help="a finished DiT run (else fresh models at demo sizes)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance", type=float, default=2.0)
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     env = {"torch": torch.__version__, "threads": torch.get_num_threads(),
            "device": "cpu"}  # fmt: skip
     print(json.dumps({"environment": env}))
 
     if args.run:
-        from latentcell.trainer.generate import CellGenerator
+        from latentcell.inference.generate import CellGenerator
 
         generator = CellGenerator.load(args.run)
         model, vae = generator.dit, generator.vae
@@ -123,4 +124,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from latentcell.benchmarks.cli import standalone
+
+    raise SystemExit(standalone(__doc__, add_arguments, run))

@@ -6,7 +6,6 @@ place that knows how a run directory is laid out, and the errors say which run t
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -15,35 +14,11 @@ from latentcell.data_pipelines.atomic import sha256_file
 from latentcell.data_pipelines.errors import DataValidationError
 from latentcell.models.count_vae import CountVAE, CountVAEConfig
 
+from .run_cards import _DAMAGED_FIX, load_model_card, read_run_json
+
 __all__ = ["load_model_card", "load_vae", "load_weights", "read_run_json", "weights_path"]
 
-_DAMAGED_FIX = "the run's files are damaged: restore them, or train the run again"
-
 WEIGHTS = ("auto", "ema", "model")
-
-
-def load_model_card(run_dir: str | Path, expected_class: str | None = None) -> dict:
-    path = Path(run_dir) / "final" / "model_config.json"
-    if not path.exists():
-        raise DataValidationError(
-            path.parent.parent, "final/model_config.json", "not a finished training run",
-            "pass the run.dir of a completed `latentcell train` run",
-        )  # fmt: skip
-    card = read_run_json(path)
-    if not (
-        isinstance(card, dict)
-        and isinstance(card.get("class"), str)
-        and isinstance(card.get("config"), dict)
-    ):
-        raise DataValidationError(
-            path, "config", "not a model card (an object with a class and a config)", _DAMAGED_FIX
-        )
-    if expected_class and card.get("class") != expected_class:
-        raise DataValidationError(
-            path, "class", f"this run trained {card.get('class')}, not {expected_class}",
-            "pass a run of the right stage",
-        )  # fmt: skip
-    return card
 
 
 def weights_path(run_dir: str | Path, which: str = "auto") -> Path:
@@ -61,16 +36,6 @@ def weights_path(run_dir: str | Path, which: str = "auto") -> Path:
             final, path.name, "missing", "the run did not finish; resume it with --resume auto"
         )
     return path
-
-
-def read_run_json(path: Path):
-    """A JSON file a run wrote (model card, statistics), with one clear error if damaged."""
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise DataValidationError(path, "file", "missing", _DAMAGED_FIX) from None
-    except (OSError, ValueError) as err:  # UnicodeDecodeError and JSONDecodeError included
-        raise DataValidationError(path, "json", f"unreadable ({err})", _DAMAGED_FIX) from err
 
 
 def load_state(path: Path) -> dict[str, torch.Tensor]:

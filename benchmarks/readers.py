@@ -1,6 +1,6 @@
 """Read throughput of our stores against how other tools read h5ad, on one process.
 
-    python -m latentcell.data_pipelines.benchmark --cells 200000 --genes 2000 --out bench.json
+    latentcell benchmark readers --cells 200000 --genes 2000 --out bench.json
 
 Synthesizes a VCC-schema h5ad and saves it again with anndata's own writer (contiguous,
 uncompressed X: how most h5ad files in the wild are laid out, and the best case for the h5ad
@@ -36,7 +36,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 
-from latentcell.data_pipelines import benchmark_baselines as baselines
+from latentcell.benchmarks import reader_baselines as baselines
 from latentcell.data_pipelines.build import build_store
 from latentcell.data_pipelines.cell_stream import CellStream, CellStreamConfig
 from latentcell.data_pipelines.set_sampler import SetSampler, SetSamplerConfig
@@ -167,8 +167,7 @@ def ratios(results: dict) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cells", type=int, default=200_000)
     parser.add_argument("--genes", type=int, default=2000)
     parser.add_argument("--perturbations", type=int, default=50)
@@ -179,7 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", help="keep and reuse the data here (default: a temp folder)")
     parser.add_argument("--out", required=True, help="JSON file for the results")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.workdir or tmp) / f"cells{args.cells}_genes{args.genes}"
@@ -197,4 +198,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from latentcell.benchmarks.cli import standalone
+
+    raise SystemExit(standalone(__doc__, add_arguments, run))

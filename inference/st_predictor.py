@@ -18,7 +18,7 @@ from latentcell.models.perturbation_labels import (
 
 from .trained_runs import load_model_card, load_weights, weights_path
 
-__all__ = ["UNSEEN", "UNSEEN_CELL_TYPE", "STPredictor"]
+__all__ = ["UNSEEN", "UNSEEN_CELL_TYPE", "STPredictor", "load_predictor"]
 
 UNSEEN = ("error", "generic")
 
@@ -47,7 +47,8 @@ class STPredictor:
         unseen: str = "error",
         unseen_cell_type: str = "error",
     ) -> None:
-        from .st_stage import MODEL_CLASS, build_st_model
+        from .model_builders import ST_CLASS as MODEL_CLASS
+        from .model_builders import build_st_model
 
         if unseen not in UNSEEN:
             raise ValueError(f"unseen must be one of {UNSEEN}, got {unseen!r}")
@@ -74,6 +75,15 @@ class STPredictor:
 
             vae = self.card["vae"]
             self.bridge = VAEBridge(vae["vae_run"], "ema" if "ema" in vae["weights"] else "model")
+
+    @property
+    def run_labels(self):
+        from .predict import RunLabels
+
+        control = self.card["control_label"]
+        roles = self.card["roles"]
+        trained = [x for x in self.labels if x != control and self.is_trained(x)]
+        return RunLabels(roles["perturbation"], control, roles.get("cell_type"), tuple(trained))
 
     def check_trained(self, perturbation: str) -> None:
         """A onehot / gene_table vector the split kept out of training was never trained (it
@@ -201,3 +211,9 @@ class STPredictor:
         if library is None or rng is None:
             return self.bridge.decode(pred).numpy()
         return self.bridge.sample(pred.numpy(), library, rng)
+
+
+def load_predictor(run_dir: str | Path, options) -> STPredictor:
+    """The ST family's predictor (``families.registry``): ``options`` is a
+    ``predict.PredictOptions``."""
+    return STPredictor(run_dir, options.weights, options.unseen, options.unseen_cell_type)

@@ -1,6 +1,6 @@
 """What the read-time integrity checks cost the cell stream (``integrity``), as paired ratios.
 
-    python -m latentcell.data_pipelines.benchmark_integrity --cells 200000 --genes 2000 \\
+    latentcell benchmark integrity --cells 200000 --genes 2000 \\
         --workdir bench --rounds 6 --seconds 4
 
 Builds (or reuses, with ``--workdir``) the loader benchmark's Zarr store and WebDataset
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from latentcell.data_pipelines.benchmark import prepare, real_cells, stream_cells_per_s
+from latentcell.benchmarks.readers import prepare, real_cells, stream_cells_per_s
 from latentcell.data_pipelines.cell_stream import CellStream, CellStreamConfig
 from latentcell.data_pipelines.stores import open_store
 
@@ -49,8 +49,7 @@ def paired(path: str, batch_size: int, seconds: float, rounds: int) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cells", type=int, default=200_000)
     parser.add_argument("--genes", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=256)
@@ -58,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--workdir", help="keep and reuse the data here (default: a temp folder)")
     parser.add_argument("--out", help="JSON file for the results")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
     data = argparse.Namespace(perturbations=50, cell_types=4, batches=8, seed=0, **vars(args))
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.workdir or tmp) / f"cells{args.cells}_genes{args.genes}"
@@ -77,4 +78,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from latentcell.benchmarks.cli import standalone
+
+    raise SystemExit(standalone(__doc__, add_arguments, run))

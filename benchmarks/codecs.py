@@ -1,6 +1,6 @@
 """Measure store size and read_unit speed for candidate layouts and codecs; picks the default.
 
-Run: ``python -m latentcell.data_pipelines.codec_benchmark [--cells 50000] [--genes 2000]``.
+Run: ``latentcell benchmark codecs [--cells 50000] [--genes 2000]``.
 Synthetic counts: ~10% non-zero per cell (varying depth), genes drawn with skewed
 popularity, values 1 + negative binomial (integers stored as float32), i.e. scRNA-like.
 Reads are whole read units (1000-cell Zarr chunks, 16k-cell shards) in random order on one
@@ -70,7 +70,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .blocks import CellBlock, StoreSpec
+from latentcell.data_pipelines.blocks import CellBlock, StoreSpec
 
 
 def synthetic_counts(n_cells: int, n_genes: int, density: float, seed: int = 0) -> sp.csr_matrix:
@@ -149,8 +149,8 @@ def cells_per_s(read, n_units: int, n_cells: int, passes: int = 5, seed: int = 0
 
 def bench_zarr(X, spec, root: Path, codec: str, index_dtype="int32", nnz_split=4):
     """Write a Zarr store; read_unit speed without and with names, and through zarr's API."""
-    from . import zarr_store
-    from .zarr_store import ZarrStoreReader, ZarrStoreWriter
+    from latentcell.data_pipelines import zarr_store
+    from latentcell.data_pipelines.zarr_store import ZarrStoreReader, ZarrStoreWriter
 
     out = root / f"zarr-{codec}-{index_dtype}-{nnz_split}"
     nnz_chunk = zarr_store._auto_nnz_chunk(X.nnz, X.shape[0], 1000) * 4 // nnz_split
@@ -174,7 +174,7 @@ def bench_dense(X, root: Path, codec: str):
     """Dense (1000 cells x genes) float32 chunks through zarr; read_unit = chunk -> CSR."""
     import zarr
 
-    from .zarr_store import CODECS
+    from latentcell.data_pipelines.zarr_store import CODECS
 
     out = root / f"dense-{codec}"
     g = zarr.open_group(out, mode="w", zarr_format=3)
@@ -198,7 +198,7 @@ def bench_webdataset(X, spec, root: Path, names=False):
 
     import webdataset as wds
 
-    from .webdataset_store import (
+    from latentcell.data_pipelines.webdataset_store import (
         SAMPLE_SUFFIX,
         WebDatasetStoreReader,
         WebDatasetStoreWriter,
@@ -264,21 +264,22 @@ def bench_memory(X):
     return cells_per_s(lambda u: X[u * 1000 : (u + 1) * 1000], -(-n // 1000), n)
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--cells", type=int, default=50_000)
     ap.add_argument("--genes", type=int, default=2000)
     ap.add_argument("--density", type=float, default=0.1)
     ap.add_argument("--dense-cells", type=int, default=20_000, help="cells for the dense rows")
     ap.add_argument("--dir", default=None, help="scratch directory (default: a temp dir)")
     ap.add_argument("--quick", action="store_true", help="only 'none' and the default codec")
-    args = ap.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
     numcodecs.blosc.set_nthreads(1)  # one process = one core; see cells_per_s
     X = synthetic_counts(args.cells, args.genes, args.density)
     spec = synthetic_spec(args.genes)
     print(f"{args.cells} cells x {args.genes} genes, density {X.nnz / np.prod(X.shape):.3f}")
     print(f"numpy CSR slices of 1000 cells in memory: {bench_memory(X):,.0f} cells/s")
-    from .zarr_store import DEFAULT_CODEC
+    from latentcell.data_pipelines.zarr_store import DEFAULT_CODEC
 
     sparse = [("none", "int32", 4), (DEFAULT_CODEC, "int32", 4)]
     dense = ["none"]
@@ -325,4 +326,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from latentcell.benchmarks.cli import standalone
+
+    raise SystemExit(standalone(__doc__, add_arguments, run))

@@ -1,7 +1,7 @@
 """Perturbation prediction on real CRISPR data (Papalexi 2021 THP-1, 26 targets), judged by
 cell-eval beside every baseline.
 
-    python -m latentcell.evaluation.experiment_papalexi2021 --out DIR [--data H5AD]
+    latentcell benchmark papalexi2021 --out DIR [--data H5AD]
         [--st-steps N --vae-steps N --set-size S --hidden H --depth D --n-zero-shot K]
         [--modes joint,cross,sum --basal train|set --splits cells,zero_shot --reuse]
         [--zero-shot generic|vectors --dropout P --zero-shot-seed N]
@@ -99,7 +99,7 @@ def training_gene_vectors(adata: ad.AnnData, store: Path, split_file: Path, path
 
     from latentcell.data_pipelines.perturbation_splits import assign_split, load_split_config
     from latentcell.data_pipelines.stores import open_store
-    from latentcell.trainer.predict import _dense, log1p_normalize
+    from latentcell.inference.predict import _dense, log1p_normalize
     from latentcell.trainer.st_stage import source_index
 
     split = assign_split(open_store(store), load_split_config(split_file))  # the stage's split
@@ -155,8 +155,8 @@ def run_split(name: str, adata: ad.AnnData, out: Path, args) -> dict:
     from latentcell.data_pipelines.build import build_store
     from latentcell.evaluation.perturbation import evaluate_perturbation
     from latentcell.evaluation.perturbation_baselines import coincident_groups, fit_baseline
-    from latentcell.trainer.predict import PopulationRequest, predict_population
-    from latentcell.trainer.st_predictor import STPredictor
+    from latentcell.inference.predict import PopulationRequest, predict_population
+    from latentcell.inference.st_predictor import STPredictor
     from latentcell.trainer.st_stage import split_source_rows
 
     out.mkdir(parents=True, exist_ok=True)
@@ -247,8 +247,7 @@ def run_split(name: str, adata: ad.AnnData, out: Path, args) -> dict:
     }  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--data", default=str(DEFAULT_DATA))
     parser.add_argument("--splits", default="cells,zero_shot")
@@ -269,10 +268,14 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--zero-shot-seed", type=int, default=0, help="draws the held-out targets")
     parser.add_argument("--dropout", type=float, default=0.2, help="model.perturbation_dropout")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
 
     out = Path(args.out).absolute()
-    adata = ad.read_h5ad(args.data)
+    from latentcell.data_pipelines.read_h5ad import read_h5ad
+
+    adata = read_h5ad(args.data, "--data")
     adata.obs = adata.obs[[PERT, "guide_id", BATCH]].copy()
     t0 = time.perf_counter()
     results = {"data": args.data, "args": vars(args), "splits": {}}
@@ -329,4 +332,6 @@ def targets(results: dict) -> dict:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from latentcell.benchmarks.cli import standalone
+
+    raise SystemExit(standalone(__doc__, add_arguments, run))

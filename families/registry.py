@@ -1,0 +1,146 @@
+"""One table of model families: what ``latentcell train <family>``, ``latentcell predict
+--run``, ``latentcell export`` and ``latentcell benchmark perturbation`` enumerate.
+
+A family declares, in one place:
+
+- ``config``: its run-config dataclass (``--config`` / ``--set`` resolve into it);
+- ``stage``: its training stage for the shared loop (``trainer.loop.fit``), or ``train``: a
+  callable ``(config) -> dict`` for a family fitted outside the loop (plug-in numpy models);
+- ``model_class``: the ``class`` its runs write into ``final/model_config.json``, which is
+  how ``predict --run`` and ``export`` find the family of a finished run;
+- ``predictor``: ``(run_dir, PredictOptions) -> RunPredictor`` (``inference.predict``),
+  control cells + perturbation labels -> predicted cells, for perturbation families;
+- ``exporter``: ``(run_dir, card, weights, **options) -> export.exporters.ExportPlan``;
+- ``modes``: its ``predict --mode`` choices (the first is the default);
+- ``fallbacks``: its predictor accepts ``--unseen generic`` / ``--unseen-cell-type unknown``
+  (parameters learned for labels it has not seen; ST's dropout options).
+
+References are ``"module:attribute"`` strings, resolved only when used: the table imports
+nothing heavy (``latentcell --help`` stays fast) and any layer may read it without importing
+the layers above it. Adding a family = its model file, its stage file, one entry here, and an
+export graph if it exports (README, "Adding a model family").
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from latentcell.data_pipelines.errors import DataValidationError
+
+__all__ = ["BASELINES", "FAMILIES", "Family", "family_named", "family_of_card", "family_of_run"]
+
+
+def resolve(reference: str):
+    """The attribute a ``"module:attribute"`` string names."""
+    module, _, attribute = reference.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    summary: str
+    config: str
+    model_class: str
+    stage: str | None = None
+    train: str | None = None
+    predictor: str | None = None
+    exporter: str | None = None
+    modes: tuple[str, ...] = ()
+    fallbacks: bool = False
+
+    @property
+    def predicts_perturbations(self) -> bool:
+        return self.predictor is not None
+
+    def config_class(self) -> type:
+        return resolve(self.config)
+
+    def load(self, field_name: str):
+        """The object one of the reference fields names (``"stage"``, ``"predictor"``, ...)."""
+        return resolve(getattr(self, field_name))
+
+
+_T = "latentcell.trainer"
+_I = "latentcell.inference"
+_E = "latentcell.export.exporters"
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family(
+            "vae", "count VAE (NB/ZINB/Gaussian): the latent space of generation and prediction",
+            f"{_T}.vae_stage:VAERunConfig", "latentcell.models.count_vae.CountVAE",
+            stage=f"{_T}.vae_stage:VAEStage", exporter=f"{_E}:plan_vae",
+        ),
+        Family(
+            "dit", "latent diffusion (DiT) generating cells under conditions",
+            f"{_T}.dit_stage:DiTRunConfig", "latentcell.models.latent_diffusion.LatentDiffusion",
+            stage=f"{_T}.dit_stage:DiTStage", exporter=f"{_E}:plan_dit",
+        ),
+        Family(
+            "st", "ST set transformer: control sets -> perturbed populations",
+            f"{_T}.st_stage:STRunConfig", "latentcell.models.st_model.STModel",
+            stage=f"{_T}.st_stage:STStage", predictor=f"{_I}.st_predictor:load_predictor",
+            exporter=f"{_E}:plan_st", fallbacks=True,
+        ),
+        Family(
+            "st-pretrain", "ST pretraining on unlabelled sets (masked-set imputation)",
+            f"{_T}.st_pretrain_stage:STPretrainRunConfig",
+            "latentcell.models.st_pretrain.STPretrainModel",
+            stage=f"{_T}.st_pretrain_stage:STPretrainStage", exporter=f"{_E}:plan_st",
+        ),
+        Family(
+            "cvae", "conditional VAE (seed 003): controls re-decoded (b) or prior samples (a)",
+            f"{_T}.cvae_stage:CVAERunConfig", "latentcell.models.cvae.ConditionalVAE",
+            stage=f"{_T}.cvae_stage:CVAEStage", predictor=f"{_I}.cvae_predictor:load_predictor",
+            exporter="latentcell.export.cvae_export:plan_cvae", modes=("b", "a"),
+        ),
+        Family(
+            "latent-shift", "latent-shift predictors (seed 004): embedding shifts, decoded to genes",
+            f"{_T}.latent_shift_stage:LatentShiftRunConfig",
+            "latentcell.models.latent_shift.LatentShiftRun",
+            train=f"{_T}.latent_shift_stage:train_latent_shift",
+            predictor=f"{_I}.latent_shift_predictor:load_predictor",
+        ),
+    )
+}  # fmt: skip
+
+# Baselines are fitted on training cells when they predict (no run): ``predict --baseline``
+# and the leaderboard enumerate these; ``fit`` is ``evaluation.perturbation_baselines``'.
+BASELINES: dict[str, str] = {
+    "control": "the control cells themselves (no effect)",
+    "mean": "the training perturbed cells' mean shift (cell-eval's baseline)",
+    "additive": "per-perturbation mean shift, summed over a combination's genes",
+    "linear": "ridge regression of the shift on the perturbation's genes",
+    "latent": "scGen: the perturbation's mean shift in a count VAE's latent space",
+}
+BASELINE_FIT = "latentcell.evaluation.perturbation_baselines:fit_baseline"
+
+
+def family_named(name: str, source: str = "latentcell") -> Family:
+    if name not in FAMILIES:
+        raise DataValidationError(
+            source, "family", f"unknown model family {name!r}", f"use one of {sorted(FAMILIES)}"
+        )
+    return FAMILIES[name]
+
+
+def family_of_card(card: dict, source) -> Family:
+    """The family whose runs write ``card["class"]``."""
+    for family in FAMILIES.values():
+        if family.model_class == card.get("class"):
+            return family
+    raise DataValidationError(
+        source, "class", f"no model family writes {card.get('class')!r}",
+        f"pass a run of one of the families {sorted(FAMILIES)}",
+    )  # fmt: skip
+
+
+def family_of_run(run_dir: str | Path) -> Family:
+    """The family of a finished run, from its model card."""
+    from latentcell.inference.run_cards import load_model_card
+
+    return family_of_card(load_model_card(run_dir), Path(run_dir) / "final" / "model_config.json")

@@ -1,0 +1,3 @@
+"""Loading finished runs and using them: generating cells, predicting perturbed populations.
+
+Torch-free modules (``predict``) are shared with the ONNX runtime; the rest load torch runs."""
