@@ -109,7 +109,8 @@ FAMILIES: dict[str, Family] = {
 }  # fmt: skip
 
 # Baselines are fitted on training cells when they predict (no run): ``predict --baseline``
-# and the leaderboard enumerate these; ``fit`` is ``evaluation.perturbation_baselines``'.
+# and the leaderboard enumerate these; ``evaluation.perturbation_baselines.fit_baseline`` fits
+# them (its ``BASELINES`` names the same ones: tests/families/test_registry.py).
 BASELINES: dict[str, str] = {
     "control": "the control cells themselves (no effect)",
     "mean": "the training perturbed cells' mean shift (cell-eval's baseline)",
@@ -117,7 +118,6 @@ BASELINES: dict[str, str] = {
     "linear": "ridge regression of the shift on the perturbation's genes",
     "latent": "scGen: the perturbation's mean shift in a count VAE's latent space",
 }
-BASELINE_FIT = "latentcell.evaluation.perturbation_baselines:fit_baseline"
 
 
 def family_named(name: str, source: str = "latentcell") -> Family:
