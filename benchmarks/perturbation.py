@@ -86,18 +86,18 @@ def _choices(args) -> tuple[list, list[str]]:
 
 def run(args: argparse.Namespace) -> int:
     from .perturbation_entries import baseline_predictor
-    from .perturbation_report import figure, log_mlflow, markdown, write_board
+    from .perturbation_report import figure, log_mlflow, markdown, verdict, write_board
     from .perturbation_task import load_task, synthetic_task
 
     t0 = time.perf_counter()
     families, baselines = _choices(args)
     out = Path(args.out).absolute()
-    out.mkdir(parents=True, exist_ok=True)
-    if args.data:
-        store, split = Path(args.data).absolute(), Path(args.split).absolute()
+    if args.data:  # a bad store or split fails before --out exists
+        task = load_task(Path(args.data).absolute(), Path(args.split).absolute())
+        out.mkdir(parents=True, exist_ok=True)
     else:
-        store, split = synthetic_task(out, 0, args.cell_type)
-    task = load_task(store, split)
+        out.mkdir(parents=True, exist_ok=True)
+        task = load_task(*synthetic_task(out, 0, args.cell_type))
     args.tracking_uri = args.tracking_uri or f"sqlite:///{out / 'mlflow.db'}"
     seeds = list(range(args.seeds))
     print(f"leaderboard: {task.description}; {len(task.perturbations)} test perturbations, "
@@ -118,8 +118,6 @@ def run(args: argparse.Namespace) -> int:
         "seeds": seeds, "cells_per_perturbation": args.cells_per_perturbation,
         "overrides": args.overrides, "rows": rows, "runs": runs,
     }  # fmt: skip
-    from .perturbation_report import verdict
-
     board["verdict"] = verdict(rows)
     board["seconds"] = round(time.perf_counter() - t0, 1)
     write_board(out, board)

@@ -15,34 +15,17 @@ import numpy as np
 import torch
 
 from latentcell.data_pipelines.errors import DataValidationError
-from latentcell.models.count_vae import CountVAEConfig
-from latentcell.models.cvae import ConditionalVAE
+from latentcell.models.cvae import MODEL_CLASS, ConditionalVAE
 
 from .cvae_modes import MODES, CVAEPredictorBase, cvae_settings
-from .run_cards import _DAMAGED_FIX
-from .trained_runs import load_model_card, load_weights, weights_path
+from .trained_runs import load_count_model
 
 __all__ = ["MODES", "CVAEPredictor", "load_cvae", "load_predictor"]
-
-MODEL_CLASS = "latentcell.models.cvae.ConditionalVAE"
 
 
 def load_cvae(run_dir: str | Path, weights: str = "auto") -> tuple[ConditionalVAE, dict, Path]:
     """(the trained ConditionalVAE in eval mode, its model card, its weights file)."""
-    card = load_model_card(run_dir, MODEL_CLASS)
-    config = dict(card["config"])
-    try:
-        config["covariate_keys"] = tuple(config["covariate_keys"])
-        config["n_covariate_categories"] = tuple(config["n_covariate_categories"])
-        model = ConditionalVAE(CountVAEConfig(**config))
-    except (KeyError, TypeError, ValueError) as err:
-        raise DataValidationError(
-            Path(run_dir) / "final" / "model_config.json", "config", f"invalid ({err})",
-            _DAMAGED_FIX,
-        ) from err  # fmt: skip
-    path = weights_path(run_dir, weights)
-    load_weights(model, path)
-    return model.eval(), card, path
+    return load_count_model(run_dir, weights, ConditionalVAE, MODEL_CLASS)
 
 
 class CVAEPredictor(CVAEPredictorBase):

@@ -16,7 +16,14 @@ from latentcell.models.count_vae import CountVAE, CountVAEConfig
 
 from .run_cards import _DAMAGED_FIX, load_model_card, read_run_json
 
-__all__ = ["load_model_card", "load_vae", "load_weights", "read_run_json", "weights_path"]
+__all__ = [
+    "load_count_model",
+    "load_model_card",
+    "load_vae",
+    "load_weights",
+    "read_run_json",
+    "weights_path",
+]
 
 WEIGHTS = ("auto", "ema", "model")
 
@@ -65,14 +72,17 @@ def load_weights(model: torch.nn.Module, path: Path) -> torch.nn.Module:
     return model
 
 
-def load_vae(run_dir: str | Path, which: str = "auto") -> tuple[CountVAE, dict]:
-    """(the trained CountVAE in eval mode, provenance: run dir, weights file, sha256)."""
-    card = load_model_card(run_dir, "latentcell.models.count_vae.CountVAE")
+def load_count_model(
+    run_dir: str | Path, which: str, model_class: type, expected_class: str
+) -> tuple[CountVAE, dict, Path]:
+    """(a CountVAE-family model of a finished run in eval mode, its card, its weights file):
+    the count VAE and the conditional VAE share their config and loading."""
+    card = load_model_card(run_dir, expected_class)
     config = dict(card["config"])
     try:
         config["covariate_keys"] = tuple(config["covariate_keys"])
         config["n_covariate_categories"] = tuple(config["n_covariate_categories"])
-        model = CountVAE(CountVAEConfig(**config))
+        model = model_class(CountVAEConfig(**config))
     except (KeyError, TypeError, ValueError) as err:
         raise DataValidationError(
             Path(run_dir) / "final" / "model_config.json", "config", f"invalid ({err})",
@@ -80,9 +90,17 @@ def load_vae(run_dir: str | Path, which: str = "auto") -> tuple[CountVAE, dict]:
         ) from err  # fmt: skip
     path = weights_path(run_dir, which)
     load_weights(model, path)
+    return model.eval(), card, path
+
+
+def load_vae(run_dir: str | Path, which: str = "auto") -> tuple[CountVAE, dict]:
+    """(the trained CountVAE in eval mode, provenance: run dir, weights file, sha256)."""
+    model, _, path = load_count_model(
+        run_dir, which, CountVAE, "latentcell.models.count_vae.CountVAE"
+    )
     provenance = {
         "vae_run": str(Path(run_dir).absolute()),
         "weights": path.name,
         "weights_sha256": sha256_file(path),
     }
-    return model.eval(), provenance
+    return model, provenance

@@ -42,12 +42,15 @@ from .count_vae import TARGET_SUM, CountVAE, CountVAEConfig
 
 __all__ = [
     "CONDITION_ROLES",
+    "MODEL_CLASS",
     "DEFAULT_LIKELIHOOD",
     "ConditionalVAE",
     "conditioned_roles",
     "cvae_config",
 ]
 
+# What a cvae run's model card names (``families.registry`` finds the family by it).
+MODEL_CLASS = "latentcell.models.cvae.ConditionalVAE"
 # The store roles a CVAE may condition on; the perturbation always, the others optionally.
 CONDITION_ROLES = ("perturbation", "cell_type", "batch")
 DEFAULT_LIKELIHOOD = "nb"

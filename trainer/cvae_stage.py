@@ -38,10 +38,11 @@ from torch import nn
 from latentcell.data_pipelines.errors import DataValidationError
 from latentcell.data_pipelines.perturbation_splits import read_split_rows
 from latentcell.data_pipelines.stores import open_store
-from latentcell.models.count_vae import LIKELIHOODS, CountVAEConfig
+from latentcell.models.count_vae import CountVAEConfig
 from latentcell.models.cvae import (
     CONDITION_ROLES,
     DEFAULT_LIKELIHOOD,
+    MODEL_CLASS,
     ConditionalVAE,
     conditioned_roles,
     cvae_config,
@@ -58,11 +59,10 @@ from .sections import (
 )
 from .st_sections import store_card
 from .tracking import TrackingConfig
-from .vae_stage import VAEStage
+from .vae_stage import VAEModelSection, VAEStage
 
 __all__ = ["MODEL_CLASS", "CVAEModelSection", "CVAERunConfig", "CVAEServing", "CVAEStage"]
 
-MODEL_CLASS = "latentcell.models.cvae.ConditionalVAE"
 # ~26 epochs of a 20,000-cell store at batch 256 (see the module docstring for the measurement)
 DEFAULT_STEPS = 2000
 
@@ -85,10 +85,7 @@ class CVAEModelSection:
     kl_warmup_steps: int = 400
 
     def __post_init__(self) -> None:
-        if self.likelihood not in LIKELIHOODS:
-            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}")
-        if min(self.n_latent, self.n_hidden, self.n_layers) < 1 or self.kl_warmup_steps < 0:
-            raise ValueError("n_latent, n_hidden, n_layers must be >= 1, kl_warmup_steps >= 0")
+        VAEModelSection.__post_init__(self)  # the same sizes and likelihoods as the count VAE
 
 
 @dataclass(frozen=True)

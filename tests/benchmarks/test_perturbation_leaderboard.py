@@ -99,3 +99,15 @@ def test_bad_flags_are_one_line_before_any_work(tmp_path, capsys, flags, field):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and field in err[0]
     assert not out.exists()
+
+
+def test_a_bad_split_file_is_one_line_and_writes_nothing(task, tmp_path, capsys):
+    store, _ = task
+    split = tmp_path / "bad.toml"
+    split.write_text("garbage [[\n")
+    out = tmp_path / "never"
+    code = main(["benchmark", "perturbation", "--data", str(store), "--split", str(split),
+                 "--out", str(out)])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and str(split) in err[0]
+    assert not out.exists()
