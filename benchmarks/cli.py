@@ -1,10 +1,11 @@
-"""``latentcell benchmark <name>``: one subcommand per benchmark module (imported when run)."""
+"""``latentcell benchmark <name>``: one subcommand per benchmark module (imported when chosen)."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
+
+from latentcell.data_pipelines.lazy_commands import lazy_command
 
 # name -> (module, one-line help); each module has add_arguments(parser) and run(args)
 BENCHMARKS = {
@@ -54,6 +55,11 @@ BENCHMARKS = {
         "latentcell.benchmarks.codecs",
         "store size and read speed per layout and codec (how the default was chosen)",
     ),
+    "gpu-check": (
+        "latentcell.benchmarks.gpu_check",
+        "VAE, DiT and ST training cells/s and model FLOPs utilization on this machine's GPU "
+        "(the CPU fallback without one)",
+    ),
     "onnx-runtime": (
         "latentcell.benchmarks.onnx_runtime",
         "torch eager against the onnxruntime runtime on the same trained runs",
@@ -64,11 +70,8 @@ BENCHMARKS = {
 def add_benchmark_commands(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("benchmark", help="run a benchmark and write its results into --out")
     bench_sub = bench.add_subparsers(dest="benchmark", required=True, metavar="NAME")
-    for name, (module, help_text) in BENCHMARKS.items():
-        parser = bench_sub.add_parser(name, help=help_text, description=help_text)
-        loaded = importlib.import_module(module)  # benchmarks import their heavy deps lazily
-        loaded.add_arguments(parser)
-        parser.set_defaults(func=loaded.run)
+    for name, (module, help_text) in BENCHMARKS.items():  # imported only when chosen
+        lazy_command(bench_sub, name, help_text, f"{module}:add_arguments", f"{module}:run")
 
 
 def standalone(doc: str, add_arguments, run) -> int:

@@ -17,11 +17,17 @@ import traceback
 from collections.abc import Callable
 
 DEBUG_ENV = "LATENTCELL_DEBUG"
+VERBOSE_ENV = "LATENTCELL_VERBOSE"  # set by ``-v``: the libraries' own output is shown
 EXIT_USER, EXIT_INTERNAL, EXIT_INTERRUPTED = 2, 1, 130
 
 
 class UserInputError(ValueError):
     """Something the user can fix; its message is the whole error line (without ``error:``)."""
+
+
+class LatentcellWarning(UserWarning):
+    """A warning of ours: something the user should read (the console shows these and hides
+    the libraries' warnings unless ``--verbose``, see ``launch/console.py``)."""
 
 
 class DataValidationError(UserInputError):
@@ -76,6 +82,12 @@ def debug_requested(argv: list[str]) -> tuple[bool, list[str]]:
     rest = [a for a in argv if a != "--debug"]
     env = os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
     return env or len(rest) != len(argv), rest
+
+
+def verbose_console() -> bool:
+    """Whether the user asked for the libraries' own output (``-v`` / ``LATENTCELL_VERBOSE``;
+    see ``launch/console.py``), for code that must mute a library's ``print`` itself."""
+    return os.environ.get(VERBOSE_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
 def run_cli(command: Callable[[], int | None], debug: bool) -> int:

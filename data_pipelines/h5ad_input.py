@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from latentcell.data_pipelines.errors import DataValidationError
+from latentcell.data_pipelines.errors import DataValidationError, LatentcellWarning
 from latentcell.data_pipelines.schemas import Roles, Schema, resolve_roles
 from latentcell.data_pipelines.vocabulary import GeneTable, input_genes
 
@@ -167,6 +167,7 @@ class H5adFile:
             warnings.warn(
                 f"{self.path}: X is CSC; every row read scans the whole matrix. "
                 "Convert to CSR (adata.X = adata.X.tocsr()) for a fast build.",
+                LatentcellWarning,
                 stacklevel=3,
             )
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 import pandas as pd
 
-from latentcell.data_pipelines.errors import DataValidationError
+from latentcell.data_pipelines.errors import DataValidationError, LatentcellWarning
 
 # Label for cells whose input has no column for a role that the store has (documented contract).
 IMPLICIT_LABEL = "unspecified"
@@ -162,6 +162,7 @@ def resolve_roles(schema: Schema, obs: pd.DataFrame, path: str) -> Roles:
                 f"{', '.join(AUTO_CANDIDATES['batch'])}); the store gets no batch role, so "
                 "controls are matched by cell type only. Pass --batch-col COLUMN if the data "
                 "has batches",
+                LatentcellWarning,
                 stacklevel=2,
             )
     return Roles(schema=schema.name, control=control, **columns)

@@ -643,26 +643,30 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument(
         "--out", required=True, help="output .h5ad (directory with --split-samples)"
     )
-    parser.add_argument("--schema", choices=SCHEMAS, default=d.schema)
-    parser.add_argument("--cells", type=int, default=d.n_cells)
-    parser.add_argument("--genes", type=int, default=d.n_genes)
+    parser.add_argument("--schema", choices=SCHEMAS, default=d.schema, help="obs layout to mimic")
+    parser.add_argument("--cells", type=int, default=d.n_cells, help="cells to write")
+    parser.add_argument("--genes", type=int, default=d.n_genes, help="genes to write")
     parser.add_argument("--perturbations", type=int, default=d.n_perturbations, help="vcc only")
-    parser.add_argument("--cell-types", type=int, default=d.n_cell_types)
+    parser.add_argument("--cell-types", type=int, default=d.n_cell_types, help="cell types")
     parser.add_argument(
         "--batches", type=int, default=d.n_batches, help="SRX samples for scbasecount"
     )
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--latent-dim", type=int, default=d.latent_dim)
+    parser.add_argument("--seed", type=int, default=d.seed, help="random seed")
+    parser.add_argument("--latent-dim", type=int, default=d.latent_dim,
+                        help="dimension of the true latent state the counts come from")  # fmt: skip
     parser.add_argument("--chunk-cells", type=int, default=d.chunk_cells, help="cells per write")
-    parser.add_argument("--control-fraction", type=float, default=d.control_fraction)
+    parser.add_argument("--control-fraction", type=float, default=d.control_fraction,
+                        help="share of control cells (vcc)")  # fmt: skip
     parser.add_argument(
         "--pert-type-scale",
         type=float,
         default=d.pert_type_scale,
         help="sd of each perturbation's cell-type-specific latent shift (0: shared only)",
     )
-    parser.add_argument("--library-median", type=float, default=d.library_median)
-    parser.add_argument("--compression", choices=COMPRESSIONS, default=d.compression)
+    parser.add_argument("--library-median", type=float, default=d.library_median,
+                        help="median counts per cell")  # fmt: skip
+    parser.add_argument("--compression", choices=COMPRESSIONS, default=d.compression,
+                        help="h5ad compression")  # fmt: skip
     parser.add_argument(
         "--split-samples",
         action="store_true",

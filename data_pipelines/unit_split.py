@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from .blocks import CellBlock, StoreMeta, StoreReader
+from .errors import LatentcellWarning
 from .stores import open_store
 
 __all__ = [
@@ -101,6 +102,7 @@ def warn_lopsided_split(
             "of one group are held out. Fix: split by cells (data.split_by=cells or auto), "
             "or pass a separate validation store (data.val_path), or build the store with "
             "smaller chunks (--chunk-cells).",
+            LatentcellWarning,
             stacklevel=2,
         )
     return names

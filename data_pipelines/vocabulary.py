@@ -45,7 +45,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from latentcell.data_pipelines.errors import DataValidationError
+from latentcell.data_pipelines.errors import DataValidationError, LatentcellWarning
 from latentcell.data_pipelines.schemas import Schema
 
 ENSEMBL_RE = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
@@ -372,6 +372,7 @@ def vocabulary_from_list(vocab: Vocabulary, names: list[str], path: str) -> Voca
         warnings.warn(
             f"{path}: {len(unknown)} listed genes occur in no input and will be all-zero "
             f"columns: {unknown[:10]}",
+            LatentcellWarning,
             stacklevel=2,
         )
     var = pd.DataFrame(rows, columns=["gene_key", "gene_id", "gene_symbol"]).set_index("gene_key")
@@ -532,6 +533,7 @@ def vocabulary_from_reference(
         warnings.warn(
             f"{ref.source}: {len(unknown)} of its genes occur in no input and will be all-zero "
             f"columns: {unknown[:10]}",
+            LatentcellWarning,
             stacklevel=2,
         )
     var = pd.DataFrame(rows, columns=["gene_key", "gene_id", "gene_symbol"]).set_index("gene_key")

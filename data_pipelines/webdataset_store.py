@@ -31,7 +31,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-import webdataset as wds
 
 from .atomic import AtomicDir, AtomicWriter
 from .blocks import ROLES, CellBlock, StoreSpec
@@ -160,6 +159,8 @@ class WebDatasetStoreWriter(AtomicWriter):
             name = f"shard-{len(self._shards):06d}.tar"
             # Stays open across appends; closed in _close_shard / abort.
             self._file = open(self._atomic.tmp / name, "wb")  # noqa: SIM115
+            import webdataset as wds  # imports torch (about 1 s): only writers need it
+
             self._tar = wds.TarWriter(self._file, mtime=0, format=tarfile.USTAR_FORMAT)
             self._shards.append(
                 {"name": name, "n_cells": 0, "n_samples": 0, "first_row": self._written}

@@ -14,13 +14,7 @@ import warnings
 from pathlib import Path
 
 from latentcell.data_pipelines.errors import DataValidationError
-from latentcell.evaluation.perturbation import PROFILES
-from latentcell.evaluation.protocol import (
-    DEFAULT_PROTOCOL,
-    MIN_CELLS_AUTO,
-    GenerationProtocol,
-    min_cells_floor,
-)
+from latentcell.data_pipelines.lazy_commands import lazy_command
 
 # Columns of the printed table: (key in the flattened method scores, header).
 TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
@@ -45,21 +39,21 @@ def add_evaluate_commands(sub: argparse._SubParsersAction) -> None:
     evaluate = sub.add_parser("evaluate", help="judge generated cells against real cells")
     actions = evaluate.add_subparsers(dest="evaluate_command", required=True, metavar="ACTION")
     help_text = "generated counts vs real held-out counts: distances, PRDC, gene-level metrics"
-    parser = actions.add_parser("generation", help=help_text, description=help_text)
-    add_generation_arguments(parser)
-    parser.set_defaults(func=run_evaluate_generation)
+    lazy_command(actions, "generation", help_text, add_generation_arguments,
+                 run_evaluate_generation)  # fmt: skip
     help_text = (
         "predicted perturbation responses vs real cells, scored by cell-eval (the Virtual "
         "Cell Challenge evaluator) against the training-mean baseline and a real-vs-real "
         'ceiling; needs pip install "latentcell[celleval]"'
     )
-    parser = actions.add_parser("perturbation", help=help_text, description=help_text)
-    add_perturbation_arguments(parser)
-    parser.set_defaults(func=run_evaluate_perturbation)
+    lazy_command(actions, "perturbation", help_text, add_perturbation_arguments,
+                 run_evaluate_perturbation)  # fmt: skip
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Options of ``latentcell evaluate generation``."""
+    from latentcell.evaluation.protocol import DEFAULT_PROTOCOL, min_cells_floor
+
     d = DEFAULT_PROTOCOL
     parser.add_argument("--generated", required=True, help="h5ad of generated raw counts")
     parser.add_argument("--real", required=True, help="h5ad of real held-out raw counts")
@@ -93,11 +87,18 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
         f"condition's, clamped to [2 * knn_k + 2, 50] (= [{min_cells_floor(d.knn_k)}, 50])",
     )
     parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument(
+        "--run", default=None, metavar="RUN_DIR",
+        help="the training run (run.dir) the cells came from: log this evaluation (summary, "
+        "figures, headline numbers as tags) to its MLflow run",
+    )  # fmt: skip
     return parser
 
 
 def add_perturbation_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Options of ``latentcell evaluate perturbation``."""
+    from latentcell.evaluation.perturbation import PROFILES
+
     parser.add_argument(
         "--pred", required=True, help="h5ad of predicted raw counts, with real's control cells"
     )
@@ -110,6 +111,11 @@ def add_perturbation_arguments(parser: argparse.ArgumentParser) -> argparse.Argu
     parser.add_argument("--control", default="non-targeting", help="label of control cells")
     parser.add_argument("--profile", default="full", choices=PROFILES, help="cell-eval metrics")
     parser.add_argument("--threads", type=int, default=2, help="threads for cell-eval")
+    parser.add_argument(
+        "--run", default=None, metavar="RUN_DIR",
+        help="the training run (run.dir) the cells came from: log this evaluation (summary, "
+        "figures, headline numbers as tags) to its MLflow run",
+    )  # fmt: skip
     return parser
 
 
@@ -138,6 +144,8 @@ def _read(path: Path):
 
 def parse_min_cells(value: str) -> int | str:
     """``--min-cells``: ``auto`` or an integer."""
+    from latentcell.evaluation.protocol import MIN_CELLS_AUTO
+
     if value == MIN_CELLS_AUTO:
         return value
     try:
@@ -217,8 +225,10 @@ def run_evaluate_generation(args: argparse.Namespace) -> int:
         baseline_source,
         evaluate_generation,
     )
+    from latentcell.evaluation.protocol import GenerationProtocol
 
     min_cells = parse_min_cells(args.min_cells)
+    _check_run(args)
     try:
         protocol = GenerationProtocol(
             n_hvg=args.n_hvg, n_pcs=args.n_pcs, min_cells=min_cells, seed=args.seed
@@ -249,7 +259,25 @@ def run_evaluate_generation(args: argparse.Namespace) -> int:
         print(line)
     print(format_table(bar_scores(summary), seed_spread(summary)))
     print(f"wrote {Path(args.out) / 'summary.json'} and figures")
+    if args.run:
+        macro = summary["methods"][GENERATED]["macro"]
+        keys = ("energy_distance", "mmd", "knn_auc", "mean_pearson", "var_pearson")
+        _log_to_run(args, "generation", {k: macro.get(k) for k in keys})
     return 0
+
+
+def _check_run(args: argparse.Namespace) -> None:
+    """A bad --run fails before the evaluation, not after it."""
+    if args.run:
+        from latentcell.evaluation.run_logging import tracked_run
+
+        tracked_run(args.run)
+
+
+def _log_to_run(args: argparse.Namespace, kind: str, headline: dict) -> None:
+    from latentcell.evaluation.run_logging import log_evaluation
+
+    print(f"logged to MLflow: {log_evaluation(args.run, kind, args.out, headline)}")
 
 
 # (key in the summary's headline, printed name)
@@ -333,6 +361,7 @@ def run_evaluate_perturbation(args: argparse.Namespace) -> int:
 
     if args.threads < 1:
         raise DataValidationError("<options>", "--threads", "must be >= 1", "pass --threads 1")
+    _check_run(args)
     try:
         import_cell_eval(args.threads)
     except ImportError as err:
@@ -363,4 +392,8 @@ def run_evaluate_perturbation(args: argparse.Namespace) -> int:
     )
     print(format_perturbation_table(summary))
     print(f"wrote {Path(args.out) / 'summary.json'}, cell-eval's csv files and the scoreboards")
+    if args.run:
+        _log_to_run(
+            args, "perturbation", {k: v.get("model") for k, v in summary["headline"].items()}
+        )
     return 0

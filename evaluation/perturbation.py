@@ -76,7 +76,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from latentcell.data_pipelines.atomic import write_json_atomic
-from latentcell.data_pipelines.errors import DataValidationError
+from latentcell.data_pipelines.errors import DataValidationError, LatentcellWarning
 from latentcell.evaluation import degenerate_metrics as dm
 from latentcell.evaluation import metrics as m
 from latentcell.evaluation import scoreboards as sb
@@ -114,7 +114,7 @@ class EnergySettings:
 DEFAULT_ENERGY = EnergySettings()  # frozen, so safe as a shared default argument
 
 
-class ControlCellsWarning(UserWarning):
+class ControlCellsWarning(LatentcellWarning):
     """PRED's control cells do not look like REAL's (the CLI prints these as one line)."""
 
 

@@ -18,7 +18,7 @@ import torch
 from latentcell.inference.cvae_modes import cvae_settings
 from latentcell.models.cvae import ConditionalVAE
 
-from .exporters import ExportPlan, _store_genes, _store_meta
+from .exporters import ExportPlan, run_genes
 from .graphs import ExportGraph
 
 __all__ = ["CVAEDecoderGraph", "CVAEEncoderGraph", "plan_cvae"]
@@ -88,11 +88,6 @@ def plan_cvae(run_dir: Path, card: dict, weights: str, **_) -> ExportPlan:
     from latentcell.inference.cvae_predictor import load_cvae
 
     model, card, path = load_cvae(run_dir, weights)
-    store = card.get("store", "")
-    if store and Path(store).exists():
-        genes = _store_genes(_store_meta(store), card["genes"])
-    else:
-        genes = {"gene_key": list(card["genes"]), "gene_id": list(card["genes"]),
-                 "gene_symbol": list(card.get("gene_symbols", card["genes"]))}  # fmt: skip
+    genes = run_genes(card)
     components = {"vae_encoder": CVAEEncoderGraph(model), "vae_decoder": CVAEDecoderGraph(model)}
     return ExportPlan(KIND, components, {"genes": genes, "cvae": cvae_settings(card)}, path)

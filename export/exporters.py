@@ -31,6 +31,7 @@ import numpy as np
 from latentcell.data_pipelines.atomic import AtomicDir, sha256_file, write_json_atomic
 from latentcell.data_pipelines.errors import DataValidationError
 from latentcell.families import FAMILIES, family_of_card
+from latentcell.inference.gene_names import GeneNames
 from latentcell.inference.trained_runs import (
     load_model_card,
     load_vae,
@@ -119,6 +120,16 @@ def _store_genes(meta, keys: Sequence[str] | None = None) -> dict[str, list[str]
     return genes
 
 
+def run_genes(card: dict) -> dict[str, list[str]]:
+    """A run's genes for its bundle: its training store's keys, ids and symbols while the
+    store is there, else the card's keys and symbols (a key that looks like an Ensembl id is
+    the id; "" where unknown, as ``inference/gene_names.py`` reads them)."""
+    store = card.get("store", "")
+    if store and Path(store).exists():
+        return _store_genes(_store_meta(store), card["genes"])
+    return GeneNames.from_card(card["genes"], card.get("gene_symbols")).to_dict()
+
+
 def _vae_section(vae: CountVAE, provenance: dict, batch_column, batch_labels) -> dict:
     c = vae.config
     return {
@@ -188,12 +199,7 @@ def plan_st(run_dir: Path, card: dict, weights: str, add_perturbations=(), **_) 
         bridge = VAEBridge(vae["vae_run"], "ema" if "ema" in vae["weights"] else "model")
     c = model.config
     pretraining = card["class"].endswith("STPretrainModel")
-    store = card.get("store", "")
-    if store and Path(store).exists():
-        genes = _store_genes(_store_meta(store), card["genes"])
-    else:  # the card alone: its keys and symbols (the gene ids lived in the store)
-        genes = {"gene_key": list(card["genes"]), "gene_id": list(card["genes"]),
-                 "gene_symbol": list(card.get("gene_symbols", card["genes"]))}  # fmt: skip
+    genes = run_genes(card)
     roles = card.get("roles", {})
     cell_types = list(card["categories"].get("cell_type", []))
     sections = {

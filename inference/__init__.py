@@ -1,3 +1,4 @@
 """Loading finished runs and using them: generating cells, predicting perturbed populations.
 
-Torch-free modules (``predict``) are shared with the ONNX runtime; the rest load torch runs."""
+Torch-free modules (``predict``, ``gene_names``) are shared with the ONNX runtime; the rest
+load torch runs."""

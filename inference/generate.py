@@ -5,7 +5,8 @@
        per-condition log-normal of the training data, its mean linear in the generated
        latent (``library="latent"``, default) or not (``library="condition"``); batch drawn
        from its training mix when the VAE decoder is batch-aware and no batch was asked for
-    -> counts sampled from that likelihood -> AnnData with the store's genes, obs = conditions,
+    -> counts sampled from that likelihood -> AnnData with the store's genes (var_names: the
+       gene keys, with gene_id and gene_symbol; ``gene_names.py``), obs = conditions,
        ``obsm["X_latent"]`` = each cell's latent (for the latent memorization check);
        ``generate_seeds`` repeats that for several seeds, ``obs["sampling_seed"]`` saying which.
 
@@ -31,6 +32,7 @@ from latentcell.models.count_vae import CountVAE
 from latentcell.models.latent_diffusion import LatentDiffusion
 from latentcell.models.library_size import LibraryModel
 
+from .gene_names import GeneNames
 from .model_builders import LATENT_DIFFUSION_CLASS as MODEL_CLASS
 from .model_builders import build_latent_diffusion
 from .trained_runs import load_model_card, load_vae, load_weights, read_run_json, weights_path
@@ -56,11 +58,7 @@ class CellGenerator:
         self.library = LibraryModel(stats["library"], mode=library)
         self.batch_column = stats["library"]["batch_column"]
         self.space = condition_space(run_dir, card, stats)
-        genes = stats["genes"]
-        self.var = pd.DataFrame(
-            {"gene_id": genes["gene_id"], "gene_symbol": genes["gene_symbol"]},
-            index=pd.Index(genes["gene_key"], name="gene_key"),
-        )
+        self.var = GeneNames.from_table(stats["genes"]).var_frame()  # gene_names.py's rule
 
     @classmethod
     def load(

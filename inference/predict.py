@@ -4,7 +4,8 @@
     cell type: N controls drawn (seeded, with replacement), in sets of ``set_size`` ->
     predicted log1p-normalized expression -> counts at each drawn control's library size
     -> one AnnData: the real control cells, then the predicted cells, in the controls' file
-    gene order, obs = perturbation column (``target_gene``), cell type, ``source``.
+    gene order, obs = perturbation column (``target_gene``), cell type, ``source``. Genes are
+    named and matched by ``gene_names.py``'s rule (var_names: the controls'; ids or symbols).
 
 Plain numpy/anndata (no torch): the ST model's predictor lives in ``st_predictor.py``, and the
 torch-free ONNX runtime writes its prediction files through ``predict_population`` too.
@@ -39,8 +40,10 @@ import pandas as pd
 import scipy.sparse as sp
 
 from latentcell.data_pipelines.errors import DataValidationError
-from latentcell.data_pipelines.schemas import IMPLICIT_LABEL
+from latentcell.data_pipelines.schemas import GENE_ID_FIELDS, GENE_SYMBOL_FIELDS, IMPLICIT_LABEL
 from latentcell.models.expression import log1p_normalize, to_counts
+
+from .gene_names import GeneNames
 
 __all__ = [
     "PopulationRequest",
@@ -118,18 +121,21 @@ class PopulationRequest:
     seed: int = 0
 
 
-def _gene_matrix(controls: ad.AnnData, genes: list[str], source: str) -> np.ndarray:
-    """Column indices of ``genes`` in the controls file, by var_names or a symbol/id column."""
-    for keys in (controls.var_names, *(controls.var[c] for c in ("gene_symbol", "gene_id", "gene_symbols") if c in controls.var)):  # fmt: skip
-        keys = pd.Index(np.asarray(keys, dtype=str))
-        if keys.is_unique and pd.Index(genes).isin(keys).all():
-            return keys.get_indexer(genes)
-    missing = pd.Index(genes).difference(pd.Index(controls.var_names.astype(str)))
-    raise DataValidationError(
-        source, "var_names",
-        f"{len(missing)} of the model's {len(genes)} genes are missing, e.g. {list(missing[:5])}",
-        "pass controls measured on the training store's genes (ids or symbols)",
-    )  # fmt: skip
+def _gene_columns(controls: ad.AnnData, names: GeneNames, source: str) -> list[int]:
+    """Column of each model gene in the controls: by var_names, else an id or symbol column,
+    each name matched to the model's keys, ids and symbols (``gene_names``)."""
+    var = controls.var
+    candidates = [("var_names", [str(g) for g in var.index])]
+    candidates += [(f"var/{c}", [str(g) for g in var[c]])
+                   for c in (*GENE_ID_FIELDS, *GENE_SYMBOL_FIELDS) if c in var]  # fmt: skip
+    fix = "pass controls measured on the training store's genes (Ensembl ids or symbols)"
+    return names.first_match(candidates, source, fix)
+
+
+def _gene_matrix(adata: ad.AnnData, genes: list[str], source: str) -> list[int]:
+    """Columns of ``genes`` (names without ids or symbols beside them) in ``adata``: how the
+    baselines (``evaluation/perturbation_baselines.py``) read their training files."""
+    return _gene_columns(adata, GeneNames.from_card(genes), source)
 
 
 def _dense(x) -> np.ndarray:
@@ -152,7 +158,8 @@ def predict_population(
             "pass a file holding control cells (or set the control label)",
         )  # fmt: skip
     ctrl = controls[is_control]
-    columns = _gene_matrix(ctrl, predictor.genes, source)
+    names = GeneNames.of(predictor)
+    columns = _gene_columns(ctrl, names, source)
     counts = _dense(ctrl.X)
     library = counts.sum(axis=1)
     has_types = r.cell_type_col is not None and r.cell_type_col in ctrl.obs
@@ -181,7 +188,8 @@ def predict_population(
     frame.index = frame.index.astype(str)
     for column in frame.columns:
         frame[column] = frame[column].astype("category")
-    result = ad.AnnData(X=sp.csr_matrix(np.concatenate(blocks)), obs=frame, var=ctrl.var.copy())
+    var = names.var_frame(ctrl.var, columns)
+    result = ad.AnnData(X=sp.csr_matrix(np.concatenate(blocks)), obs=frame, var=var)
     result.uns["latentcell"] = {
         "predictor": predictor.name,
         "perturbations": list(r.perturbations),

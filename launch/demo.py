@@ -22,15 +22,18 @@ from pathlib import Path
 
 
 def add_demo_command(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("demo", help="run the end-to-end demo on synthetic data")
-    parser.add_argument("--out", default="runs/demo", help="working directory (default runs/demo)")
-    parser.add_argument("--cells", type=int, default=20_000)
-    parser.add_argument("--genes", type=int, default=2000)
-    parser.add_argument("--perturbations", type=int, default=20)
-    parser.add_argument("--cell-types", type=int, default=2)
-    parser.add_argument("--batches", type=int, default=3)
-    parser.add_argument("--hvg", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=0)
+    from latentcell.data_pipelines.lazy_commands import DefaultsHelpFormatter
+
+    parser = sub.add_parser("demo", help="run the end-to-end demo on synthetic data",
+                            formatter_class=DefaultsHelpFormatter)  # fmt: skip
+    parser.add_argument("--out", default="runs/demo", help="working directory")
+    parser.add_argument("--cells", type=int, default=20_000, help="synthetic cells")
+    parser.add_argument("--genes", type=int, default=2000, help="synthetic genes")
+    parser.add_argument("--perturbations", type=int, default=20, help="perturbed genes")
+    parser.add_argument("--cell-types", type=int, default=2, help="cell types")
+    parser.add_argument("--batches", type=int, default=3, help="batches")
+    parser.add_argument("--hvg", type=int, default=1000, help="highly variable genes kept")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument(
         "--vae-steps", type=int, default=400, help="VAE training steps (0 skips training)"
     )
@@ -261,6 +264,8 @@ def _export_and_sample(out: Path, seed: int) -> None:
     """``latentcell export`` of the DiT run (logged to its MLflow run and registered as
     ``latentcell-demo-dit``), then ``python -m latentcell.export.runtime generate`` from the
     bundle in a separate interpreter: the onnxruntime path a service would use."""
+    import contextlib
+    import io
     import subprocess
     import sys
 
@@ -271,7 +276,8 @@ def _export_and_sample(out: Path, seed: int) -> None:
     bundle = out / "bundle_dit"
     args = parser.parse_args(["export", "--run", str(out / "dit"), "--out", str(bundle),
                               "--register", "latentcell-demo-dit", "--overwrite"])  # fmt: skip
-    args.func(args)
+    with contextlib.redirect_stdout(io.StringIO()):  # the demo says it in its own lines below
+        args.func(args)
     metadata = json.loads((bundle / "metadata.json").read_text())
     parity = {k: f"{v['parity']['max_rel_error']:.1e}" for k, v in metadata["components"].items()}
     print(
@@ -281,7 +287,7 @@ def _export_and_sample(out: Path, seed: int) -> None:
     generated = out / "generated_onnx.h5ad"
     command = [sys.executable, "-m", "latentcell.export.runtime", "generate", "--bundle",
                str(bundle), "--n", "200", "--condition", "cell_type=*", "--seed", str(seed),
-               "--out", str(generated)]  # fmt: skip
+               "--out", str(generated), "--json"]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     report = json.loads(result.stdout)
     print(

@@ -11,7 +11,6 @@ BUNDLE ...``.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 
@@ -38,6 +37,7 @@ def add_export_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-mlflow", action="store_true",
                    help="do not log the bundle to the run's MLflow run")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
+    p.add_argument("--json", action="store_true", help="end with one JSON summary line")
     p.set_defaults(func=run_export)
 
 
@@ -83,5 +83,7 @@ def run_export(args: argparse.Namespace) -> int:
 
         summary["mlflow"] = log_bundle(args.out, metadata, args.register)
     summary["seconds"] = round(time.perf_counter() - start, 2)
-    print(json.dumps(summary))
+    from latentcell.launch.next_steps import after_export, finish
+
+    finish(summary, after_export(summary), args.json)
     return 0

@@ -12,11 +12,9 @@ which, so ``latentcell evaluate generation`` can report the spread over seeds.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 from latentcell.data_pipelines.errors import DataValidationError
-from latentcell.models.conditions import parse_conditions
 
 DEFAULT_SEEDS = "0,1,2"
 
@@ -47,6 +45,7 @@ def add_generate_command(sub: argparse._SubParsersAction) -> None:
         help="decode z ~ N(0, I) instead of DiT samples (the VAE-only baseline)",
     )  # fmt: skip
     p.add_argument("--out", required=True, help="output .h5ad (written atomically)")
+    p.add_argument("--json", action="store_true", help="end with one JSON summary line")
     p.set_defaults(func=run_generate)
 
 
@@ -67,6 +66,8 @@ def parse_seeds(text: str) -> list[int]:
 
 def run_generate(args: argparse.Namespace) -> int:
     from latentcell.inference.generate import CellGenerator, write_h5ad_atomic
+    from latentcell.launch.next_steps import after_generate, finish
+    from latentcell.models.conditions import parse_conditions
 
     start = time.perf_counter()
     seeds = parse_seeds(args.seed)
@@ -81,6 +82,7 @@ def run_generate(args: argparse.Namespace) -> int:
     )
     out = write_h5ad_atomic(adata, args.out)
     seconds = time.perf_counter() - start
-    print(json.dumps({"out": str(out), "n_cells": adata.n_obs, "n_genes": adata.n_vars,
-                      "seeds": seeds, "seconds": round(seconds, 2)}))  # fmt: skip
+    summary = {"out": str(out), "n_cells": adata.n_obs, "n_genes": adata.n_vars,
+               "seeds": seeds, "seconds": round(seconds, 2)}  # fmt: skip
+    finish(summary, after_generate(summary), args.json)
     return 0

@@ -21,7 +21,7 @@ those ``data split`` recorded in the training file, before the VCC names.
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import time
 
 from latentcell.data_pipelines.errors import DataValidationError
@@ -89,6 +89,7 @@ def add_predict_command(sub: argparse._SubParsersAction) -> None:
         "cell type the run learned (model.cell_type_dropout > 0)",
     )  # fmt: skip
     p.add_argument("--out", required=True, help="output .h5ad (written atomically)")
+    p.add_argument("--json", action="store_true", help="end with one JSON summary line")
     p.set_defaults(func=run_predict)
 
 
@@ -174,7 +175,7 @@ def run_predict(args: argparse.Namespace) -> int:
     from latentcell.evaluation.perturbation_baselines import coincidence_note
 
     if note := coincidence_note(predictor, pred, request):  # e.g. mean == additive
-        print(note)
+        print(note, file=sys.stderr if args.json else sys.stdout)
     write_h5ad_atomic(pred, args.out)
     summary = {
         "out": args.out, "predictor": predictor.name, "n_cells": pred.n_obs,
@@ -182,7 +183,9 @@ def run_predict(args: argparse.Namespace) -> int:
         "seconds": round(time.perf_counter() - start, 2),
         "fallbacks": pred.uns["latentcell"].get("fallbacks", {}),
     }  # fmt: skip
-    print(json.dumps(summary))
+    from latentcell.launch.next_steps import after_predict, finish
+
+    finish(summary, after_predict(summary), args.json)
     return 0
 
 

@@ -1,10 +1,12 @@
-"""``latentcell train <stage>``: resolve the run config, then hand it to the one loop.
+"""``latentcell train <family>``: resolve the run config, then hand it to the one loop.
 
     latentcell train vae [--config F.toml] [--set data.path=STORE --set run.dir=DIR ...]
-                         [--resume auto|PATH] [--print-config]
+                         [--resume auto|PATH] [--print-config] [--json]
 
 Identical under ``accelerate launch [args] -m latentcell.launch train vae ...``: the
-launcher's environment decides DDP / DeepSpeed / nodes, never this command.
+launcher's environment decides DDP / DeepSpeed / nodes, never this command. Each family is
+its own subcommand, so ``latentcell train vae --help`` lists the VAE's config sections and
+their defaults (its config class is imported only then).
 
 A run stopped by SIGTERM or Ctrl-C saves a checkpoint, says so in one line, and exits with
 128 + the signal's number (143, 130), as a process killed by it would.
@@ -13,20 +15,62 @@ A run stopped by SIGTERM or Ctrl-C saves a checkpoint, says so in one line, and 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
+import textwrap
+import typing
 
 
 def add_train_command(sub: argparse._SubParsersAction) -> None:
+    from latentcell.data_pipelines.lazy_commands import lazy_command
     from latentcell.families import FAMILIES
 
     listing = "\n".join(f"  {name:<13} {f.summary}" for name, f in FAMILIES.items())
     parser = sub.add_parser(
         "train", help="train a model family (see `latentcell train --help`)",
-        description=f"Train one run of a model family.\n\nfamilies:\n{listing}",
+        description=f"Train one run of a model family.\n\nfamilies:\n{listing}\n\n"
+        "`latentcell train FAMILY --help` lists the family's config sections.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
-    parser.add_argument("stage", choices=list(FAMILIES), metavar="FAMILY",
-                        help=f"the model family to train: {', '.join(FAMILIES)}")  # fmt: skip
+    families = parser.add_subparsers(dest="stage", required=True, metavar="FAMILY")
+    for name, family in FAMILIES.items():
+        lazy_command(families, name, family.summary, add_family_arguments, run_train,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+
+
+def config_sections(config_class: type, width: int = 88) -> str:
+    """The run config's sections, each with its keys and defaults (``--help`` text)."""
+    from latentcell.trainer.config import config_to_dict
+
+    defaults = config_to_dict(config_class())
+    types = typing.get_type_hints(config_class)
+    lines = ["config sections (set any key with --set SECTION.KEY=VALUE, or in --config):"]
+    for f in dataclasses.fields(config_class):
+        section_class = types[f.name]
+        doc = (section_class.__doc__ or "").strip()
+        section = defaults.get(f.name, {})
+        keys = ", ".join(f"{k}={v!r}" for k, v in section.items()) or "(no keys set by default)"
+        lines.append(f"  [{f.name}]")
+        if doc and not doc.startswith(f"{section_class.__name__}("):  # not dataclass's own
+            lines += textwrap.wrap(_first_sentence(doc), width, initial_indent=" " * 4,
+                                   subsequent_indent=" " * 4)  # fmt: skip
+        lines += textwrap.wrap(keys, width, initial_indent=" " * 4, subsequent_indent=" " * 6)
+    return "\n".join(lines)
+
+
+def _first_sentence(doc: str) -> str:
+    paragraph = " ".join(doc.split("\n\n")[0].split())
+    end = paragraph.find(". ")
+    return paragraph if end < 0 else paragraph[: end + 1]
+
+
+def add_family_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``latentcell train FAMILY``; the description lists its config sections."""
+    from latentcell.families import family_named
+
+    family = family_named(parser.prog.split()[-1])
+    parser.description = f"Train one {family.name} run: {family.summary}.\n\n" + config_sections(
+        family.config_class()
+    )
     parser.add_argument("--config", help="TOML run config (every key has a default)")
     parser.add_argument(
         "--set",
@@ -44,12 +88,15 @@ def add_train_command(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--print-config", action="store_true", help="print the resolved config and exit"
     )
-    parser.set_defaults(func=run_train)
+    parser.add_argument(
+        "--json", action="store_true", help="end with one JSON summary line (for scripts)"
+    )
 
 
 def run_train(args: argparse.Namespace) -> int:
     from latentcell.families import family_named
     from latentcell.families.train import load_family_config, train_family
+    from latentcell.launch.next_steps import after_train, finish
     from latentcell.trainer.config import config_to_dict
     from latentcell.trainer.loop import TrainingStopped
 
@@ -67,5 +114,5 @@ def run_train(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     if PartialState().is_main_process:
-        print(json.dumps(summary))
+        finish(summary, after_train(family.name, summary), args.json)
     return 0

@@ -271,7 +271,11 @@ class STModel(nn.Module):
         self.perturbation = make_perturbation_encoder(pert, list(c.perturbation_labels))
         self.cell_type = nn.Embedding(c.n_cell_types, h) if c.n_cell_types else None
         self.batch = nn.Embedding(c.n_batches, h) if c.n_batches else None
-        self.segment = nn.Parameter(torch.zeros(2, h))  # control, perturbed (joint mode)
+        # control, perturbed (joint mode). A module, not a bare Parameter indexed in predict:
+        # under ZeRO-3 a Parameter indexed outside a module call is not gathered for the
+        # backward pass (it failed with a size mismatch). Zero-filled, then initialized below,
+        # so the random stream (and every other layer's initial weights) stays as it was.
+        self.segment = nn.Embedding(2, h, _weight=torch.zeros(2, h))
         cross = c.conditioning == "cross"
         self.blocks = nn.ModuleList(
             SetBlock(h, c.heads, c.mlp_ratio, c.dropout, cross) for _ in range(c.depth)
@@ -305,7 +309,13 @@ class STModel(nn.Module):
             nn.init.zeros_(self.shift_head.bias)
         nn.init.zeros_(self.head.weight)  # starts as the control-identity baseline
         nn.init.zeros_(self.head.bias)
-        nn.init.normal_(self.segment, std=0.02)
+        nn.init.normal_(self.segment.weight, std=0.02)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Weights saved before ``segment`` became a module name it ``segment``."""
+        if prefix + "segment" in state_dict:
+            state_dict[prefix + "segment.weight"] = state_dict.pop(prefix + "segment")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def target_rows(self, labels: list[str]) -> torch.Tensor:
         """(len(labels), features): 1 where a feature is one of the label's perturbed genes
@@ -413,14 +423,15 @@ class STModel(nn.Module):
             if batch is None:
                 raise ValueError("the model is batch-conditioned: pass batch")
             base = base + self.batch(batch)
-        ctrl = base + self.segment[0]
+        segments = self.segment(torch.arange(2, device=base.device))
+        ctrl = base + segments[0]
         embedding = self.perturbation(perturbation)
         if generic is not None:
             if not c.perturbation_dropout:
                 raise ValueError("generic needs a model trained with perturbation_dropout > 0")
             vector = self.generic_perturbation.to(embedding.dtype)
             embedding = torch.where(generic[:, None], vector, embedding)
-        query = base + self.segment[1] + embedding[:, None]
+        query = base + segments[1] + embedding[:, None]
         s = control.shape[1]
         if c.conditioning == "joint":
             x = torch.cat([ctrl, query], dim=1)

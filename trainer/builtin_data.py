@@ -7,6 +7,7 @@ A synthetic Virtual-Cell-Challenge-style experiment (NB counts, 2 cell types, 3 
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from pathlib import Path
 
@@ -77,6 +78,17 @@ class CountStoreInput:
         return self._path
 
     def ensure_store(self) -> Path:
+        """The store, built first if it is the built-in one; says so in one line (stderr),
+        so a run without ``data.path`` never trains on synthetic cells unannounced."""
         if self._path is None:
+            store = ensure_builtin_store(self._root, create=False)
+            doing = "using" if store.exists() else "synthesizing (about 15 s, once)"
+            print(
+                f"data.path is empty: {doing} the built-in synthetic data set "
+                f"({BUILTIN_CELLS:,} cells x {BUILTIN_GENES:,} genes) at {store}; "
+                "pass --set data.path=STORE to train on your own store",
+                file=sys.stderr,
+                flush=True,
+            )
             self._path = ensure_builtin_store(self._root, create=True)
         return self._path

@@ -112,6 +112,7 @@ class DiTStage:
         self._stats: dict | None = None
         self._card: dict | None = None
         self._count_meta = None
+        self._samples: tuple[nn.Module, dict] | None = None  # (model, _check_samples of it)
 
     # -- paths --------------------------------------------------------------------------------
 
@@ -363,7 +364,6 @@ class DiTStage:
 
     # -- checks -------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def final_report(self, model: LatentDiffusion) -> dict[str, float]:
         """Memorization check of the trained DiT: ``latent_nn_ratio`` of sampled latents
         against the training latents (run defaults for steps and guidance, seed 0), per label
@@ -376,6 +376,31 @@ class DiTStage:
         only raise its ratio. Copying is a risk of small labels, which are compared whole."""
         from latentcell.evaluation.metrics import latent_nn_ratio
 
+        pairs = self._check_samples(model).values()
+        ratios = [latent_nn_ratio(train, z) for train, z in pairs]
+        return {"memorization/latent_nn_ratio": float(np.mean(ratios))} if ratios else {}
+
+    def final_figures(self, model: LatentDiffusion, run_dir: Path) -> list[Path]:
+        """``generated_pca.png``: the latents the memorization check sampled against the
+        training latents of their label, on PC1/PC2 of the training latents (no decoding:
+        this is the space the DiT models, and the samples are already drawn)."""
+        from .figures import plot_latent_pca
+
+        samples, columns = self._check_samples(model), self.condition_columns()
+        if not samples:
+            return []
+        names = self.count_meta.categories[columns[0]] if columns else None
+        label = (lambda c: f"{columns[0]}={names[c]}") if columns else (lambda c: "all cells")
+        real = {label(c): train for c, (train, _) in samples.items()}
+        generated = {label(c): z for c, (_, z) in samples.items()}
+        return [plot_latent_pca(real, generated, Path(run_dir) / "generated_pca.png")]
+
+    @torch.no_grad()
+    def _check_samples(self, model: LatentDiffusion) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """Per checked label: (its training latents, latents sampled for it), drawn once per
+        model, so the check and the figure show the same cells."""
+        if self._samples is not None and self._samples[0] is model:
+            return self._samples[1]
         columns = self.condition_columns()
         sizes: dict[int, int] = {}  # training cells per label, from the library statistics
         for group in self.stats["library"]["groups"]:
@@ -396,7 +421,7 @@ class DiTStage:
                     pools[code].append(rows)
                     room[code] -= len(rows)
         generator = torch.Generator().manual_seed(0)
-        ratios = []
+        out = {}
         for code in labels:
             train = np.concatenate(pools[code]) if pools[code] else np.zeros((0, 1))
             if len(train) < 2:
@@ -404,9 +429,9 @@ class DiTStage:
             codes, values = model.dit.null_condition(CHECK_SAMPLES, "cpu")
             if columns:
                 codes[:, 0] = code
-            z = model.sample(codes, values, generator=generator).numpy()
-            ratios.append(latent_nn_ratio(train, z))
-        return {"memorization/latent_nn_ratio": float(np.mean(ratios))} if ratios else {}
+            out[code] = (train, model.sample(codes, values, generator=generator).numpy())
+        self._samples = (model, out)
+        return out
 
     # -- model --------------------------------------------------------------------------------
 

@@ -1,11 +1,12 @@
-"""The training-curve figure every run logs: loss and validation metrics against step."""
+"""The training-curve figure every run logs (loss and validation metrics against step), and
+the figures stages add (``Stage.final_figures``)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-__all__ = ["plot_training_curves", "read_metrics"]
+__all__ = ["plot_latent_pca", "plot_training_curves", "read_metrics"]
 
 
 def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
@@ -50,4 +51,23 @@ def plot_training_curves(metrics_path: Path, out: Path) -> Path | None:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
+    return out
+
+
+def plot_latent_pca(real: dict, generated: dict, out: Path) -> Path:
+    """Real and generated cells per label (``{label: (n, d) array}``) on PC1/PC2 of all the
+    real cells together: one projection for every panel, so the panels compare."""
+    import numpy as np
+
+    from latentcell.evaluation.figures import plot_pca_panels
+
+    pooled = np.concatenate([np.asarray(x, dtype=np.float64) for x in real.values()])
+    mean = pooled.mean(axis=0)
+    axes = np.linalg.svd(pooled - mean, full_matrices=False)[2][:2].T
+
+    def project(cells: dict) -> dict:
+        return {k: (np.asarray(v, dtype=np.float64) - mean) @ axes for k, v in cells.items()}
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plot_pca_panels(project(real), project(generated), out)
     return out

@@ -231,6 +231,8 @@ def load_from_run(
     card = load_model_card(run)  # a clear error when it is not a finished run
     path = weights_path(run)
     state = load_state(path)
+    if isinstance(model, STModel) and "segment" in state:  # saved before it was a module
+        state["segment.weight"] = state.pop("segment")
     report = InitReport(run_dir=str(run.absolute()), weights=path.name)
     own = model.state_dict()
     new_axes, old_axes, derived, matches = {}, {}, set(), {}

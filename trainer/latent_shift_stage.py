@@ -248,6 +248,7 @@ def _write_run(config, split, run: LatentShiftRun, card: dict, val: dict, train:
                 "run_dir": str(run_dir.resolve()),
             },  # fmt: skip
         )
+        tracker.log_dataset(card["store"])  # the run's dataset input, as the loop logs it
         tracker.log_metrics({f"val/{k}": v for k, v in val.items()}, step=steps)
         summary = {
             "stage": "latent-shift",

@@ -34,7 +34,7 @@ from torch import nn
 from latentcell.data_pipelines.errors import DataValidationError
 
 from .checkpoint import CheckpointManager, resolve_resume, write_safetensors
-from .config import ConfigError, config_to_dict, dump_toml
+from .config import config_to_dict, dump_toml
 from .distributed import is_deepspeed, make_accelerator, zero_stage
 from .ema import EMA
 from .figures import plot_training_curves
@@ -127,6 +127,13 @@ def _init_report(stage: Stage) -> dict[str, Any]:
     return (hook() if hook else None) or {}
 
 
+def _store_path(stage: Stage) -> Path | None:
+    """The stage's optional ``store`` (see ``stage.py``) when it is a path: the dataset the
+    MLflow run records (a stage may keep another kind of store there, as the tests' toy does)."""
+    store = getattr(stage, "store", None)
+    return Path(store) if isinstance(store, (str, Path)) else None
+
+
 def _scalar_params(report: dict, prefix: str) -> dict[str, str]:
     """A nested report's scalar entries as flat MLflow params (lists stay in its JSON)."""
     out: dict[str, str] = {}
@@ -177,8 +184,6 @@ def fit(stage: Stage, config: Any, resume: str | None = None) -> FitResult:
     run_dir = run.dir_path
     accelerator = make_accelerator(t, config.data.batch_size, config.optim.grad_clip)
     main = accelerator.is_main_process
-    if t.ema and zero_stage(accelerator) == 3:
-        raise ConfigError("train.ema needs full weights on every process: use ZeRO-1/2 or DDP")
 
     stage.prepare_data(main)
     accelerator.wait_for_everyone()
@@ -242,6 +247,7 @@ def fit(stage: Stage, config: Any, resume: str | None = None) -> FitResult:
             },
             resume_run_id=mlflow_run_id,
         )
+        tracker.log_dataset(_store_path(stage))
         if init:
             tracker.log_dict(init, "init.json")
 
@@ -439,12 +445,35 @@ def _stop(accelerator, tracker, stop, step, last_checkpoint, save_checkpoint, ru
     raise stopped
 
 
+def _summary_tags(checks: dict[str, float], units) -> dict[str, str]:
+    """A finished run's single numbers as run tags (``check/<name>``, ``data/skipped_units``),
+    not metrics: MLflow's metric charts get one section per key prefix, in key order, so
+    one-point ``check/`` and ``data/`` charts sat above the ``train/`` and ``val/`` curves.
+    Tags show in the run page's Tags table and as runs-table columns. The final train and
+    validation numbers need nothing of their own: both are logged at the last step, so each
+    curve's latest value, which the run page's Metrics table and the runs table show, is the
+    final one (the former ``final/*`` metrics only doubled the charts)."""
+    tags = {f"check/{k}": f"{v:.6g}" for k, v in checks.items()}
+    return tags | ({"data/skipped_units": str(len(units))} if units is not None else {})
+
+
+def _stage_figures(draw, model: nn.Module, run_dir: Path) -> list[Path]:
+    """The stage's ``final_figures(model, run_dir)`` PNGs; a figure that fails is one line,
+    never a failed run (the weights are saved by then)."""
+    try:
+        return [Path(p) for p in draw(model, run_dir)]
+    except Exception as exc:
+        _say(f"stage figures skipped: {type(exc).__name__}: {exc}")
+        return []
+
+
 def _write_run_files(
     stage, config, accelerator, ema, tracker, result: FitResult, skipped: int, units
 ) -> None:
-    """final/ model card, summary.json, the training-curve figure; all logged to MLflow.
-    Afterwards, if anything did not reach MLflow, summary.json says what (``mlflow.lost``)
-    and one console line says where the local copies are."""
+    """final/ model card, summary.json, the training-curve figure and the stage's figures;
+    all logged to MLflow, checks as tags (``_summary_tags``), the model with the run's
+    metrics of the last step. Afterwards, if anything did not reach MLflow, summary.json
+    says what (``mlflow.lost``) and one console line says where the local copies are."""
     from safetensors.torch import load_file
 
     run_dir, final_dir = result.run_dir, result.final_dir
@@ -458,8 +487,11 @@ def _write_run_files(
         fresh.load_state_dict(load_file(str(weights)))
         return fresh
 
-    report = getattr(stage, "final_report", None)
-    checks = {k: float(v) for k, v in report(trained_copy()).items()} if report else {}
+    report, draw = getattr(stage, "final_report", None), getattr(stage, "final_figures", None)
+    trained = trained_copy() if report or draw else None  # one copy for checks and figures
+    checks = {k: float(v) for k, v in report(trained).items()} if report else {}
+    figures = [figure] if figure is not None else []
+    figures += _stage_figures(draw, trained, run_dir) if draw else []
     summary = {
         "stage": stage.name,
         "step": result.step,
@@ -477,12 +509,8 @@ def _write_run_files(
         # where the run is tracked: `latentcell export` logs its bundle to this run
         "mlflow": {"run_id": tracker.run_id, "tracking_uri": tracker.uri or None},
     }
-    final_metrics = {
-        f"final/{k}": v for k, v in {**result.train_metrics, **result.val_metrics}.items()
-    }
     if units is not None:
         summary["data"] = {"skipped_units": units, "n_skipped_units": len(units)}
-        final_metrics["data/skipped_units"] = float(len(units))
         if units:
             first = units[0]
             _say(f"skipped {len(units)} corrupt data unit(s) (data.on_corrupt=skip), first "
@@ -491,16 +519,15 @@ def _write_run_files(
     summary_path = run_dir / "summary.json"
     summary_path.write_text(json.dumps(summary, indent=1))
     tracker.flush(force=True)  # one try even if the backend failed lately: it may be back
-    tracker.log_metrics(final_metrics | {f"check/{k}": v for k, v in checks.items()},
-                        step=result.step)  # fmt: skip
+    tracker.set_tags(_summary_tags(checks, units))
     tracker.log_artifact(run_dir / "config.toml")
     tracker.log_artifact(summary_path)
     tracker.log_artifact(final_dir / "model_config.json", "model_card")
-    if figure is not None:
-        tracker.log_artifact(figure, "figures")
+    for path in figures:
+        tracker.log_artifact(path, "figures")
     if config.tracking.enabled and config.tracking.log_model:
         module, example = stage.serving_module(trained_copy())
-        tracker.log_model(module, "model", example, pip_requirements())
+        tracker.log_model(module, "model", example, pip_requirements(), step=result.step)
     tracker.end("FINISHED")
     lost = tracker.lost()
     if lost is not None:

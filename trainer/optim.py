@@ -13,7 +13,7 @@ from torch import nn
 
 from .sections import OptimConfig
 
-__all__ = ["build_optimizer", "build_scheduler", "lr_factor"]
+__all__ = ["build_optimizer", "build_scheduler", "lr_factor", "warmup_length"]
 
 
 def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW:
@@ -37,9 +37,17 @@ def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW:
     )
 
 
+def warmup_length(config: OptimConfig, max_steps: int) -> int:
+    """``warmup_steps``, capped at ``max_warmup_fraction`` of the run (at least one step)."""
+    if config.warmup_steps <= 0:
+        return 0
+    cap = max(1, math.floor(config.max_warmup_fraction * max_steps))
+    return min(config.warmup_steps, cap)
+
+
 def lr_factor(step: int, config: OptimConfig, max_steps: int) -> float:
     """Multiplier of the base lr after ``step`` optimizer steps (a pure function, tested)."""
-    warmup = min(config.warmup_steps, max_steps)
+    warmup = warmup_length(config, max_steps)
     if warmup and step < warmup:
         return (step + 1) / warmup
     if config.schedule == "constant":

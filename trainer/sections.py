@@ -115,7 +115,11 @@ def split_card(rows_file: Path) -> dict:
 @dataclass(frozen=True)
 class OptimConfig:
     """AdamW with decoupled weight decay on weight matrices only (not biases, norms,
-    per-gene dispersions), linear warm-up then cosine decay to ``min_lr_ratio * lr``."""
+    per-gene dispersions), linear warm-up then cosine decay to ``min_lr_ratio * lr``.
+
+    The warm-up lasts ``warmup_steps`` but at most ``max_warmup_fraction`` of the run, so a
+    short run (``--set train.max_steps=60``) still reaches its peak early and decays, instead
+    of ending mid-warm-up; 1.0 lifts the cap."""
 
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -123,6 +127,7 @@ class OptimConfig:
     beta2: float = 0.999
     eps: float = 1e-8
     warmup_steps: int = 100
+    max_warmup_fraction: float = 0.1
     schedule: str = "cosine"
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
@@ -132,6 +137,10 @@ class OptimConfig:
             raise ValueError("lr must be > 0, weight_decay and warmup_steps >= 0")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if not 0.0 < self.max_warmup_fraction <= 1.0:
+            raise ValueError(
+                f"max_warmup_fraction must be in (0, 1], got {self.max_warmup_fraction}"
+            )
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 

@@ -57,7 +57,13 @@ class Stage(Protocol):
 
 # Optional, looked up with getattr: ``final_report(model) -> dict[str, float]``, checks of the
 # trained model (final weights, EMA when kept) written to summary.json under "checks" and
-# logged as ``check/<name>`` (the DiT stage reports its latent memorization ratio).
+# logged as the run tags ``check/<name>`` (the DiT stage reports its latent memorization ratio).
+# ``final_figures(model, run_dir) -> list[Path]``: PNGs of the trained model (the same copy
+# ``final_report`` got) written into run_dir and logged under the MLflow run's ``figures/``
+# (the DiT stage draws its generated against real latents on a PCA).
+# ``store``: the path of the count store the stage trains on (read after ``prepare_data``),
+# logged as the MLflow run's dataset input (``tracking.store_dataset``); the count-store
+# stages and the DiT stage have it.
 # ``init_report() -> dict | None``, called after ``build_model``: what the initial weights
 # came from (the ST stage's ``init.run``: vocabularies matched, tensors loaded / remapped /
 # fresh). Its "console" lines are printed when training starts; the whole dict goes to

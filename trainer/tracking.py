@@ -10,15 +10,20 @@ After a failure the tracker is "down": it sends nothing for ``RETRY_S`` seconds,
 with each failure in a row up to ``MAX_RETRY_S`` (metrics stay buffered, up to
 ``MAX_PENDING``), then tries again. At the end of the run it tries once more (a forced flush)
 and skips the artifact and model uploads if the backend is still down. It counts what never
-arrived (metric steps and values, artifacts, the model, the params, a run it could not end,
-which MLflow then shows as RUNNING forever); :meth:`Tracker.lost` returns that for
-``summary.json`` and :meth:`Tracker.lost_line` says it in one line.
+arrived (metric steps and values, artifacts, the model, the params, tags and the dataset
+input, a run it could not end, which MLflow then shows as RUNNING forever); :meth:`Tracker.lost`
+returns that for ``summary.json`` and :meth:`Tracker.lost_line` says it in one line.
+
+Nothing here reopens a run with ``mlflow.start_run``: its exit stamps a new end time (a 49 s
+run showed 9.2 min after an export) and marks it FINISHED. Models are logged with
+:func:`log_model_to_run`, which links a LoggedModel to the run through the client.
 """
 
 from __future__ import annotations
 
 import bisect
 import contextlib
+import json
 import os
 import re
 import time
@@ -30,14 +35,18 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
+from latentcell.data_pipelines.errors import LatentcellWarning
+
 __all__ = [
     "NullTracker",
     "Tracker",
     "TrackingConfig",
     "default_uri",
     "flatten_config",
+    "log_model_to_run",
     "make_tracker",
     "pip_requirements",
+    "store_dataset",
 ]
 
 MAX_PARAM_VALUE = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH in MLflow 3.x
@@ -90,6 +99,73 @@ def pip_requirements() -> list[str]:
     return pins
 
 
+def log_model_to_run(client, run_id: str, name: str, log, step: int = 0, tags=None):
+    """``log(model_id=..., run_id=...)`` (a flavor's ``log_model`` or ``Model.log``) as a
+    LoggedModel of ``run_id``: its source run, listed in the run's outputs at ``step`` with
+    the run's metrics of that step, its params the run's. Created through the client in the
+    run's experiment, so the run's status and end time stay as they are (``start_run`` would
+    change both) and no fluent run or experiment is involved. A failed log leaves no model."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    run = client.get_run(run_id)
+    tags = resolve_tags({k: str(v) for k, v in (tags or {}).items()})  # user, source: as fluent
+    model = client.create_logged_model(
+        run.info.experiment_id, name=name, source_run_id=run_id, params=dict(run.data.params),
+        tags=tags,
+    )  # fmt: skip
+    try:
+        return log(model_id=model.model_id, run_id=run_id, step=step)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            client.delete_logged_model(model.model_id)
+        raise
+
+
+def store_dataset(path: str | os.PathLike) -> dict:
+    """A store as an MLflow dataset input: named after its directory, its digest the start of
+    the manifest's own sha256 (the same store is one dataset across runs), its source the
+    path, its profile the sizes and the whole manifest hash, its schema the obs columns."""
+    from latentcell.data_pipelines.integrity import SEAL_KEY, manifest_digest
+    from latentcell.data_pipelines.store_common import read_manifest
+
+    path = Path(path).resolve()
+    manifest = read_manifest(path)
+    sha = manifest.get(SEAL_KEY) or manifest_digest(manifest)
+    obs = manifest.get("obs") or {}
+    columns = [(c, "string") for c in obs.get("categorical", {})]
+    columns += [(c, "double") for c in obs.get("numeric", {})]
+    return {
+        "name": path.name,
+        "digest": sha[:12],
+        "source": str(path),
+        "profile": {
+            "n_cells": manifest.get("n_cells"),
+            "n_genes": manifest.get("n_genes"),
+            "nnz": manifest.get("nnz"),
+            "format": manifest.get("format"),
+            "manifest_sha256": sha,
+            "roles": manifest.get("roles"),
+        },  # fmt: skip
+        "columns": columns,
+    }
+
+
+def _dataset_input(dataset: Mapping, context: str):
+    """``store_dataset``'s dict -> an ``mlflow.entities.DatasetInput`` tagged with its context,
+    in the form ``mlflow.data``'s MetaDataset of a local source writes (source type "local",
+    ``{"uri": path}``, an ``mlflow_colspec`` schema), without its ambiguous-source warning."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.types import ColSpec, Schema
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    columns = [ColSpec(t, c) for c, t in dataset["columns"]]
+    schema = json.dumps({"mlflow_colspec": Schema(columns).to_dict()}) if columns else None
+    entity = Dataset(dataset["name"], dataset["digest"], "local",
+                     json.dumps({"uri": dataset["source"]}), schema,
+                     json.dumps(dataset["profile"]))  # fmt: skip
+    return DatasetInput(entity, [InputTag(MLFLOW_DATASET_CONTEXT, context)])
+
+
 def _artifact_location(uri: str) -> str | None:
     """Artifacts of a SQLite store go beside the DB (MLflow's default is ./mlruns in the CWD)."""
     if not uri.startswith("sqlite:///"):
@@ -110,6 +186,10 @@ def _truncate(value: str) -> str:
         if len(value) <= MAX_PARAM_VALUE
         else value[: MAX_PARAM_VALUE - len(_TRUNCATED)] + _TRUNCATED
     )
+
+
+class TrackingWarning(LatentcellWarning, RuntimeWarning):
+    """The tracking backend failed; training goes on (shown on the console by default)."""
 
 
 class Tracker:
@@ -138,6 +218,7 @@ class Tracker:
         self._lost_metrics = 0
         self._lost_artifacts: list[str] = []
         self._lost_params = False
+        self._lost_records: list[str] = []  # tags and dataset inputs
         self._not_ended = False
 
     @property
@@ -152,7 +233,7 @@ class Tracker:
         warnings.warn(
             f"MLflow tracking at {self.uri!r}: {kind} failed ({str(detail)[:400]}); "
             "training continues",
-            RuntimeWarning,
+            TrackingWarning,
             stacklevel=3,
         )
 
@@ -320,6 +401,35 @@ class Tracker:
         if self._call("log_dict", upload) is not None:
             self._lost_artifacts.append(artifact_file)
 
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Run tags (values as text), in one batch; a resumed run's tags are overwritten."""
+        todo = {_key(k): _truncate(str(v)) for k, v in tags.items()}
+        if not todo or not (self._active or self._start_failed):
+            return
+        if self._start_failed or self._call("set_tags", lambda: self._log_batch(tags=todo)):
+            self._lost_records += [f"tag {k}" for k in todo]
+
+    def log_dataset(self, path: str | os.PathLike | None, context: str = "training") -> None:
+        """The store at ``path`` as the run's dataset input (``store_dataset``); logging it
+        again (a resume) adds nothing. A store whose manifest cannot be read only warns."""
+        if path is None or not (self._active or self._start_failed):
+            return
+        try:
+            dataset = store_dataset(path)
+        except Exception as exc:  # not the backend's fault: the backend stays up
+            self._warn("dataset description", exc)
+            return
+        name = f"dataset {dataset['name']}"
+        if self._start_failed:
+            self._lost_records.append(name)
+            return
+
+        def send():
+            self._client.log_inputs(self._run_id, datasets=[_dataset_input(dataset, context)])
+
+        if self._call("log_dataset", send) is not None:
+            self._lost_records.append(name)
+
     def log_model(
         self,
         module: Any,
@@ -328,13 +438,11 @@ class Tracker:
         pip_requirements: list[str],
         step: int = 0,
     ) -> str | None:
-        """Log ``module`` as an MLflow model (a LoggedModel linked to this run); its URI or None.
-
-        ``mlflow.pytorch.log_model`` only links to the fluent active run, so the run is pushed
-        for the call and popped with ``end_run(status="RUNNING")`` (a plain ``with start_run``
-        would mark it FINISHED). The default "pt2" format goes through ``torch.export`` with
-        ``input_example`` (an array or a tuple of arrays, the forward's positional args); a
-        module it cannot export is pickled instead, which needs latentcell at load time.
+        """Log ``module`` as an MLflow model (a LoggedModel of this run, ``log_model_to_run``,
+        with the run's metrics at ``step``); its URI or None. The default "pt2" format goes
+        through ``torch.export`` with ``input_example`` (an array or a tuple of arrays, the
+        forward's positional args); a module it cannot export is pickled instead, which needs
+        latentcell at load time.
         """
         if not self.config.log_model:
             return None
@@ -347,19 +455,21 @@ class Tracker:
 
         self.flush()
         previous = os.environ.get("MLFLOW_TRACKING_URI")  # set_tracking_uri also sets this
+        kwargs = dict(
+            name=name, input_example=input_example, pip_requirements=list(pip_requirements)
+        )
+
+        def log(fmt: str):
+            return lambda **ids: mlflow.pytorch.log_model(module, serialization_format=fmt,
+                                                          **kwargs, **ids)  # fmt: skip
+
         try:
-            mlflow.set_tracking_uri(self.uri)
-            mlflow.start_run(run_id=self._run_id, nested=mlflow.active_run() is not None)
+            mlflow.set_tracking_uri(self.uri)  # the flavor saves through the fluent URI
             try:
-                kwargs = dict(name=name, input_example=input_example, step=step)
-                kwargs["pip_requirements"] = list(pip_requirements)
-                try:
-                    info = mlflow.pytorch.log_model(module, serialization_format="pt2", **kwargs)
-                except Exception as exc:
-                    self._warn("log_model pt2 export", f"{exc!r}; pickling instead")
-                    info = mlflow.pytorch.log_model(module, serialization_format="pickle", **kwargs)
-            finally:
-                mlflow.end_run(status="RUNNING")
+                info = log_model_to_run(self._client, self._run_id, name, log("pt2"), step)
+            except Exception as exc:
+                self._warn("log_model pt2 export", f"{exc!r}; pickling instead")
+                info = log_model_to_run(self._client, self._run_id, name, log("pickle"), step)
             return info.model_uri
         except Exception as exc:
             self._warn("log_model", exc)
@@ -386,7 +496,7 @@ class Tracker:
     def lost(self) -> dict[str, Any] | None:
         """What never reached MLflow (for summary.json), or None when nothing was lost."""
         if not (self._lost_metrics or self._lost_artifacts or self._lost_params
-                or self._not_ended or self._start_failed):  # fmt: skip
+                or self._lost_records or self._not_ended or self._start_failed):  # fmt: skip
             return None
         report: dict[str, Any] = {
             "metric_steps": _ranges(sorted(self._lost_steps), self._sent_steps),
@@ -395,6 +505,8 @@ class Tracker:
         }
         if self._lost_params:
             report["params"] = "not logged"
+        if self._lost_records:
+            report["records"] = list(self._lost_records)
         if self._start_failed:
             report["status"] = "not started"
         elif self._not_ended:
@@ -414,6 +526,8 @@ class Tracker:
             parts.append("artifacts " + ", ".join(lost["artifacts"]))
         if "params" in lost:
             parts.append("params")
+        if lost.get("records"):
+            parts.append(", ".join(lost["records"]))
         what = "; ".join(parts) or "nothing logged"
         status = {"not started": "; no MLflow run was created",
                   "not ended": "; the run was not ended there (it stays RUNNING)"}  # fmt: skip

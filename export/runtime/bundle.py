@@ -37,6 +37,7 @@ import numpy as np
 from latentcell.data_pipelines.atomic import sha256_file
 from latentcell.data_pipelines.errors import DataValidationError
 from latentcell.data_pipelines.safe_paths import resolve_inside
+from latentcell.inference.gene_names import GeneNames
 
 __all__ = [
     "FORMAT",
@@ -162,6 +163,11 @@ class Bundle:
     def genes(self) -> list[str]:
         return list(self.metadata["genes"]["gene_key"])
 
+    @functools.cached_property
+    def gene_names(self) -> GeneNames:
+        """The genes' keys, ids and symbols, matched and written by ``gene_names.py``."""
+        return GeneNames.from_table(self.metadata["genes"])
+
     def __getitem__(self, name: str) -> Component:
         if name not in self.components:
             raise DataValidationError(
@@ -273,6 +279,9 @@ def check_metadata(metadata: dict, source: Path) -> None:
     genes = expect(metadata.get("genes"), (dict,), "genes", "an object")
     for key in expect(genes.get("gene_key"), (list,), "genes.gene_key", "a list"):
         expect(key, (str,), "genes.gene_key", "a gene key (string)")
+    for column in ("gene_id", "gene_symbol"):  # optional ("" where unknown)
+        for name in expect(genes.get(column, []), (list,), f"genes.{column}", "a list"):
+            expect(name, (str,), f"genes.{column}", 'a gene name (string, "" if unknown)')
     components = expect(metadata.get("components"), (dict,), "components",
                         "a non-empty object", nonempty=True)  # fmt: skip
     for name, spec in components.items():

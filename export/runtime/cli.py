@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--library", default="latent", choices=("latent", "condition"))
     g.add_argument("--out", required=True, help="output .h5ad (written atomically)")
+    g.add_argument("--json", action="store_true", help="print one JSON summary line")
     g.set_defaults(func=run_generate)
     p = sub.add_parser("predict", help="predict perturbed cells from controls (h5ad)")
     p.add_argument("--bundle", required=True)
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cell-type-col", default=None, help="cell type column (default: the run's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output .h5ad (written atomically)")
+    p.add_argument("--json", action="store_true", help="print one JSON summary line")
     p.set_defaults(func=run_predict)
     s = sub.add_parser("serve", help="serve generate/predict as JSON over HTTP (uvicorn)")
     s.add_argument("--bundle", required=True)
@@ -77,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _finish(args, summary: dict, line: str) -> None:
+    """One human line (with the time), or the JSON summary with ``--json``."""
+    print(json.dumps(summary) if args.json else f"{line} ({summary['seconds']} s)", flush=True)
+
+
 def run_generate(args) -> int:
     from latentcell.data_pipelines.atomic import write_h5ad_atomic
 
@@ -88,9 +95,9 @@ def run_generate(args) -> int:
         args.n, parse_conditions(args.condition), args.steps, args.guidance, args.seed
     )
     out = write_h5ad_atomic(cells.to_anndata(), args.out)
-    print(json.dumps({"out": str(out), "n_cells": len(cells.counts),
-                      "n_genes": cells.counts.shape[1],
-                      "seconds": round(time.perf_counter() - start, 2)}))  # fmt: skip
+    summary = {"out": str(out), "n_cells": len(cells.counts), "n_genes": cells.counts.shape[1],
+               "seconds": round(time.perf_counter() - start, 2)}  # fmt: skip
+    _finish(args, summary, f"wrote {summary['n_cells']:,} generated cells to {out}")
     return 0
 
 
@@ -130,9 +137,11 @@ def run_predict(args) -> int:
     )
     pred = predict_population(predictor, controls, request, args.controls)
     write_h5ad_atomic(pred, args.out)
-    print(json.dumps({"out": args.out, "n_cells": pred.n_obs, "n_perturbations": len(wanted),
-                      "seconds": round(time.perf_counter() - start, 2),
-                      "fallbacks": pred.uns["latentcell"].get("fallbacks", {})}))  # fmt: skip
+    summary = {"out": args.out, "n_cells": pred.n_obs, "n_perturbations": len(wanted),
+               "seconds": round(time.perf_counter() - start, 2),
+               "fallbacks": pred.uns["latentcell"].get("fallbacks", {})}  # fmt: skip
+    _finish(args, summary, f"wrote {pred.n_obs:,} predicted cells for {len(wanted)} "
+            f"perturbations to {args.out}")  # fmt: skip
     return 0
 
 

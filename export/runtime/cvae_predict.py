@@ -32,6 +32,7 @@ class OnnxCVAEPredictor(CVAEPredictorBase):
             )  # fmt: skip
         super().__init__(settings, bundle.genes, mode, bundle.path)
         self.encoder, self.decoder = bundle["vae_encoder"], bundle["vae_decoder"]
+        self.gene_names = bundle.gene_names  # ids and symbols match the controls' genes
 
     def _encode(self, counts, library, codes) -> np.ndarray:
         return self.encoder.run(counts=counts, library_size=library, **codes)["mean"]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from latentcell.data_pipelines.errors import DataValidationError
+from latentcell.inference.gene_names import GeneNames
 from latentcell.models.conditions import ConditionRows, ConditionSpace
 from latentcell.models.library_size import LibraryModel
 
@@ -51,10 +52,7 @@ class GeneratedCells:
         obs["library_size"] = self.library
         if self.batch_column:
             obs[self.batch_column] = pd.Categorical.from_codes(self.batch, self.batch_labels)
-        var = pd.DataFrame(
-            {"gene_id": self.genes["gene_id"], "gene_symbol": self.genes["gene_symbol"]},
-            index=pd.Index(self.genes["gene_key"], name="gene_key"),
-        )
+        var = GeneNames.from_table(self.genes).var_frame()  # gene_names.py's rule
         adata = ad.AnnData(X=sp.csr_matrix(self.counts), obs=obs, var=var)
         adata.obsm["X_latent"] = self.latents.astype(np.float32)
         adata.uns["latentcell"] = dict(self.settings)

@@ -54,7 +54,7 @@ class OnnxSetPredictor:
         self.bundle, self.settings, self.unseen = bundle, p, unseen
         self.unseen_cell_type = unseen_cell_type
         self.model = bundle["set_model"]
-        self.genes = bundle.genes
+        self.genes, self.gene_names = bundle.genes, bundle.gene_names
         self.labels = list(p["labels"])
         self.trained = p["trained"]
         # the cell types the model conditions on ([]: it ignores the controls' cell type)

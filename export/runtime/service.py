@@ -10,12 +10,15 @@
     POST /generate  {"n": 5, "conditions": {"cell_type": "B"}, "seed": 0,
                      "steps": 50, "guidance": 2.0}
                     -> {"genes": [...], "obs": {...}, "counts": [[...], ...]}
-    POST /predict   {"controls": {"counts": [[...], ...], "genes": [...] (optional: reorders
-                     columns; without it the columns must be the bundle's genes in order),
+    POST /predict   {"controls": {"counts": [[...], ...], "genes": [...] (optional: names
+                     the columns by gene key, Ensembl id or symbol, in any order, extra genes
+                     allowed; without it the columns must be the bundle's genes in order),
                      "cell_type": "A"}, "perturbations": ["STAT1"], "seed": 0,
                      "unseen": "error"}
                     -> {"genes": [...], "predictions": {"STAT1": [[...], ...]}}
-                    one predicted cell per control cell, as counts at its library size
+                    one predicted cell per control cell, as counts at its library size, in
+                    the controls' columns and names (``inference/gene_names.py``'s rule:
+                    columns outside the model keep the control's counts)
 
 Bound to 127.0.0.1 by default: put a reverse proxy with authentication in front before
 opening it to a network.
@@ -124,7 +127,7 @@ def _refined(err: DataValidationError, field: str) -> DataValidationError:
     """An error from the model layer (which names command-line flags) restated as a request
     field, keeping the model layer's detail and fix."""
     detail = err.field.removeprefix("--condition ").removeprefix("--")
-    fix = err.fix.replace("--unseen ", "unseen: ")
+    fix = err.fix.replace("--unseen generic", '"unseen": "generic"').replace("--unseen", "unseen")
     return request_error(field, f"{detail}: {err.problem}", fix)
 
 
@@ -155,7 +158,8 @@ class BundleService:
 
             self.predictors = {u: OnnxSetPredictor(bundle, u) for u in UNSEEN}
             controls = Fields(
-                {"counts": CountMatrix(MAX_CELLS), "genes": TextList('["ENSG...", ...]', 10**6),
+                {"counts": CountMatrix(MAX_CELLS),
+                 "genes": TextList('["ENSG00000115415", "IRF1", ...]', 10**6),
                  "cell_type": Text()},
                 required=("counts",),
             )  # fmt: skip
@@ -204,7 +208,7 @@ class BundleService:
         request = self.predict_schema(body)
         predictor = self.predictors[request.get("unseen", "error")]
         controls = request["controls"]
-        counts = self._columns(controls)
+        counts, columns = controls["counts"], self._columns(controls)
         perturbations = request["perturbations"]
         if len(counts) * len(perturbations) > MAX_CELLS:
             raise request_error("controls.counts", f"{len(counts)} cells x {len(perturbations)} "
@@ -216,8 +220,9 @@ class BundleService:
                        else "missing: this model conditions on the controls' cell type")  # fmt: skip
             raise request_error("controls.cell_type", problem,
                                 f"use one of {predictor.cell_types[:20]}")  # fmt: skip
-        library = counts.sum(axis=1)
-        x = log1p_normalize(counts, library)
+        self._check_trained_cell_type(predictor, cell_type)
+        library = counts.sum(axis=1)  # every column, as the predict command counts a cell
+        x = log1p_normalize(counts[:, columns], library)
         rng = np.random.default_rng(request.get("seed", 0))
         out = {}
         for label in perturbations:
@@ -225,28 +230,43 @@ class BundleService:
                 pred = predictor.predict(x, label, cell_type, library, rng)
             except DataValidationError as err:
                 raise _refined(err, "perturbations") from None
-            out[label] = to_counts(pred, library, rng).astype(int).tolist()
-        return {"genes": self.bundle.genes, "predictions": out}
+            cells = counts.copy()  # columns outside the model keep the control's counts
+            cells[:, columns] = to_counts(pred, library, rng)
+            out[label] = cells.astype(int).tolist()
+        return {"genes": controls.get("genes", self.bundle.genes), "predictions": out}
 
-    def _columns(self, controls: dict) -> np.ndarray:
-        """The counts with their columns in the model's gene order."""
+    @staticmethod
+    def _check_trained_cell_type(predictor, cell_type: str) -> None:
+        """A cell type the model has no trained parameters for, refused as a request field
+        (the service has no unknown-cell-type fallback)."""
+        if "cell_type" not in predictor.model.input_names:
+            return
+        why = predictor.untrained_cell_type(cell_type)
+        if why:
+            trained = [t for t in predictor.cell_types if not predictor.untrained_cell_type(t)]
+            raise request_error("controls.cell_type", f"{show_value(cell_type)}: {why}",
+                                f"use one of {trained[:20]}, or the predict command's "
+                                "unknown cell type")  # fmt: skip
+
+    def _columns(self, controls: dict) -> list[int]:
+        """The column of ``controls.counts`` holding each model gene: named by
+        ``controls.genes`` (keys, Ensembl ids or symbols; ``inference/gene_names.py``), else
+        the model's genes in order."""
         counts, genes = controls["counts"], self.bundle.genes
         if "genes" not in controls:
             if counts.shape[1] != len(genes):
                 raise request_error("controls.counts", f"{counts.shape[1]} columns, the model "
                                     f"has {len(genes)} genes", "pass controls.genes, or the "
                                     "genes of GET /genes in that order")  # fmt: skip
-            return counts
+            return list(range(len(genes)))
         given = controls["genes"]
         if len(given) != counts.shape[1]:
             raise request_error("controls.genes", f"{len(given)} names for {counts.shape[1]} "
                                 "columns", "name every column once")  # fmt: skip
-        position = {g: i for i, g in enumerate(given)}
-        missing = [g for g in genes if g not in position]
-        if missing:
-            raise request_error("controls.genes", f"{len(missing)} of the model's genes are "
-                                f"missing, e.g. {missing[:5]}", "GET /genes lists them")  # fmt: skip
-        return counts[:, [position[g] for g in genes]]
+        return self.bundle.gene_names.positions(
+            given, "request", "controls.genes",
+            "GET /genes lists them (name each by its key, Ensembl id or symbol)",
+        )  # fmt: skip
 
 
 # -- the app ----------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import anndata as ad
 import pytest
 
 from latentcell.data_pipelines.errors import DataValidationError
+from latentcell.data_pipelines.lazy_commands import CommandParser
 from latentcell.evaluation.cli import add_evaluate_commands, parse_baselines
 from tests.evaluation.synthetic import CONDITIONS, nb_cells
 
@@ -18,7 +19,7 @@ SWAP = {"ctrl": "pertA", "pertA": "pertB", "pertB": "ctrl"}
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="latentcell")
+    parser = CommandParser(prog="latentcell")
     add_evaluate_commands(parser.add_subparsers(dest="command", required=True))
     return parser
 
@@ -136,3 +137,51 @@ def test_cli_classifier_column_missing_names_the_file(more_files, tmp_path, caps
         args.func(args)
     assert err.value.path == str(more_files["seeds"]) and err.value.field == "obs['cell_type']"
     assert not (tmp_path / "eval").exists()
+
+
+def _finished_run(root: Path) -> tuple[Path, str, str]:
+    """A training run as the trainer leaves it: a FINISHED MLflow run in a SQLite store and
+    ``summary.json`` naming it."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("latentcell", artifact_location=str(root / "art"))
+    run_id = client.create_run(experiment).info.run_id
+    client.set_terminated(run_id, "FINISHED")
+    run_dir = root / "run"
+    run_dir.mkdir()
+    summary = {"mlflow": {"run_id": run_id, "tracking_uri": uri}}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    return run_dir, uri, run_id
+
+
+def test_run_gets_the_evaluation_without_changing_its_times(files, tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    run_dir, uri, run_id = _finished_run(tmp_path)
+    client = MlflowClient(uri)
+    before = client.get_run(run_id).info
+    out = tmp_path / "eval"
+    args = _args(files, out, "--generated", str(files["generated"]), "--run", str(run_dir))
+    assert args.func(args) == 0
+    assert f"runs:/{run_id}/evaluation/generation" in capsys.readouterr().out
+    after = client.get_run(run_id)
+    assert (after.info.status, after.info.end_time) == ("FINISHED", before.end_time)
+    energy = json.loads((out / "summary.json").read_text())["methods"]["generated"]["macro"]
+    assert float(after.data.tags["eval/generation/energy_distance"]) == pytest.approx(
+        energy["energy_distance"], rel=1e-5
+    )
+    logged = {a.path for a in client.list_artifacts(run_id, "evaluation/generation")}
+    assert "evaluation/generation/pca_real_vs_generated.png" in logged
+
+
+def test_a_run_without_mlflow_fails_before_evaluating(files, tmp_path):
+    run_dir = tmp_path / "untracked"
+    run_dir.mkdir()
+    (run_dir / "summary.json").write_text(json.dumps({"mlflow": {"run_id": None}}))
+    out = tmp_path / "eval"
+    args = _args(files, out, "--generated", str(files["generated"]), "--run", str(run_dir))
+    with pytest.raises(DataValidationError, match="not tracked in MLflow"):
+        args.func(args)
+    assert not out.exists()

@@ -100,7 +100,9 @@ def test_runtime_predict_without_torch(cvae, no_torch, tmp_path):
             "--cells-per-perturbation", 6)  # fmt: skip
     for mode in ("a", "b"):
         out = tmp_path / f"{mode}.h5ad"
-        done = _runtime(no_torch, *args, "--mode", mode, "--perturbations", "all", "--out", out)
+        done = _runtime(
+            no_torch, *args, "--mode", mode, "--perturbations", "all", "--out", out, "--json"
+        )
         assert done.returncode == 0, done.stderr
         assert json.loads(done.stdout)["n_perturbations"] == len(cvae.meta["cvae"]["trained"]) - 1
         pred = ad.read_h5ad(out)

@@ -16,7 +16,19 @@ from latentcell.launch.cli import main
 def test_export_logs_and_registers_the_bundle(runs, tmp_path, capsys):
     out = tmp_path / "bundle"
     assert (
-        main(["export", "--run", str(runs.dit), "--out", str(out), "--register", "tiny-dit"]) == 0
+        main(
+            [
+                "export",
+                "--run",
+                str(runs.dit),
+                "--out",
+                str(out),
+                "--register",
+                "tiny-dit",
+                "--json",
+            ]
+        )
+        == 0
     )
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["kind"] == "generation" and (out / "metadata.json").exists()

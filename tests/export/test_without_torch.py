@@ -63,7 +63,7 @@ def test_the_library_and_service_import_only_numpy_and_onnxruntime(env):
 def test_generate_without_torch(env, bundles, tmp_path):
     out = tmp_path / "gen.h5ad"
     result = runtime(env, "generate", "--bundle", bundles.dit, "--n", 7,
-                     "--condition", "cell_type=*", "--seed", 3, "--out", out)  # fmt: skip
+                     "--condition", "cell_type=*", "--seed", 3, "--out", out, "--json")  # fmt: skip
     assert json.loads(result.stdout)["n_cells"] == 14
     adata = ad.read_h5ad(out)
     assert adata.shape == (14, len(bundles.meta["dit"]["genes"]["gene_key"]))
@@ -192,7 +192,9 @@ def test_predict_without_torch_routes_a_held_out_cell_type(env, held_type, runs,
     refused = runtime(env, *args, "--out", tmp_path / "no.h5ad", check=False)
     assert refused.returncode == 2 and refused.stderr.startswith("error:")
     assert "--unseen-cell-type unknown" in refused.stderr and len(refused.stderr.splitlines()) == 1
-    done = runtime(env, *args, "--unseen-cell-type", "unknown", "--out", tmp_path / "p.h5ad")
+    done = runtime(
+        env, *args, "--unseen-cell-type", "unknown", "--out", tmp_path / "p.h5ad", "--json"
+    )
     assert json.loads(done.stdout)["fallbacks"] == {"cell_type": {held_type.held: "unknown"}}
     pred = ad.read_h5ad(tmp_path / "p.h5ad")
     assert pred.uns["latentcell"]["fallbacks"]["cell_type"][held_type.held] == "unknown"
@@ -207,7 +209,7 @@ def test_predict_without_torch_takes_controls_without_a_cell_type_column(
     implicit_type.cells.write_h5ad(controls)
     out = tmp_path / "pred.h5ad"
     done = runtime(env, "predict", "--bundle", implicit_type.bundle, "--controls", controls,
-                   "--perturbations", "all", "--cells-per-perturbation", 5, "--out", out)  # fmt: skip
+                   "--perturbations", "all", "--cells-per-perturbation", 5, "--out", out, "--json")  # fmt: skip
     summary = json.loads(done.stdout)
     assert summary["n_perturbations"] == 3 and summary["fallbacks"] == {}
     assert "cell_type" not in ad.read_h5ad(out).obs

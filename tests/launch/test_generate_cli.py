@@ -76,7 +76,7 @@ def runs(small_store, tmp_path_factory):
 
 
 def generate(runs, out: Path, *extra: str) -> int:
-    return main(["generate", "--run", str(runs.dit), "--out", str(out), *extra])
+    return main(["generate", "--run", str(runs.dit), "--out", str(out), "--json", *extra])
 
 
 def every_cell_type(runs, out: Path, *extra: str) -> ad.AnnData:
@@ -93,7 +93,9 @@ def test_generates_every_cell_type_in_the_store_vocabulary(runs, tmp_path, capsy
 
     cell_types = runs.meta.categories["cell_type"]
     assert adata.shape == (60, 200)
-    assert list(adata.var_names) == list(runs.meta.var.index)
+    assert list(adata.var_names) == list(runs.meta.var.index)  # no input file: the keys
+    for column in ("gene_id", "gene_symbol"):  # inference/gene_names.py
+        assert list(adata.var[column]) == list(runs.meta.var[column])
     assert isinstance(adata.obs["cell_type"].dtype, pd.CategoricalDtype)
     assert list(adata.obs["cell_type"].cat.categories) == cell_types
     assert adata.obs["cell_type"].value_counts().to_dict() == dict.fromkeys(cell_types, 30)

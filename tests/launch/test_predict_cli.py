@@ -101,3 +101,34 @@ def test_baseline_with_target_effect_knocks_the_target_down(zero_shot):
         return np.asarray(x.X[rows][:, column].sum())
 
     assert expression(b) < 0.8 * expression(a)  # the training targets show a knockdown
+
+
+def test_controls_named_by_symbols_or_ids_predict_the_same_cells(zero_shot):
+    """``inference/gene_names.py``: the file keeps the controls' gene names and order, with
+    the store's ``gene_id`` and ``gene_symbol`` beside them; controls named by symbols only
+    or by Ensembl ids (in another order) predict the same cells."""
+    z = zero_shot
+    card = json.loads((z.run / "final" / "model_config.json").read_text())
+    source = ad.read_h5ad(z.test)  # the VCC shape: symbols as var_names, a gene_id column
+    symbols = source.copy()
+    del symbols.var["gene_id"]
+    ids = source[:, ::-1].copy()
+    ids.var_names = ids.var["gene_id"].astype(str).to_numpy()
+    del ids.var["gene_id"]
+    written = {}
+    for name, adata in (("source", source), ("symbols", symbols), ("ids", ids)):
+        adata.write_h5ad(z.root / f"{name}_controls.h5ad")
+        out = z.root / f"{name}_pred.h5ad"
+        argv = ["predict", "--run", str(z.run), "--perturbations", "all", "--controls",
+                str(z.root / f"{name}_controls.h5ad"), "--cells-per-perturbation", "5",
+                "--out", str(out)]  # fmt: skip
+        assert main(argv) == 0
+        written[name] = ad.read_h5ad(out)
+    assert list(written["symbols"].var_names) == list(source.var_names)
+    assert list(written["ids"].var_names) == list(ids.var_names)
+    for pred in written.values():
+        by_id = dict(zip(card["genes"], card["gene_symbols"], strict=True))
+        assert [by_id[g] for g in pred.var["gene_id"]] == list(pred.var["gene_symbol"])
+    x = written["source"].X.toarray()
+    np.testing.assert_array_equal(written["symbols"].X.toarray(), x)
+    np.testing.assert_array_equal(written["ids"].X.toarray(), x[:, ::-1])

@@ -1,6 +1,7 @@
 """Real multi-process training on CPU (gloo): 2-process DDP and 2-process DeepSpeed ZeRO-2
 and ZeRO-3, launched exactly as a user would with ``accelerate launch``. Each must end with identical
-weights on both ranks after feeding them disjoint cells."""
+weights on both ranks after feeding them disjoint cells. Every job has a deadline and is
+killed, with all its processes, when it passes it (``launching.py``): a hang fails the test."""
 
 from __future__ import annotations
 
@@ -18,13 +19,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.trainer.launching import REPO, finish, kill_tree, run, start
+from tests.trainer.launching import accelerate_exe as _accelerate
+
 JOB = Path(__file__).with_name("dist_job.py")
-
-
-def _accelerate() -> str:
-    exe = Path(sys.executable).with_name("accelerate")
-    return str(exe) if exe.exists() else shutil.which("accelerate")
 
 
 def _launch(tmp_path: Path, store: Path, launch_args: list[str], env_extra: dict) -> Path:
@@ -58,8 +56,8 @@ def _launch(tmp_path: Path, store: Path, launch_args: list[str], env_extra: dict
         "model.n_hidden=32",
         "tracking.log_every=4",
     ]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    code, output = run(cmd, 600, REPO, env)
+    assert code == 0, output[-6000:]
     return out
 
 
@@ -114,8 +112,7 @@ def _cli_launch(args: list[str], deepspeed: int | None = None) -> subprocess.Pop
         "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(next(_PORTS)), "-m", "latentcell.launch", *args,
     ]  # fmt: skip
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+    return start(cmd, REPO, env)
 
 
 def _vae_args(store: Path, run_dir: Path, *extra: str) -> list[str]:
@@ -134,7 +131,9 @@ def _wait_for(path_fn, proc: subprocess.Popen, what: str) -> None:
     deadline = time.time() + 300
     while not path_fn():
         assert proc.poll() is None, f"finished before {what}: " + proc.stdout.read()[-3000:]
-        assert time.time() < deadline, what
+        if time.time() >= deadline:
+            kill_tree(proc)
+            pytest.fail(f"no {what} after 300 s: " + proc.communicate()[0][-3000:])
         time.sleep(0.01)
 
 
@@ -150,14 +149,14 @@ def test_ddp_sigterm_then_sigkill_then_resume_is_bitwise(small_store, tmp_path):
     the uninterrupted run's weights and EMA, bit for bit."""
     ref = tmp_path / "ref" / "vae"
     reference = _cli_launch(_vae_args(small_store, ref))
-    out, _ = reference.communicate(timeout=600)
+    out = finish(reference, 600)
     assert reference.returncode == 0, out[-3000:]
 
     run_dir = tmp_path / "exp" / "vae"
     first = _cli_launch(_vae_args(small_store, run_dir))
     _wait_for(lambda: _steps(run_dir), first, "the first checkpoint")
     os.killpg(first.pid, signal.SIGTERM)
-    out, _ = first.communicate(timeout=300)
+    out = finish(first, 300)
     stopped = [line for line in out.splitlines() if line.startswith("stopped by SIGTERM")]
     assert len(stopped) == 1, out[-3000:]  # the main process says it, once
     step = int(stopped[0].split(" at step ")[1].split(";")[0])
@@ -172,11 +171,11 @@ def test_ddp_sigterm_then_sigkill_then_resume_is_bitwise(small_store, tmp_path):
     second = _cli_launch([*_vae_args(small_store, run_dir), "--resume", "auto"])
     _wait_for(lambda: _steps(run_dir)[-1] > step, second, "a checkpoint after the resume")
     os.killpg(second.pid, signal.SIGKILL)
-    out, _ = second.communicate(timeout=60)
+    out = finish(second, 60)
     assert f"resumed from {checkpoint} at step {step}" in out
 
     third = _cli_launch([*_vae_args(small_store, run_dir), "--resume", "auto"])
-    out, _ = third.communicate(timeout=600)
+    out = finish(third, 600)
     assert third.returncode == 0, out[-3000:]
     assert sum(line.startswith("resumed from") for line in out.splitlines()) == 1
     for name in ("model", "ema"):
@@ -199,7 +198,7 @@ def zero2_run(small_store, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("zero2") / "vae"
     proc = _cli_launch(_vae_args(small_store, run_dir, "train.max_steps=8",
                                  "train.checkpoint_every=4", "data.batch_size=64"), 2)  # fmt: skip
-    out, _ = proc.communicate(timeout=600)
+    out = finish(proc, 600)
     assert proc.returncode == 0, out[-3000:]
     return run_dir
 
@@ -222,7 +221,7 @@ def test_zero2_resume_is_bitwise_and_ignores_planted_pickles(zero2_run, small_st
     proc = _cli_launch([*_vae_args(small_store, run_dir, "train.max_steps=8",
                                    "train.checkpoint_every=4", "data.batch_size=64"),
                         "--resume", "auto"], 2)  # fmt: skip
-    out, _ = proc.communicate(timeout=600)
+    out = finish(proc, 600)
     assert proc.returncode == 0, out[-3000:]
     assert f"resumed from {run_dir / 'checkpoints' / 'step_4'} at step 4" in out
     assert not marker.exists()
@@ -276,7 +275,7 @@ def test_zero2_payload_in_a_partition_of_one_process_fails_on_every_process(
     (step_dir / "trainer_state.json").write_text(json.dumps(state))
     proc = _cli_launch([*_vae_args(small_store, tmp_path / "vae", "train.max_steps=8",
                                    "data.batch_size=64"), "--resume", "auto"], 2)  # fmt: skip
-    out, _ = proc.communicate(timeout=300)
+    out = finish(proc, 300)
     assert proc.returncode != 0
     errors = [line for line in out.splitlines() if line.startswith("error:")]
     assert len(errors) == 2 and all(
@@ -290,7 +289,8 @@ def _torchrun(*args: str) -> subprocess.CompletedProcess:
     cmd = [str(exe), "--nproc_per_node", "2", "--master_port", str(next(_PORTS)),
            str(Path(__file__).with_name("toy_job.py")), *args]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    code, out = run(cmd, 300, REPO, env)
+    return subprocess.CompletedProcess(cmd, code, stdout=out, stderr=out)  # output merged
 
 
 def test_a_signal_to_one_process_stops_both_at_one_step_and_units_are_gathered(tmp_path):

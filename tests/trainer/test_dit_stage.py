@@ -308,6 +308,14 @@ def test_tracked_run_logs_metrics_and_the_model(runs, tmp_path):
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
     assert steps == [5, 10]
     assert "model_card" in {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert "check/memorization/latent_nn_ratio" in run.data.metrics
+    ratio = float(run.data.tags["check/memorization/latent_nn_ratio"])  # a tag, not a chart
+    assert not any(k.startswith(("check/", "final/")) for k in run.data.metrics)
+    assert "figures/generated_pca.png" in {
+        a.path for a in client.list_artifacts(run.info.run_id, "figures")
+    }
+    summary = json.loads((tmp_path / "dit" / "summary.json").read_text())
+    assert ratio == pytest.approx(summary["checks"]["memorization/latent_nn_ratio"], rel=1e-5)
+    (dataset,) = run.inputs.dataset_inputs
+    assert dataset.dataset.name == runs.store.name and dataset.tags[0].value == "training"
     logged = client.search_logged_models(experiment_ids=[run.info.experiment_id])
     assert len(logged) == 1 and logged[0].source_run_id == run.info.run_id

@@ -30,16 +30,16 @@ def tiny(tmp_path_factory):
     return root
 
 
-def train(tiny, run_dir, *extra: str) -> int:
+def train(tiny, run_dir, *extra: str, flags: tuple[str, ...] = ()) -> int:
     sets = [f"data.path={tiny / 'cells.zarr'}", f"split.file={tiny / 'split.toml'}",
             f"run.dir={run_dir}", "train.seed=2", "train.max_steps=200", "train.progress=false",
             "model.n_components=8", *extra]  # fmt: skip
-    return main(["train", "latent-shift", *(a for s in sets for a in ("--set", s))])
+    return main(["train", "latent-shift", *(a for s in sets for a in ("--set", s)), *flags])
 
 
 def test_a_run_writes_its_card_split_weights_and_one_mlflow_run(tiny, capsys):
     run = tiny / "runs" / "mlp"
-    assert train(tiny, run) == 0
+    assert train(tiny, run, flags=("--json",)) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(summary) >= {"run_dir", "step", "final_weights", "val", "cells_per_s",
                             "mlflow_tracking_uri", "mlflow_run_id"}  # fmt: skip
@@ -67,6 +67,7 @@ def test_a_run_writes_its_card_split_weights_and_one_mlflow_run(tiny, capsys):
     assert logged.data.tags["family"] == "latent-shift"
     assert logged.data.params["model.pairing"] == "ot" and logged.data.params["train.seed"] == "2"
     assert logged.data.metrics["val/mse_mean"] == pytest.approx(summary["val"]["mse_mean"])
+    assert [d.dataset.name for d in logged.inputs.dataset_inputs] == ["cells.zarr"]
 
 
 def test_same_seed_same_model_and_gene_table_descriptors(tiny):

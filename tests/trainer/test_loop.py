@@ -169,7 +169,7 @@ def test_corrupt_units_the_loader_skipped_survive_resume_and_reach_the_summary(t
         f"mismatch; all listed in {tmp_path / 'toy' / 'summary.json'}"
     ]
     client = MlflowClient(result.tracking_uri)
-    assert client.get_run(result.mlflow_run_id).data.metrics["data/skipped_units"] == 2.0
+    assert client.get_run(result.mlflow_run_id).data.tags["data/skipped_units"] == "2"
 
 
 def test_a_loader_without_corrupt_units_leaves_no_data_section(tmp_path):

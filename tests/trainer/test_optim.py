@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from latentcell.trainer.optim import build_optimizer, build_scheduler, lr_factor
+from latentcell.trainer.optim import build_optimizer, build_scheduler, lr_factor, warmup_length
 from latentcell.trainer.sections import OptimConfig
 
 
@@ -25,7 +25,7 @@ def test_schedule_known_points():
 
 
 def test_scheduler_follows_lr_factor():
-    c = OptimConfig(lr=0.5, warmup_steps=3, min_lr_ratio=0.0)
+    c = OptimConfig(lr=0.5, warmup_steps=3, min_lr_ratio=0.0, max_warmup_fraction=1.0)
     model = nn.Linear(2, 2)
     opt = build_optimizer(model, c)
     sched = build_scheduler(opt, c, max_steps=13)
@@ -36,6 +36,22 @@ def test_scheduler_follows_lr_factor():
         sched.step()
     assert seen == pytest.approx([0.5 * lr_factor(s, c, 13) for s in range(13)])
     assert seen[8] == pytest.approx(0.5 * 0.5 * (1 + math.cos(math.pi * 5 / 10)))
+
+
+def test_a_short_run_ends_its_warm_up_early_and_decays():
+    """The default warm-up (100 steps) in a 60-step run: capped at 10% of the run (6 steps),
+    so the peak comes early and the run ends at the floor, not mid-warm-up."""
+    c = OptimConfig(lr=1.0, min_lr_ratio=0.1)
+    assert warmup_length(c, 60) == 6
+    assert lr_factor(5, c, 60) == pytest.approx(1.0)
+    assert lr_factor(60, c, 60) == pytest.approx(0.1)
+    assert max(lr_factor(s, c, 60) for s in range(60)) == pytest.approx(1.0)
+    assert warmup_length(c, 5000) == 100  # a long run keeps its configured warm-up
+    assert warmup_length(OptimConfig(warmup_steps=100, max_warmup_fraction=1.0), 60) == 60
+    assert warmup_length(OptimConfig(warmup_steps=0), 60) == 0
+    assert warmup_length(c, 3) == 1
+    with pytest.raises(ValueError, match="max_warmup_fraction"):
+        OptimConfig(max_warmup_fraction=0.0)
 
 
 def test_weight_decay_only_on_matrices():

@@ -150,7 +150,7 @@ def test_sigterm_to_a_real_training_process_then_resume(small_store, tmp_path):
     runs = client.search_runs(client.get_experiment_by_name("latentcell").experiment_id)
     assert len(runs) == 1 and runs[0].info.status == "KILLED"
 
-    resumed = subprocess.run([*cli, *_train_args(small_store, run_dir), "--resume", "auto"],
+    resumed = subprocess.run([*cli, *_train_args(small_store, run_dir), "--resume", "auto", "--json"],
                              cwd=REPO, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     said = [line for line in resumed.stderr.splitlines() if line.startswith("resumed from")]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import socket
@@ -143,7 +144,7 @@ def test_unusable_sqlite_path_warns_once_and_never_raises(tmp_path):
         warnings.simplefilter("always")
         _exercise(tracker, tmp_path)
     assert tracker.run_id is None
-    assert len(caught) == 1 and caught[0].category is RuntimeWarning
+    assert len(caught) == 1 and issubclass(caught[0].category, RuntimeWarning)
     assert "file/x/mlflow.db" in str(caught[0].message) and "start" in str(caught[0].message)
 
 
@@ -172,7 +173,7 @@ def test_backend_failure_mid_run_warns_once_per_kind(uri, client, tmp_path):
         tracker.end()
     kinds = [str(w.message).split(": ")[1].split(" failed")[0] for w in caught]
     assert sorted(kinds) == sorted(set(kinds)) and "flush" in kinds
-    assert all(w.category is RuntimeWarning for w in caught)
+    assert all(issubclass(w.category, RuntimeWarning) for w in caught)
     assert tracker._pending == []  # rejected batches are not retried forever
 
 
@@ -193,12 +194,16 @@ def test_log_model_round_trip_keeps_run_running(uri, client):
     elapsed = time.perf_counter() - t0
     assert model_uri is not None, "log_model failed (see warnings)"
     assert elapsed < 10, f"log_model took {elapsed:.1f} s"
-    assert client.get_run(run_id).info.status == "RUNNING"  # our run was not ended
+    run = client.get_run(run_id)
+    assert run.info.status == "RUNNING" and run.info.end_time is None  # not reopened or ended
     assert mlflow.active_run() is None
     assert os.environ.get("MLFLOW_TRACKING_URI") == env_before
 
     logged = client.get_logged_model(model_uri.removeprefix("models:/"))
-    assert logged.source_run_id == run_id
+    assert logged.source_run_id == run_id and logged.experiment_id == run.info.experiment_id
+    assert [(o.model_id, o.step) for o in run.outputs.model_outputs] == [(logged.model_id, 7)]
+    assert {(m.key, m.value) for m in logged.metrics} == {("loss", 0.5)}  # the run's at step 7
+    assert logged.params == {"a": "1"}
     folder = logged.artifact_location.removeprefix("file://")
     with open(os.path.join(folder, "requirements.txt")) as fh:
         assert fh.read().split() == pins
@@ -237,6 +242,101 @@ def test_log_model_falls_back_to_pickle(uri):
     tracker.end()
 
 
+def test_logging_a_model_to_a_finished_run_keeps_its_status_and_end_time(uri, client):
+    """What `latentcell export` does to the training run: a LoggedModel, nothing else."""
+    import mlflow.pyfunc
+    from mlflow.models import Model
+
+    from latentcell.trainer.tracking import log_model_to_run
+
+    class Echo(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input, params=None):
+            return model_input
+
+    tracker = Tracker(TrackingConfig(experiment="t"), uri)
+    run_id = tracker.start("s", {"a": "1"})
+    tracker.end()
+    before = client.get_run(run_id).info
+    time.sleep(0.05)  # a new end time would differ
+    mlflow.set_tracking_uri(uri)
+    try:
+        info = log_model_to_run(
+            client, run_id, "echo",
+            lambda **ids: Model.log(None, name="echo", flavor=mlflow.pyfunc, python_model=Echo(),
+                                    pip_requirements=["numpy"], **ids),
+            tags={"latentcell.kind": "test"},
+        )  # fmt: skip
+    finally:
+        mlflow.set_tracking_uri(None)
+    after = client.get_run(run_id).info
+    assert (after.status, after.end_time, after.start_time) == (
+        "FINISHED",
+        before.end_time,
+        before.start_time,
+    )
+    logged = client.get_logged_model(info.model_id)
+    assert logged.source_run_id == run_id and logged.tags["latentcell.kind"] == "test"
+    assert str(logged.status) in ("READY", "LoggedModelStatus.READY")
+
+
+def test_failed_model_log_leaves_no_logged_model(uri, client):
+    from latentcell.trainer.tracking import log_model_to_run
+
+    tracker = Tracker(TrackingConfig(experiment="t-failed"), uri)
+    run_id = tracker.start("s", {})
+
+    def broken(**ids):
+        raise RuntimeError("flavor failed")
+
+    with pytest.raises(RuntimeError, match="flavor failed"):
+        log_model_to_run(client, run_id, "m", broken)
+    experiment = client.get_run(run_id).info.experiment_id
+    assert client.search_logged_models(experiment_ids=[experiment]) == []
+    tracker.end()
+
+
+def test_dataset_input_and_summary_tags(uri, client, small_store):
+    tracker = Tracker(TrackingConfig(experiment="t"), uri)
+    run_id = tracker.start("s", {})
+    tracker.log_dataset(small_store)
+    tracker.set_tags({"check/ratio": "0.93", "data/skipped_units": 0})
+    tracker.end()
+    resumed = Tracker(TrackingConfig(experiment="t"), uri)  # a resume logs it again: no copy
+    resumed.start("s", {}, resume_run_id=run_id)
+    resumed.log_dataset(small_store)
+    resumed.set_tags({"check/ratio": "0.95"})  # tags, unlike params, take the new value
+    resumed.end()
+
+    run = client.get_run(run_id)
+    assert {k: run.data.tags[k] for k in ("check/ratio", "data/skipped_units")} == {
+        "check/ratio": "0.95",
+        "data/skipped_units": "0",
+    }
+    (item,) = run.inputs.dataset_inputs
+    manifest = json.loads((small_store / "manifest.json").read_text())
+    dataset = item.dataset
+    assert dataset.name == small_store.name and dataset.source_type == "local"
+    assert json.loads(dataset.source) == {"uri": str(small_store.resolve())}
+    assert dataset.digest == manifest["manifest_sha256"][:12]
+    profile = json.loads(dataset.profile)
+    assert (profile["n_cells"], profile["n_genes"]) == (manifest["n_cells"], manifest["n_genes"])
+    assert profile["manifest_sha256"] == manifest["manifest_sha256"]
+    columns = {c["name"] for c in json.loads(dataset.schema)["mlflow_colspec"]}
+    assert set(manifest["obs"]["categorical"]) <= columns
+    assert [(t.key, t.value) for t in item.tags] == [("mlflow.data.context", "training")]
+
+
+def test_a_store_without_manifest_only_warns(uri, tmp_path):
+    tracker = Tracker(TrackingConfig(experiment="t"), uri)
+    tracker.start("s", {})
+    with pytest.warns(RuntimeWarning, match="dataset description"):
+        tracker.log_dataset(tmp_path)  # a directory, not a store
+    tracker.log_metrics({"loss": 1.0}, 1)  # the backend was not marked down
+    assert tracker._retry_at is None
+    tracker.end()
+    assert tracker.lost() is None
+
+
 def test_null_tracker_and_make_tracker(uri, tmp_path):
     assert isinstance(make_tracker(TrackingConfig(), uri, is_main_process=False), NullTracker)
     assert isinstance(make_tracker(TrackingConfig(enabled=False), uri, True), NullTracker)
@@ -246,6 +346,8 @@ def test_null_tracker_and_make_tracker(uri, tmp_path):
         warnings.simplefilter("error")
         _exercise(null, tmp_path)
         assert null.log_model(torch.nn.Linear(1, 1), "m", np.zeros((1, 1)), []) is None
+        null.log_dataset(tmp_path)
+        null.set_tags({"a": 1})
     assert null.run_id is None
 
 

@@ -1,0 +1,117 @@
+"""How a command ends: where its outputs are and the natural next command, in a few lines.
+
+``train``, ``export``, ``generate`` and ``predict`` end with these lines on stdout; with
+``--json`` they print their one JSON summary line instead (for scripts). The next command is
+the one a user would type next: a VAE run -> a DiT on its latents or an export; a DiT run ->
+generate or export; a perturbation run -> predict or export; a bundle -> the torch-free
+runtime (generate / predict / serve); cells -> ``evaluate``.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from collections.abc import Mapping
+
+__all__ = ["after_export", "after_generate", "after_predict", "after_train", "finish"]
+
+CLI = "latentcell"
+RUNTIME = "python -m latentcell.export.runtime"
+PERTURBATION_FAMILIES = ("st", "cvae", "latent-shift")
+
+
+def _q(path) -> str:
+    return shlex.quote(str(path))
+
+
+def finish(summary: Mapping, lines: list[str], as_json: bool) -> None:
+    """Print the JSON summary (``--json``) or the human lines."""
+    print(json.dumps(summary) if as_json else "\n".join(lines), flush=True)
+
+
+def _mlflow_line(uri: str | None) -> list[str]:
+    if not uri:
+        return []
+    if uri.startswith("sqlite:///"):
+        return [f"  review: mlflow ui --backend-store-uri {_q(uri)}"]
+    return [f"  review: MLflow at {uri}"]
+
+
+def after_train(family: str, summary: Mapping) -> list[str]:
+    run = summary["run_dir"]
+    head = f"trained {family}: {run}"
+    if "step" in summary:
+        head += f" ({summary['step']} steps"
+        val = summary.get("val") or {}
+        loss = next((v for k, v in val.items() if k.endswith("loss")), None)
+        if loss is not None:
+            head += f", validation loss {loss:.4g}"
+        if summary.get("cells_per_s"):
+            head += f", {summary['cells_per_s']:,.0f} cells/s"
+        head += ")"
+    lines = [head]
+    if summary.get("final_weights"):
+        lines.append(f"  weights: {summary['final_weights']}")
+    lines += _mlflow_line(summary.get("mlflow_tracking_uri"))
+    bundle = f"{str(run).rstrip('/')}_bundle"
+    if family == "vae":
+        lines.append(f"next: {CLI} train dit --set vae.run={_q(run)}")
+    elif family == "dit":
+        lines.append(f"next: {CLI} generate --run {_q(run)} --n 100 --out generated.h5ad")
+    elif family == "st-pretrain":
+        lines.append(f"next: {CLI} train st --set init.run={_q(run)} --set data.path=STORE")
+    elif family in PERTURBATION_FAMILIES:
+        lines.append(
+            f"next: {CLI} predict --run {_q(run)} --controls CONTROLS.h5ad "
+            "--perturbations all --cells-per-perturbation 100 --out predicted.h5ad"
+        )
+    if family != "latent-shift":  # the one family without an ONNX export
+        lines.append(f"  or: {CLI} export --run {_q(run)} --out {_q(bundle)}")
+    return lines
+
+
+def after_export(summary: Mapping) -> list[str]:
+    out = summary["out"]
+    errors = summary.get("max_rel_error") or {}
+    worst = max(errors.values(), default=0.0)
+    lines = [
+        f"exported {summary['kind']} bundle: {out} ({len(errors)} ONNX graphs, "
+        f"largest relative error against torch {worst:.1e}, {summary['seconds']} s)"
+    ]
+    logged = summary.get("mlflow") or {}
+    if logged:
+        where = f"  MLflow: {logged.get('model_uri') or logged.get('artifacts')}"
+        if logged.get("registered"):
+            reg = logged["registered"]
+            where += f" (registered as {reg['name']} version {reg['version']})"
+        lines.append(where)
+    if summary["kind"] == "generation":
+        lines.append(f"next: {RUNTIME} generate --bundle {_q(out)} --n 100 --out generated.h5ad")
+    else:
+        lines.append(
+            f"next: {RUNTIME} predict --bundle {_q(out)} --controls CONTROLS.h5ad "
+            "--perturbations all --out predicted.h5ad"
+        )
+    lines.append(f"  or: {RUNTIME} serve --bundle {_q(out)} --port 8000")
+    return lines
+
+
+def after_generate(summary: Mapping) -> list[str]:
+    out = summary["out"]
+    return [
+        f"wrote {summary['n_cells']:,} generated cells to {out}",
+        f"next: {CLI} evaluate generation --generated {_q(out)} --real REAL.h5ad "
+        "--condition-col COLUMN --out evaluation/",
+    ]
+
+
+def after_predict(summary: Mapping) -> list[str]:
+    out = summary["out"]
+    what = f"{summary['n_cells']:,} cells"
+    if "n_perturbations" in summary:
+        what += f" for {summary['n_perturbations']} perturbations"
+    return [
+        f"wrote {what} to {out}",
+        f"next: {CLI} evaluate perturbation --pred {_q(out)} --real REAL.h5ad "
+        "--train TRAIN.h5ad --out evaluation/",
+    ]
