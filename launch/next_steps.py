@@ -18,6 +18,7 @@ __all__ = ["after_export", "after_generate", "after_predict", "after_train", "fi
 CLI = "latentcell"
 RUNTIME = "python -m latentcell.export.runtime"
 PERTURBATION_FAMILIES = ("st", "cvae", "latent-shift")
+SERVED_PREDICTIONS = ("prediction",)  # bundle kinds the HTTP service predicts with
 
 
 def _q(path) -> str:
@@ -85,14 +86,19 @@ def after_export(summary: Mapping) -> list[str]:
             reg = logged["registered"]
             where += f" (registered as {reg['name']} version {reg['version']})"
         lines.append(where)
-    if summary["kind"] == "generation":
+    kind = summary["kind"]
+    if kind == "generation":
         lines.append(f"next: {RUNTIME} generate --bundle {_q(out)} --n 100 --out generated.h5ad")
-    else:
+    elif kind in SERVED_PREDICTIONS + ("cvae",):
         lines.append(
             f"next: {RUNTIME} predict --bundle {_q(out)} --controls CONTROLS.h5ad "
             "--perturbations all --out predicted.h5ad"
         )
-    lines.append(f"  or: {RUNTIME} serve --bundle {_q(out)} --port 8000")
+    else:  # an autoencoder or a pretrained set model: graphs for the user's own code
+        lines.append(f"next: load {_q(out)}/*.onnx in an onnxruntime session "
+                     "(metadata.json names every input and output)")  # fmt: skip
+    if kind in ("generation", *SERVED_PREDICTIONS):
+        lines.append(f"  or: {RUNTIME} serve --bundle {_q(out)} --port 8000")
     return lines
 
 
