@@ -55,6 +55,16 @@ BENCHMARKS = {
         "latentcell.benchmarks.codecs",
         "store size and read speed per layout and codec (how the default was chosen)",
     ),
+    "scale": (
+        "latentcell.benchmarks.scale",
+        "synthesize, build and stream 1M or 10M cells: build time, store size, peak RSS of "
+        "each phase, cells/s (side by side to show memory stays flat)",
+    ),
+    "remote-latency": (
+        "latentcell.benchmarks.remote_latency",
+        "cell stream cells/s from a store served over HTTP with 0/20/100 ms per request, and "
+        "the units in flight (fetch_units) that hide the latency",
+    ),
     "gpu-check": (
         "latentcell.benchmarks.gpu_check",
         "VAE, DiT and ST training cells/s and model FLOPs utilization on this machine's GPU "

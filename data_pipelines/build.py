@@ -27,7 +27,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -485,33 +485,48 @@ def write_store(
 ) -> None:
     """Append every input's cells, group-sorted, aligned to the stored genes."""
     for i, inp in enumerate(inputs):
-        codes, order = input_order(inp, obs, i)
-        numeric = input_numeric(inp, obs)
-        names = inp.file.obs_names
-        aligner = make_aligner(genes.input_keys[i], stored.keys)
-        transform = block_transform(inp, aligner, settings.validate, settings.integer)
-        blocks = iter_ordered(
-            inp.file,
-            order,
-            settings.read_cells,
-            transform,
-            plans[i],
-            settings.spill_dir,
-            settings.bucket_nnz,
-        )
-        for r, X in blocks:
-            writer.append(
-                CellBlock(
-                    X=X,
-                    rows=np.full(len(r), -1, dtype=np.int64),
-                    library_size=_row_sums(X),
-                    codes={c: v[r] for c, v in codes.items()},
-                    numeric={c: v[r] for c, v in numeric.items()},
-                    names=names[r],
-                )
+        write_input(inp, i, obs, genes.input_keys[i], stored, plans[i], writer, settings)
+
+
+def write_input(
+    inp: InputFile,
+    index: int,
+    obs: ObsPlan,
+    input_keys: np.ndarray,
+    stored: Vocabulary,
+    plan: OrderedReadPlan,
+    writer,
+    settings: WriteSettings,
+) -> None:
+    """Append input ``index``'s cells, group-sorted: one input of ``write_store``, or one part
+    of a distributed build (``distributed_build``)."""
+    codes, order = input_order(inp, obs, index)
+    numeric = input_numeric(inp, obs)
+    names = inp.file.obs_names
+    aligner = make_aligner(input_keys, stored.keys)
+    transform = block_transform(inp, aligner, settings.validate, settings.integer)
+    blocks = iter_ordered(
+        inp.file,
+        order,
+        settings.read_cells,
+        transform,
+        plan,
+        settings.spill_dir,
+        settings.bucket_nnz,
+    )
+    for r, X in blocks:
+        writer.append(
+            CellBlock(
+                X=X,
+                rows=np.full(len(r), -1, dtype=np.int64),
+                library_size=_row_sums(X),
+                codes={c: v[r] for c, v in codes.items()},
+                numeric={c: v[r] for c, v in numeric.items()},
+                names=names[r],
             )
-        inp.file.release()
-        log.info("wrote %s (%d cells, %s reads)", inp.path, inp.n_cells, plans[i].mode)
+        )
+    inp.file.release()
+    log.info("wrote %s (%d cells, %s reads)", inp.path, inp.n_cells, plan.mode)
 
 
 def _row_sums(X: sp.csr_matrix) -> np.ndarray:
@@ -548,9 +563,16 @@ def build_store(
     seed: int = 0,
     spill_dir: str | os.PathLike | None = None,
     bucket_nnz: int = DEFAULT_BUCKET_NNZ,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    part_fn=None,
 ) -> str:
     """Build a store at ``out`` from h5ad ``inputs``; returns the store path.
 
+    scheduler: None or "none" builds in this process; "processes" (a local Dask cluster of
+    ``workers`` processes) or "tcp://HOST:PORT" (a running Dask scheduler) writes each input
+    as its own part on a worker and merges them (``distributed_build``; one input always
+    builds here). part_fn: the function that writes one part (tests inject failures).
     Raises DataValidationError (nothing at ``out``) for any bad input, ValueError for
     inconsistent options. See the module docstring for the order of work.
     """
@@ -562,6 +584,7 @@ def build_store(
     if genes_from is not None and (hvg is not None or genes_file is not None):
         raise _option("--genes-from", "--genes-from, --genes and --hvg are alternatives",
                       "pass one of them")  # fmt: skip
+    distributed = _check_scheduler(scheduler, workers) and len(paths) > 1
     _check_out(out, overwrite)
     schema_obj = get_schema(
         schema,
@@ -606,18 +629,25 @@ def build_store(
             inputs=[_input_record(inp, plan) for inp, plan in zip(opened, plans, strict=True)],
             build_options=options,
         )
+        settings = WriteSettings(
+            read_cells=read_cells,
+            validate=not validated,
+            integer=integer_counts,
+            spill_dir="" if spill_dir is None else str(spill_dir),
+            bucket_nnz=bucket_nnz,
+        )
+        if distributed:
+            from latentcell.data_pipelines.distributed_build import BuildPlan, build_distributed
+
+            plan = BuildPlan(schema_obj, obs, genes.input_keys, stored, plans, spec, format,
+                             writer_opts, settings)  # fmt: skip
+            return build_distributed(plan, out, scheduler, workers, overwrite, part_fn)
         with make_writer(format, out, spec, overwrite=overwrite, **writer_opts) as writer:
             for stale in writer.removed_stale:
                 print(f"removed {stale}: the temporary directory of a build that was killed")
-            settings = WriteSettings(
-                read_cells=read_cells,
-                validate=not validated,
-                integer=integer_counts,
-                # inside the build's own temporary directory unless asked otherwise, so a
-                # killed build's spill files go with it (see ``atomic.remove_stale_builds``)
-                spill_dir=str(spill_dir or writer.scratch),
-                bucket_nnz=bucket_nnz,
-            )
+            # inside the build's own temporary directory unless asked otherwise, so a
+            # killed build's spill files go with it (see ``atomic.remove_stale_builds``)
+            settings = replace(settings, spill_dir=settings.spill_dir or str(writer.scratch))
             write_store(opened, obs, genes, stored, plans, writer, settings)
             return writer.finish()
     finally:
@@ -685,6 +715,22 @@ def _check_options(hvg, combine_targets, genes_file, gene_join, read_cells) -> N
         raise _option("--gene-join", repr(gene_join), f"use one of {GENE_JOINS}")
     if read_cells < 1:
         raise _option("--read-cells", str(read_cells), "pass at least 1")
+
+
+def _check_scheduler(scheduler: str | None, workers: int | None) -> bool:
+    """Whether ``scheduler`` asks for a distributed build (see ``build_store``)."""
+    if scheduler in (None, "none"):
+        if workers is not None and workers != 1:
+            raise _option("--workers", "needs --scheduler processes", "pass --scheduler processes")
+        return False
+    if scheduler != "processes" and "://" not in scheduler:
+        raise _option("--scheduler", repr(scheduler),
+                      "pass none, processes or the address of a Dask scheduler (tcp://HOST:PORT)")  # fmt: skip
+    if workers is not None and (workers < 1 or scheduler != "processes"):
+        fix = ("pass at least 1" if scheduler == "processes"
+               else "drop it: the cluster at --scheduler has its own workers")  # fmt: skip
+        raise _option("--workers", f"{workers} with --scheduler {scheduler}", fix)
+    return True
 
 
 def _check_out(out, overwrite: bool) -> None:
@@ -775,6 +821,17 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
         "--allow-non-integer", action="store_true", help="accept non-integer values in X"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    parser.add_argument(
+        "--scheduler",
+        default="processes",
+        metavar="none|processes|tcp://HOST:PORT",
+        help="with several inputs, write each as its own part on a Dask worker: 'processes' "
+        "starts --workers local processes, tcp://HOST:PORT uses a running Dask scheduler "
+        "(e.g. on SLURM, launch/slurm/build_dask.sbatch); 'none' builds in this process",
+    )
+    parser.add_argument(
+        "--workers", type=int, help="--scheduler processes: worker processes (default: CPUs)"
+    )
 
 
 def run_build(args: argparse.Namespace) -> int:
@@ -804,6 +861,8 @@ def run_build(args: argparse.Namespace) -> int:
         hvg_sample_cells=args.hvg_sample_cells,
         integer_counts=not args.allow_non_integer,
         spill_dir=args.spill_dir,
+        scheduler=getattr(args, "scheduler", None),
+        workers=getattr(args, "workers", None),
     )
     print(f"built {path} in {time.perf_counter() - start:.1f}s")
     return 0

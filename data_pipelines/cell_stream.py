@@ -63,6 +63,7 @@ import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,9 +74,13 @@ from .batches import OUTPUTS, BatchSpec, make_batch
 from .blocks import CellBlock, StoreReader
 from .errors import UserInputError
 from .integrity import ON_CORRUPT
+from .remote import is_url
 from .skipping_reader import SKIPPED_KEY, SkippingReader
 
 TAILS = ("pad", "drop", "partial")
+# Units read ahead per slot for a store behind a URL (``CellStreamConfig.fetch_units``): in
+# the remote-latency benchmark 8 hide 20 ms per request for Zarr and 100 ms for WebDataset.
+REMOTE_FETCH_UNITS = 8
 ERROR_KEY = "_error"  # an item carrying a worker's UserInputError to the main process
 
 # Tags that keep the random streams of different decisions independent.
@@ -423,6 +428,10 @@ class CellStreamConfig:
     columns are always added under their role names). numeric_columns: numeric obs columns.
     on_corrupt: "error" stops at a damaged unit (``CorruptDataError`` naming the file);
     "skip" pads its cells out and reports it (``skipping_reader``).
+    fetch_units: units each slot reads ahead concurrently (threads; ``_UnitFetcher``). None:
+    1 for a local store (disk reads are fast; one background pool build suffices) and
+    ``REMOTE_FETCH_UNITS`` for a store behind a URL, where each read waits 10-100 ms on the
+    network (``latentcell benchmark remote-latency`` measures how many hide that).
     """
 
     batch_size: int = 256
@@ -435,10 +444,13 @@ class CellStreamConfig:
     columns: tuple[str, ...] | None = None
     numeric_columns: tuple[str, ...] = ()
     on_corrupt: str = "error"
+    fetch_units: int | None = None
 
     def __post_init__(self):
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.fetch_units is not None and self.fetch_units < 1:
+            raise ValueError(f"fetch_units must be >= 1, got {self.fetch_units}")
         if self.buffer_units < 1 or (self.buffer_cells is not None and self.buffer_cells < 1):
             raise ValueError("buffer_units and buffer_cells must be >= 1")
         check_stream_options(self)
@@ -464,6 +476,9 @@ class CellStream(ShardedIterable):
         self._slot_cells = self._split_over_slots(self.meta.n_cells, "cell")
         self._slot_out = tail_lengths(self._slot_cells, self.config.batch_size, self.config.tail)
         self._slot_counts = -(-self._slot_out // self.config.batch_size)
+        self.fetch_units = self.config.fetch_units or (
+            REMOTE_FETCH_UNITS if is_url(str(self.meta.path)) else 1
+        )
 
     def unit_order(self, epoch: int | None = None) -> np.ndarray:
         """Units in the order they form the epoch's virtual sequence."""
@@ -514,6 +529,7 @@ class CellStream(ShardedIterable):
             if self.config.shuffle
             else None,
             head_cells=int(self._slot_out[slot] - self._slot_cells[slot]),
+            fetch_units=self.fetch_units,
         )
         return self._batches(cells, start_batch, int(self._slot_out[slot]))
 
@@ -576,8 +592,10 @@ class _SlotCells:
         pool_cells: int,
         pool_seed: tuple | None,
         head_cells: int,
+        fetch_units: int = 1,
     ):
         self.reader = reader
+        self._fetcher = _UnitFetcher(reader, unit_order, fetch_units) if fetch_units > 1 else None
         self.order = unit_order
         self.vstart = unit_vstart
         self.start, self.n, self.pool_cells = start, n, pool_cells
@@ -650,14 +668,60 @@ class _SlotCells:
             lo = max(v0, self.vstart[k]) - self.vstart[k]
             hi = min(v1, self.vstart[k + 1]) - self.vstart[k]
             if hi > lo:
-                pieces.append(self._read_unit(int(self.order[k])).slice(int(lo), int(hi)))
+                pieces.append(self._read_unit(k).slice(int(lo), int(hi)))
         cells = CellBlock.concat(pieces)
         if self.pool_seed is None:
             return _Pool(cells)
         rng = np.random.default_rng([*self.pool_seed, index])
         return _Pool(cells.take(rng.permutation(cells.n_cells)))
 
-    def _read_unit(self, unit: int) -> CellBlock:
+    def _read_unit(self, k: int) -> CellBlock:
+        """The ``k``-th unit of the epoch's sequence (cached: a pool boundary may cut it)."""
+        unit = int(self.order[k])
         if self._unit is None or self._unit[0] != unit:
-            self._unit = (unit, self.reader.read_unit(unit))
+            block = self._fetcher.get(k) if self._fetcher else self.reader.read_unit(unit)
+            self._unit = (unit, block)
         return self._unit[1]
+
+
+class _UnitFetcher:
+    """Reads a slot's units ahead, in sequence order, ``depth`` at a time on a thread pool.
+
+    Why: an object store answers one request in 10-100 ms however small, so reading units one
+    after another leaves the loader waiting on the network; ``depth`` reads in flight hide
+    that latency when depth x (decode time) covers it. Pools ask for units in increasing
+    sequence position; asking for one out of order (a resume, the pad tail) drops what was
+    read ahead and starts again from there. Only the pool-building thread calls ``get``.
+    """
+
+    def __init__(self, reader: StoreReader, order: np.ndarray, depth: int):
+        self.reader, self.order, self.depth = reader, order, depth
+        self._threads = ThreadPoolExecutor(depth, thread_name_prefix="latentcell-fetch")
+        self._pending: OrderedDict[int, Future] = OrderedDict()
+
+    def get(self, k: int) -> CellBlock:
+        """The block of sequence position ``k``; keeps ``depth - 1`` later units in flight."""
+        if k not in self._pending:
+            self._drop(self._pending)
+            self._pending[k] = self._submit(k)
+        while next(iter(self._pending)) < k:  # skipped over: not needed any more
+            self._pending.popitem(last=False)[1].cancel()
+        future = self._pending.pop(k)
+        nxt = max(self._pending, default=k) + 1
+        while len(self._pending) < self.depth - 1 and nxt < len(self.order):
+            self._pending[nxt] = self._submit(nxt)
+            nxt += 1
+        return future.result()
+
+    def _submit(self, k: int) -> Future:
+        return self._threads.submit(self.reader.read_unit, int(self.order[k]))
+
+    @staticmethod
+    def _drop(pending: OrderedDict) -> None:
+        for future in pending.values():
+            future.cancel()
+        pending.clear()
+
+    def __del__(self):
+        self._drop(self._pending)
+        self._threads.shutdown(wait=False, cancel_futures=True)

@@ -1,7 +1,9 @@
 """``latentcell data synth|build|inspect|verify|split``: thin wrappers over the library functions.
 
 Registered by reference (``lazy_commands``): choosing ``data inspect`` imports the store
-readers, not the builder, the synthesizer or torch.
+readers, not the builder, the synthesizer or torch. ``@FILE`` stands for the arguments in FILE,
+one per line: scBaseCount's ~61,000 input paths do not fit on one command line
+(``latentcell data build @inputs.txt --out store.zarr``).
 """
 
 from __future__ import annotations
@@ -31,4 +33,5 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     for name, (help_text, module, add_args, run) in DATA_COMMANDS.items():
         lazy_command(data_sub, name, help_text, f"{_MODULE}{module}:{add_args}",
                      f"{_MODULE}{module}:{run}",
-                     formatter_class=DefaultsHelpFormatter)  # fmt: skip
+                     formatter_class=DefaultsHelpFormatter,
+                     fromfile_prefix_chars="@")  # fmt: skip

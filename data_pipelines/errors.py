@@ -93,7 +93,14 @@ def verbose_console() -> bool:
 def run_cli(command: Callable[[], int | None], debug: bool) -> int:
     """Run one parsed command; any failure becomes one line on stderr and an exit code."""
     try:
-        return int(command() or 0)
+        code = int(command() or 0)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler below
+        return code
+    except BrokenPipeError:
+        # the reader went away (`latentcell data inspect S | head`): stop quietly, as Unix
+        # tools do; stdout goes to devnull so the interpreter's final flush cannot fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         if debug:
             traceback.print_exc()

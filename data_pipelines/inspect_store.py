@@ -40,7 +40,9 @@ def summarize_store(path: str) -> dict:
 
 
 def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("store", help="path of a Zarr or WebDataset store")
+    parser.add_argument(
+        "store", help="path or URL (s3://, gs://, https://) of a Zarr or WebDataset store"
+    )
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
 
@@ -58,7 +60,9 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("store", help="path of a Zarr or WebDataset store")
+    parser.add_argument(
+        "store", help="path or URL (s3://, gs://, https://) of a Zarr or WebDataset store"
+    )
 
 
 def run_verify(args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ import scipy.sparse as sp
 from .blocks import ROLES, CellBlock, StoreMeta, StoreSpec
 from .errors import DataValidationError
 from .integrity import check_manifest_seal, corrupt, seal_manifest
+from .remote import RemoteRoot, is_url, join
 from .store_layout import FORMAT_VERSION, MANIFEST_NAME, SEALED_SINCE
 
 
@@ -187,7 +188,10 @@ def _json_default(obj):
 
 
 def read_manifest(path: str | Path) -> dict:
-    """The manifest of the store at ``path``, with errors that say what to do."""
+    """The manifest of the store at ``path`` (a directory or a URL, ``remote``), with errors
+    that say what to do."""
+    if is_url(path):
+        return _read_remote_manifest(str(path))
     path = Path(path)
     if not path.exists():
         raise DataValidationError(
@@ -213,6 +217,35 @@ def read_manifest(path: str | Path) -> dict:
         raise DataValidationError(
             mpath, MANIFEST_NAME, f"unreadable ({exc})", "rebuild the store"
         ) from exc
+    return _checked_manifest(manifest, mpath)
+
+
+def _read_remote_manifest(url: str) -> dict:
+    """``read_manifest`` for a URL: the same checks; a missing manifest is one line naming
+    the URL (an object store has no directories to find missing, so the wording is wider)."""
+    root = RemoteRoot(url)
+    mpath = root.url_of(MANIFEST_NAME)
+    try:
+        raw = root.read(MANIFEST_NAME)
+    except FileNotFoundError:
+        if root.exists("zarr.json"):
+            problem = f"incomplete store: no {MANIFEST_NAME} (an interrupted build never has one)"
+            fix = "upload the whole store again, its manifest.json last"
+        else:
+            problem = f"no {MANIFEST_NAME}: no store at this URL"
+            fix = "check the URL; pass the URL of a built store's directory"
+        raise DataValidationError(root.url, MANIFEST_NAME, problem, fix) from None
+    try:
+        manifest = json.loads(raw)
+    except ValueError as exc:
+        raise DataValidationError(
+            mpath, MANIFEST_NAME, f"unreadable ({exc})", "upload the store again"
+        ) from exc
+    return _checked_manifest(manifest, mpath)
+
+
+def _checked_manifest(manifest, mpath) -> dict:
+    """The manifest after its format, version and seal checks (local and remote alike)."""
     if not isinstance(manifest, dict) or manifest.get("format") not in (
         "zarr",
         "webdataset",
@@ -240,7 +273,7 @@ def meta_from_manifest(manifest: dict, path: str, unit_sizes) -> StoreMeta:
     """The store's metadata, after checking the manifest's structure and that its counts agree
     with each other and with ``unit_sizes`` (what the format's own files say); a mismatch is
     a ``CorruptDataError`` naming manifest.json and the field."""
-    mpath = Path(path) / MANIFEST_NAME
+    mpath = join(path, MANIFEST_NAME)
     n_cells = manifest_int(manifest, "n_cells", mpath)
     n_genes = manifest_int(manifest, "n_genes", mpath)
     manifest_int(manifest, "nnz", mpath)

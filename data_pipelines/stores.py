@@ -1,7 +1,9 @@
 """Choose a store format by name, open a store by its manifest, verify its checksums.
 
 The rest of the project (build, loaders, inspect) goes through these three functions and
-never imports a format module directly.
+never imports a format module directly. Stores are read from a local directory or from any
+fsspec URL (``remote``: ``s3://``, ``gs://``, ``https://``, chained caches); they are
+written locally only.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 from .atomic import sha256_file, sha256_tree
 from .blocks import StoreReader, StoreSpec, StoreWriter
 from .errors import DataValidationError
+from .remote import is_url
 from .safe_paths import resolve_inside
 from .store_common import read_manifest
 from .store_layout import MANIFEST_NAME
@@ -34,13 +37,19 @@ def make_writer(format: str, out: str | os.PathLike, spec: StoreSpec, **opts) ->
 
 
 def open_store(path: str | os.PathLike, **opts) -> StoreReader:
-    """The reader for the store at ``path`` (format from its manifest). opts: ``names``
-    (bool), and for zarr ``cache_bytes``. Raises DataValidationError when ``path`` is missing,
-    is not a store, or has no manifest (an interrupted build never writes one)."""
+    """The reader for the store at ``path``, a directory or a URL (format from its
+    manifest). opts: ``names`` (bool), and for zarr ``cache_bytes``. Raises
+    DataValidationError when ``path`` is missing or unreachable, is not a store, or has no
+    manifest (an interrupted build never writes one)."""
     manifest = read_manifest(path)
     if manifest["format"] == "zarr":
         return ZarrStoreReader(path, **opts)
     if manifest["format"] == "latent":
+        if is_url(path):
+            raise DataValidationError(
+                path, "format", "latent stores are read from local directories only",
+                "copy the latent store to local disk and pass its path",
+            )  # fmt: skip
         from .latent_store import LatentStoreReader
 
         return LatentStoreReader(path, **opts)
@@ -50,7 +59,11 @@ def open_store(path: str | os.PathLike, **opts) -> StoreReader:
 def verify_store(path: str | os.PathLike) -> list[str]:
     """Check the manifest (its seal and counts, as opening does) and recompute every sha256
     it lists; returns the problems (empty: intact). Names in the manifest are followed only
-    inside the store (``safe_paths``)."""
+    inside the store (``safe_paths``). A URL is verified by ``verify_remote_store``."""
+    if is_url(path):
+        from .remote_verify import verify_remote_store
+
+        return verify_remote_store(str(path))
     root = Path(path)
     try:
         manifest = read_manifest(root)

@@ -37,7 +37,8 @@ from .blocks import ROLES, CellBlock, StoreSpec
 from .errors import DataValidationError
 from .integrity import corrupt, crc32c
 from .npz_reader import read_npz
-from .safe_paths import name_problem, resolve_inside
+from .remote import RemoteRoot, is_url, join
+from .safe_paths import check_relative_name, name_problem, resolve_inside
 from .store_common import (
     GroupRanges,
     base_manifest,
@@ -99,7 +100,12 @@ def decode_sample(raw, n_genes: int, names: bool = False) -> CellBlock:
 
 
 class WebDatasetStoreWriter(AtomicWriter):
-    """Writes a WebDataset store at ``out`` (``StoreWriter``); see the module docstring."""
+    """Writes a WebDataset store at ``out`` (``StoreWriter``); see the module docstring.
+
+    first_row, shard_prefix: for one part of a distributed build (``distributed_build``), whose
+    shards are moved into the merged store as they are: rows, sample keys, shard first rows
+    and group ranges start at ``first_row``, shard names at ``<shard_prefix>shard-``.
+    """
 
     def __init__(
         self,
@@ -108,6 +114,8 @@ class WebDatasetStoreWriter(AtomicWriter):
         block_cells: int = DEFAULT_BLOCK_CELLS,
         cells_per_shard: int = DEFAULT_CELLS_PER_SHARD,
         overwrite: bool = False,
+        first_row: int = 0,
+        shard_prefix: str = "",
     ):
         check_spec(spec)
         if block_cells < 1 or cells_per_shard < 1:
@@ -118,7 +126,8 @@ class WebDatasetStoreWriter(AtomicWriter):
         self.out = str(self._atomic.out)
         self.n_cells = 0  # rows assigned so far (appended)
         self.nnz = 0
-        self._written = 0  # rows already in samples
+        self.first_row, self.shard_prefix = int(first_row), shard_prefix
+        self._written = self.first_row  # rows already in samples
         self._buffer: list[CellBlock] = []
         self._buffered = 0
         self._shards: list[dict] = []
@@ -130,7 +139,8 @@ class WebDatasetStoreWriter(AtomicWriter):
     def _append(self, block: CellBlock) -> None:
         block = check_block(block, self.spec)
         n = block.n_cells
-        block.rows = np.arange(self.n_cells, self.n_cells + n, dtype=np.int64)
+        row0 = self.first_row + self.n_cells
+        block.rows = np.arange(row0, row0 + n, dtype=np.int64)
         self._groups.add(block.codes, n)
         category_counts(self.spec, self._cat_counts, block.codes)
         self.n_cells += n
@@ -156,7 +166,7 @@ class WebDatasetStoreWriter(AtomicWriter):
     def _write_sample(self, block: CellBlock) -> None:
         if self._tar is None or self._shards[-1]["n_samples"] >= self.samples_per_shard:
             self._close_shard()
-            name = f"shard-{len(self._shards):06d}.tar"
+            name = f"{self.shard_prefix}shard-{len(self._shards):06d}.tar"
             # Stays open across appends; closed in _close_shard / abort.
             self._file = open(self._atomic.tmp / name, "wb")  # noqa: SIM115
             import webdataset as wds  # imports torch (about 1 s): only writers need it
@@ -186,14 +196,9 @@ class WebDatasetStoreWriter(AtomicWriter):
         self._emit(final=True)
         self._close_shard()
         groups = self._groups.frame()
-        manifest = base_manifest("webdataset", self.spec, self.n_cells, self.nnz, self._cat_counts)
-        manifest.update(
-            block_cells=self.block_cells,
-            n_group_ranges=len(groups),
-            groups={c: groups[c].astype(int).tolist() for c in (*ROLES, "start", "stop")},
-            shards=self._shards,
-            checksums={s["name"]: s["sha256"] for s in self._shards},
-        )
+        groups[["start", "stop"]] += self.first_row
+        counts = (self.n_cells, self.nnz, self._cat_counts)
+        manifest = shards_manifest(self.spec, counts, self.block_cells, groups, self._shards)
         write_manifest(self._atomic.tmp, manifest)
         return self._atomic.commit()
 
@@ -208,6 +213,22 @@ class WebDatasetStoreWriter(AtomicWriter):
         self._atomic.abort()
 
 
+def shards_manifest(
+    spec: StoreSpec, counts: tuple, block_cells: int, groups: pd.DataFrame, shards: list[dict]
+) -> dict:
+    """The manifest of a WebDataset store (``counts``: n_cells, nnz, cells per category);
+    also what a distributed build writes over its parts' shards."""
+    manifest = base_manifest("webdataset", spec, *counts)
+    manifest.update(
+        block_cells=block_cells,
+        n_group_ranges=len(groups),
+        groups={c: groups[c].astype(int).tolist() for c in (*ROLES, "start", "stop")},
+        shards=shards,
+        checksums={s["name"]: s["sha256"] for s in shards},
+    )
+    return manifest
+
+
 class WebDatasetStoreReader:
     """Reads a WebDataset store (``StoreReader``); units are shards. Picklable (no handles).
 
@@ -217,7 +238,9 @@ class WebDatasetStoreReader:
     """
 
     def __init__(self, path: str | os.PathLike, names: bool = False, verify: bool = True):
-        self.path = Path(path).absolute()
+        # a URL (``remote``) stays a string: shards are then fetched through fsspec
+        self.path = str(path).rstrip("/") if is_url(path) else Path(path).absolute()
+        self._remote = RemoteRoot(self.path) if is_url(self.path) else None
         manifest = read_manifest(self.path)
         if manifest["format"] != "webdataset":
             raise DataValidationError(
@@ -226,7 +249,7 @@ class WebDatasetStoreReader:
                 f"a {manifest['format']} store, not webdataset",
                 "use open_store",
             )
-        mpath = self.path / MANIFEST_NAME
+        mpath = join(self.path, MANIFEST_NAME)
         self.shards = _checked_shards(manifest, mpath, self.path)
         sizes = np.array([s["n_cells"] for s in self.shards], dtype=np.int64)
         self.meta = meta_from_manifest(manifest, str(self.path), sizes)
@@ -234,8 +257,8 @@ class WebDatasetStoreReader:
         self.block_cells = manifest_int(manifest, "block_cells", mpath, minimum=1)
         self.names, self.verify = names, verify
 
-    def shard_path(self, unit: int) -> Path:
-        return self.path / self.shards[unit]["name"]
+    def shard_path(self, unit: int) -> Path | str:
+        return join(self.path, self.shards[unit]["name"])
 
     def _samples(self, unit: int) -> Iterator[tuple[int, memoryview]]:
         """(first row, npz bytes) of each sample of shard ``unit``, after the shard's size and
@@ -243,6 +266,33 @@ class WebDatasetStoreReader:
         if not 0 <= unit < len(self.shards):
             raise IndexError(f"unit {unit} outside [0, {len(self.shards)})")
         shard, path = self.shards[unit], self.shard_path(unit)
+        if self._remote is not None:
+            raw = self._fetch(shard["name"], path)
+        else:
+            raw = self._read_local(path)
+        if "crc32c" in shard and self.verify:
+            if len(raw) != shard["bytes"]:
+                raise corrupt(
+                    path, "bytes", f"{len(raw)} bytes, the manifest says {shard['bytes']}"
+                )
+            if crc32c(raw) != shard["crc32c"]:
+                raise corrupt(path, "crc32c", "the shard does not match its checksum")
+        members = _sample_members(path, len(raw), raw if self._remote is not None else None)
+        for key, start, size in members:
+            yield key, memoryview(raw)[start : start + size]
+
+    def _fetch(self, name: str, path: str) -> np.ndarray:
+        """A remote shard's bytes (writable, as local reads are)."""
+        try:
+            data = self._remote.read(name)
+        except FileNotFoundError:
+            raise corrupt(path, "shard", "the shard file is missing") from None
+        raw = np.empty(len(data), np.uint8)
+        raw[:] = np.frombuffer(data, np.uint8)
+        return raw
+
+    @staticmethod
+    def _read_local(path: Path) -> np.ndarray:
         try:
             with open(path, "rb", buffering=0) as f:
                 # writable (so are the arrays), no zero-fill: 2x faster than np.fromfile
@@ -251,15 +301,7 @@ class WebDatasetStoreReader:
                     raise corrupt(path, "shard", "the shard changed while it was read")
         except FileNotFoundError:
             raise corrupt(path, "shard", "the shard file is missing") from None
-        if "crc32c" in shard and self.verify:
-            if len(raw) != shard["bytes"]:
-                raise corrupt(
-                    path, "bytes", f"{len(raw)} bytes, the manifest says {shard['bytes']}"
-                )
-            if crc32c(raw) != shard["crc32c"]:
-                raise corrupt(path, "crc32c", "the shard does not match its checksum")
-        for key, start, size in _sample_members(path, len(raw)):
-            yield key, memoryview(raw)[start : start + size]
+        return raw
 
     def _blocks(self, unit: int, keep=None) -> Iterator[CellBlock]:
         """Decoded samples of shard ``unit`` (only those whose (first row, cells) pass
@@ -322,7 +364,7 @@ class WebDatasetStoreReader:
         )
 
     def group_index(self) -> pd.DataFrame:
-        mpath = self.path / MANIFEST_NAME
+        mpath = join(self.path, MANIFEST_NAME)
         try:
             g = self.meta.manifest["groups"]
             out = {role: np.asarray(g[role], dtype=np.int32) for role in ROLES}
@@ -337,7 +379,7 @@ _MEMBER = re.compile(r"^(\d{12})" + re.escape(SAMPLE_SUFFIX) + "$")
 _SHARD_KEYS = {"name": str, "n_cells": int, "n_samples": int, "first_row": int}
 
 
-def _checked_shards(manifest: dict, mpath: Path, root: Path) -> list[dict]:
+def _checked_shards(manifest: dict, mpath, root: Path | str) -> list[dict]:
     """The manifest's shard list, each entry typed, named inside the store, and placed: shards
     hold consecutive rows from 0, so ``first_row`` is the running total of ``n_cells``."""
     shards = manifest.get("shards")
@@ -353,7 +395,10 @@ def _checked_shards(manifest: dict, mpath: Path, root: Path) -> list[dict]:
             for k, t in keys.items()
         ):
             raise corrupt(mpath, field, f"expected {sorted(keys)} with the right types")
-        resolve_inside(root, shard["name"], mpath, f"{field}.name")
+        if is_url(root):  # no symlinks behind a URL: a plain relative name is enough
+            check_relative_name(shard["name"], mpath, f"{field}.name")
+        else:
+            resolve_inside(root, shard["name"], mpath, f"{field}.name")
         if shard["n_cells"] < 0 or shard["first_row"] != row:
             raise corrupt(mpath, field, f"first_row {shard['first_row']}, expected {row}")
         row += shard["n_cells"]
@@ -362,13 +407,15 @@ def _checked_shards(manifest: dict, mpath: Path, root: Path) -> list[dict]:
     return shards
 
 
-def _sample_members(path: Path, size: int) -> list[tuple[int, int, int]]:
+def _sample_members(path, size: int, raw=None) -> list[tuple[int, int, int]]:
     """(key, data offset, size) of each sample of a shard, in order. Every member must be a
     regular file named ``<12-digit key>.cells.npz`` (no links, directories, absolute or
     ``..`` names, other files) and each key must appear once: anything else is damage or
-    tampering, named by shard and member, never skipped."""
+    tampering, named by shard and member, never skipped. ``raw``: the shard's bytes, when
+    it was fetched from a URL (a local shard is listed from its file)."""
+    source = {"fileobj": io.BytesIO(raw)} if raw is not None else {"name": path}
     try:
-        with tarfile.open(path, "r:") as tf:
+        with tarfile.open(mode="r:", **source) as tf:
             members = tf.getmembers()
     except (tarfile.TarError, OSError, EOFError) as err:
         raise corrupt(path, "tar", f"not a readable tar file ({err})") from err

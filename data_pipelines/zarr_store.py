@@ -14,6 +14,7 @@ chunk-file reads plus decompression (``X/data``, ``X/indices``) and, optionally,
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from .atomic import AtomicDir, AtomicWriter, sha256_tree
 from .blocks import ROLES, CellBlock, StoreSpec
 from .errors import CorruptDataError, DataValidationError
 from .integrity import corrupt
+from .remote import RemoteRoot, is_url, join, remote_error
 from .store_common import (
     GroupRanges,
     base_manifest,
@@ -240,13 +242,35 @@ class ZarrStoreWriter(AtomicWriter):
             if self.n_cells >= self.chunk_cells:
                 self._create_x()
 
+    def presize(self, n_cells: int, nnz: int, nnz_chunk: int) -> None:
+        """Give every per-cell and X array its final length, for a distributed build whose
+        workers write whole chunk ranges straight into ``scratch`` (``distributed_build``)
+        instead of appending; publish with ``finish_presized``."""
+        self.nnz_chunk, self._pending_x = int(nnz_chunk), []
+        self._create_x()
+        lengths = {"X/indptr": n_cells + 1, "X/data": nnz, "X/indices": nnz}
+        for name, app in (*self._cells.items(), *self._x.items()):
+            app.parts, app.buffered = [], 0
+            app.array.resize((lengths.get(name, n_cells),))
+        self.n_cells, self.nnz = int(n_cells), int(nnz)
+        self._presized_groups: pd.DataFrame | None = None
+
+    def finish_presized(self, groups: pd.DataFrame, cat_counts: dict) -> str:
+        """Publish a presized store once every chunk is written: the group ranges and cells per
+        category (merged from the parts), checksums, manifest, rename."""
+        self._presized_groups, self._cat_counts = groups, cat_counts
+        return self.finish()
+
     def _finish(self) -> Path:
         """Flush, write groups/ and manifest.json, rename into place; returns the path."""
-        if self._x is None:
-            self._create_x()
-        for app in (*self._cells.values(), *self._x.values()):
-            app.flush(final=True)
-        groups = self._groups.frame()
+        if hasattr(self, "_presized_groups"):  # the arrays were filled by ``presize``'s workers
+            groups = self._presized_groups
+        else:
+            if self._x is None:
+                self._create_x()
+            for app in (*self._cells.values(), *self._x.values()):
+                app.flush(final=True)
+            groups = self._groups.frame()
         for col in (*ROLES, "start", "stop"):
             values = groups[col].to_numpy()
             arr = self._array(f"groups/{col}", len(values), max(len(values), 1), values.dtype)
@@ -323,19 +347,21 @@ class _Opened:
         table = crc_table_name(name)
         if table not in self.group:
             return None
-        return _ZarrRange(self.group[table], self.path / table).read(0, None)
+        return _ZarrRange(self.group[table], join(self.path, table)).read(0, None)
 
-    def __init__(self, path: Path, meta, cache_bytes: int, direct: bool, verify: bool):
+    def __init__(self, path: Path | str, meta, cache_bytes: int, direct: bool, verify: bool):
         self.pid, self.path = os.getpid(), path
-        self.group = zarr.open_group(path, mode="r", zarr_format=3)
+        self.remote = RemoteRoot(path) if is_url(path) else None
+        self.group = _open_group(path, self.remote)
         per_cell = ["X/indptr", "library_size"]
         per_cell += [f"obs/{c}/codes" for c in meta.categories]
         per_cell += [f"obs/{c}" for c in meta.numeric_columns]
         self.readers = {}
         for name in [*per_cell, "X/data", "X/indices", f"obs/{NAMES_COLUMN}"]:
             arr = self.group[name]
-            fast = chunk_reader(arr, path, verify, self._table(name)) if direct else None
-            self.readers[name] = fast or _ZarrRange(arr, path / name)
+            table = self._table(name)
+            fast = chunk_reader(arr, path, verify, table, self.remote) if direct else None
+            self.readers[name] = fast or _ZarrRange(arr, join(path, name))
         row_bytes = 12 + 4 * len(meta.categories) + 8 * len(meta.numeric_columns)
         self.cached = meta.n_cells * row_bytes <= cache_bytes
         self.cache = {}
@@ -344,6 +370,9 @@ class _Opened:
                 self.cache = {n: self.readers[n].read(0, self.readers[n].n) for n in per_cell}
             except CorruptDataError:  # read by range instead: only the damaged unit fails
                 self.cached, self.cache = False, {}
+
+
+_OPEN_LOCK = threading.Lock()
 
 
 class ZarrStoreReader:
@@ -366,13 +395,13 @@ class ZarrStoreReader:
         direct: bool = True,
         verify: bool = True,
     ):
-        self.path = Path(path).absolute()
+        self.path = str(path).rstrip("/") if is_url(path) else Path(path).absolute()
         manifest = read_manifest(self.path)
         if manifest["format"] != "zarr":
             raise DataValidationError(
                 self.path, "format", f"a {manifest['format']} store, not zarr", "use open_store"
             )
-        mpath = self.path / MANIFEST_NAME
+        mpath = join(self.path, MANIFEST_NAME)
         n = manifest_int(manifest, "n_cells", mpath)
         c = manifest_int(manifest, "chunk_cells", mpath, minimum=1)
         sizes = np.full(-(-n // c), c, dtype=np.int64)
@@ -396,9 +425,12 @@ class ZarrStoreReader:
     def _o(self) -> _Opened:
         o = self._opened
         if o is None or o.pid != os.getpid():
-            o = self._opened = _Opened(
-                self.path, self.meta, self.cache_bytes, self.direct, self.verify
-            )
+            with _OPEN_LOCK:  # the cell stream may read several units at once (fetch_units)
+                o = self._opened
+                if o is None or o.pid != os.getpid():
+                    o = self._opened = _Opened(
+                        self.path, self.meta, self.cache_bytes, self.direct, self.verify
+                    )
         return o
 
     def _per_cell(self, o: _Opened, name: str, start: int, stop: int) -> np.ndarray:
@@ -447,23 +479,37 @@ class ZarrStoreReader:
             group = self._o().group
             groups = pd.DataFrame(
                 {
-                    col: _ZarrRange(group[f"groups/{col}"], self.path / "groups" / col).read(
+                    col: _ZarrRange(group[f"groups/{col}"], join(self.path, "groups", col)).read(
                         0, None
                     )
                     for col in (*ROLES, "start", "stop")
                 }
             )
-            self._groups = check_group_index(groups, self.meta, self.path / "groups")
+            self._groups = check_group_index(groups, self.meta, join(self.path, "groups"))
         return self._groups.copy()
 
 
-def _check_arrays(root: Path, meta) -> None:
+def _open_group(root: Path | str, remote: RemoteRoot | None) -> zarr.Group:
+    """The store's root group, from the directory or, for a URL, through fsspec (``remote``);
+    a failed request is one line naming the URL."""
+    if remote is None:
+        return zarr.open_group(root, mode="r", zarr_format=3)
+    try:
+        return zarr.open_group(store=remote.zarr_store(), mode="r", zarr_format=3)
+    except (DataValidationError, KeyError, FileNotFoundError, ValueError, TypeError):
+        raise
+    except Exception as err:  # noqa: BLE001 - network or credentials
+        raise remote_error(remote.url, err) from err
+
+
+def _check_arrays(root: Path | str, meta) -> None:
     """The arrays' shapes and chunking agree with the manifest (zarr.json of each array), and
     X/indptr starts at 0 and ends at nnz: a count edited in one place is caught at open."""
-    mpath = root / MANIFEST_NAME
+    mpath = join(root, MANIFEST_NAME)
     manifest = meta.manifest
+    remote = RemoteRoot(root) if is_url(root) else None
     try:
-        group = zarr.open_group(root, mode="r", zarr_format=3)
+        group = _open_group(root, remote)
         per_cell = ["library_size", f"obs/{NAMES_COLUMN}"]
         per_cell += [f"obs/{c}/codes" for c in meta.categories]
         per_cell += [f"obs/{c}" for c in meta.numeric_columns]
@@ -482,11 +528,15 @@ def _check_arrays(root: Path, meta) -> None:
                     mpath, name, f"the manifest implies {length} values in chunks of {chunk}, "
                     f"the array has shape {array.shape} in chunks of {array.chunks}",
                 )  # fmt: skip
-        indptr = chunk_reader(group["X/indptr"], root) or _ZarrRange(group["X/indptr"], root)
+        indptr = chunk_reader(group["X/indptr"], root, remote=remote) or _ZarrRange(
+            group["X/indptr"], root
+        )
         ends = (int(indptr.read(0, 1)[0]), int(indptr.read(meta.n_cells, meta.n_cells + 1)[0]))
     except (KeyError, FileNotFoundError, ValueError, TypeError) as err:
         if isinstance(err, DataValidationError):
             raise
         raise corrupt(root, "arrays", f"cannot open the store's arrays ({err})") from err
     if ends != (0, nnz):
-        raise corrupt(root / "X" / "indptr", "X/indptr", f"runs {ends[0]}..{ends[1]}, not 0..{nnz}")
+        raise corrupt(
+            join(root, "X", "indptr"), "X/indptr", f"runs {ends[0]}..{ends[1]}, not 0..{nnz}"
+        )

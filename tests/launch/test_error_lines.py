@@ -289,3 +289,20 @@ def test_train_skips_a_damaged_unit_when_asked_and_records_it(files, tmp_path, c
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["data"]["n_skipped_units"] == 1
     assert summary["data"]["skipped_units"][0]["file"] == str(chunk)
+
+
+def test_a_reader_that_goes_away_is_not_an_error():
+    """``latentcell data inspect STORE | head -1``: the closed pipe ends the command quietly
+    with exit 0, as Unix tools do, not with an ``internal error`` line."""
+    import subprocess
+    import sys
+
+    script = ("import sys\nfrom latentcell.data_pipelines.errors import run_cli\n"
+              "def command():\n    for i in range(200000):\n        print('line', i)\n"
+              "sys.exit(run_cli(command, False))\n")  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)  # fmt: skip
+    assert proc.stdout.readline() == b"line 0\n"
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and err == b""
