@@ -47,6 +47,11 @@ BENCHMARKS = {
         "latentcell.benchmarks.readers",
         "read throughput of the Zarr and WebDataset stores against h5ad readers",
     ),
+    "loader": (
+        "latentcell.benchmarks.loader",
+        "the Zarr and WebDataset streams and the set sampler beside scDataset, anndata backed "
+        "and the in-RAM gather ceiling, alternating in one run, with the targets",
+    ),
     "integrity": (
         "latentcell.benchmarks.integrity_cost",
         "what the read-time integrity checks cost the cell stream (paired ratios)",

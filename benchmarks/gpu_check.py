@@ -38,6 +38,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="optimizer steps per family (default: 300 on a GPU, 20 on a CPU)")  # fmt: skip
     parser.add_argument("--store", default="",
                         help="a perturbation count store (default: the built-in synthetic set)")  # fmt: skip
+    parser.add_argument("--compute-steps", type=int, default=200,
+                        help="on a GPU, also time this many steps on one resident batch "
+                        "(the cells/s a loader must feed; 0 skips)")  # fmt: skip
+    parser.add_argument("--batch-scale", type=int, default=1,
+                        help="multiply each family's default batch (VAE/DiT cells, ST sets)")  # fmt: skip
+    parser.add_argument("--no-tracking", action="store_true",
+                        help="train without MLflow (a GPU image without it)")  # fmt: skip
     parser.add_argument("--tiny", action="store_true",
                         help="CI-sized models (the CPU fallback's test)")  # fmt: skip
 
@@ -47,6 +54,8 @@ def _overrides(family: str, args, vae_run: Path, tiny: bool) -> list[str]:
               f"train.max_steps={args.steps}", "train.eval_every=0", "train.checkpoint_every=0",
               "train.progress=false", f"tracking.uri=sqlite:///{Path(args.out).resolve() / 'mlflow.db'}",
               "tracking.log_model=false"]  # fmt: skip
+    if args.no_tracking:
+        common.append("tracking.enabled=false")
     sizes = {
         "vae": ["model.n_hidden=32"],
         "dit": ["model.hidden=32", "model.depth=1", "model.heads=2"],
@@ -54,6 +63,7 @@ def _overrides(family: str, args, vae_run: Path, tiny: bool) -> list[str]:
                "data.sets_per_batch=4"],
     }  # fmt: skip
     extra = [f"vae.run={vae_run}"] if family in ("dit", "st") else []
+
     if family == "st":
         extra.append("model.space=gene")
     return common + extra + (sizes[family] if tiny else [])
@@ -75,6 +85,49 @@ def flops_per_cell(family: str, config, n_params: int, n_latent: int) -> float:
         tokens = math.ceil(n_latent / m.patch_size)
         return 6.0 * n_params * tokens + 12.0 * m.depth * m.hidden * tokens * tokens
     return 6.0 * n_params + 12.0 * m.depth * m.hidden * config.data.set_size
+
+
+def cells_per_step(family: str, config) -> int:
+    """Cells read from the store for one optimizer step (an ST step reads control and
+    perturbed sets)."""
+    d = config.data
+    if family == "st":
+        return 2 * d.sets_per_batch * d.set_size
+    return d.batch_size
+
+
+def compute_only(family, config, steps: int, device: str = "cuda") -> dict:
+    """Optimizer steps on one batch already on the GPU (bf16 autocast, AdamW): the cells/s a
+    loader must deliver per GPU to keep this model busy (the loop's own figure above is
+    bounded by whichever is slower, the loader or the GPU)."""
+    import torch
+    from accelerate.utils import send_to_device
+
+    stage = family.load("stage")(config)
+    stage.prepare_data(True)
+    model = stage.build_model().to(device).train()
+    batch = send_to_device(next(iter(stage.train_loader(0, 1))), device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def step(i: int) -> None:
+        with torch.autocast(device, dtype=torch.bfloat16):
+            loss = model(batch, step=i).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for i in range(min(10, steps)):  # warm-up: kernels, allocator
+        step(i)
+    sync()
+    start = time.perf_counter()
+    for i in range(steps):
+        step(i)
+    sync()
+    seconds = (time.perf_counter() - start) / steps
+    cells = cells_per_step(family.name, config)
+    return {"compute_only_step_ms": round(seconds * 1e3, 3), "cells_per_step": cells,
+            "compute_only_cells_per_s": round(cells / seconds)}  # fmt: skip
 
 
 def device_peak() -> tuple[str, float | None]:
@@ -103,7 +156,12 @@ def run(args: argparse.Namespace) -> int:
     rows, n_latent = [], 0
     for name in FAMILIES:
         family = family_named(name)
-        config = load_family_config(family, None, _overrides(name, args, out / "vae", args.tiny))
+        overrides = _overrides(name, args, out / "vae", args.tiny)
+        config = load_family_config(family, None, overrides)
+        if args.batch_scale != 1:  # bigger steps than the defaults: what fills a large GPU
+            key = "sets_per_batch" if name == "st" else "batch_size"
+            value = getattr(config.data, key) * args.batch_scale
+            config = load_family_config(family, None, [*overrides, f"data.{key}={value}"])
         if name == "vae":
             n_latent = config.model.n_latent
         start = time.perf_counter()
@@ -119,8 +177,11 @@ def run(args: argparse.Namespace) -> int:
             "mfu": None if peak is None else achieved / peak,
             "precision": resolve_precision(config.train.mixed_precision),
         })  # fmt: skip
+        if device != "cpu" and args.compute_steps:
+            rows[-1].update(compute_only(family, config, args.compute_steps))
         print(json.dumps(rows[-1]), flush=True)
     report = {"device": device, "peak_bf16_flops": peak, "steps": args.steps,
+              "batch_scale": args.batch_scale,
               "tiny": args.tiny, "store": args.store, "rows": rows}  # fmt: skip
     (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "results.md").write_text(_markdown(report))
@@ -130,12 +191,14 @@ def run(args: argparse.Namespace) -> int:
 
 def _markdown(report: dict) -> str:
     lines = [f"# GPU check on {report['device']} ({report['steps']} steps per family)", "",
-             "| family | parameters | cells/s | model TFLOP/s | MFU | wall s |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+             "| family | parameters | cells/s | model TFLOP/s | MFU | wall s | "
+             "compute-only cells/s (step ms) |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in report["rows"]:
         mfu = "n/a (CPU)" if r["mfu"] is None else f"{r['mfu']:.1%}"
+        compute = (f"{r['compute_only_cells_per_s']:,} ({r['compute_only_step_ms']})"
+                   if "compute_only_cells_per_s" in r else "")  # fmt: skip
         lines.append(f"| {r['family']} | {r['parameters']:,} | {r['cells_per_s']:,.0f} | "
-                     f"{r['achieved_tflops']:.3f} | {mfu} | {r['wall_s']} |")  # fmt: skip
+                     f"{r['achieved_tflops']:.3f} | {mfu} | {r['wall_s']} | {compute} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -104,20 +104,31 @@ class BatchSpec:
 
 
 def csr_to_torch(X: sp.csr_matrix) -> torch.Tensor:
-    """A scipy CSR matrix as a torch sparse CSR float32 tensor (int64 indices).
+    """A scipy CSR matrix as a torch sparse CSR float32 tensor, sharing its arrays.
 
-    Indices are sorted first because torch's CSR kernels assume sorted column indices.
+    Indices are sorted first because torch's CSR kernels assume sorted column indices. Row
+    pointers and column indices stay int32 when both fit (torch accepts int32 CSR on CPU and
+    GPU, and ``to_dense`` is the same): a cast to int64 copied every index of every batch,
+    the largest part of the stream's per-batch cost.
     """
     if not X.has_sorted_indices:
         X = X.copy()
         X.sort_indices()
+    index = np.int32 if X.nnz < 2**31 and X.shape[1] < 2**31 else np.int64
     return torch.sparse_csr_tensor(
-        torch.from_numpy(np.asarray(X.indptr, dtype=np.int64)),
-        torch.from_numpy(np.asarray(X.indices, dtype=np.int64)),
-        torch.from_numpy(np.asarray(X.data, dtype=np.float32)),
+        _tensor(X.indptr, index),
+        _tensor(X.indices, index),
+        _tensor(X.data, np.float32),
         size=X.shape,
         check_invariants=False,
     )
+
+
+def _tensor(values: np.ndarray, dtype) -> torch.Tensor:
+    """``values`` as a tensor, shared when it can be: copied when a cast is needed or the
+    array is read-only (an in-memory source's views; torch tensors must be writable)."""
+    out = np.ascontiguousarray(values, dtype=dtype)
+    return torch.from_numpy(out if out.flags.writeable else out.copy())
 
 
 def make_batch(block: CellBlock, spec: BatchSpec, is_pad: np.ndarray | None = None) -> dict:

@@ -70,12 +70,14 @@ import numpy as np
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .allocator import keep_freed_memory
 from .batches import OUTPUTS, BatchSpec, make_batch
 from .blocks import CellBlock, StoreReader
 from .errors import UserInputError
 from .integrity import ON_CORRUPT
 from .remote import is_url
 from .skipping_reader import SKIPPED_KEY, SkippingReader
+from .worker_transfer import pack, unpack
 
 TAILS = ("pad", "drop", "partial")
 # Units read ahead per slot for a store behind a URL (``CellStreamConfig.fetch_units``): in
@@ -198,6 +200,8 @@ class ShardedIterable(IterableDataset):
     """
 
     _slot_counts: np.ndarray
+    # set by StreamLoader while it starts its workers: items cross as one block (unpacked there)
+    pack_in_workers: bool = False
 
     def __init__(self, source, config, rank: int | None, world_size: int | None, num_workers: int):
         """Common set-up: ``config`` carries ``output``, ``columns`` and ``numeric_columns``."""
@@ -319,13 +323,14 @@ class ShardedIterable(IterableDataset):
         main process raises it as itself (the DataLoader would turn it into a RuntimeError
         holding a traceback)."""
         in_worker = get_worker_info() is not None
+        packing = in_worker and self.pack_in_workers
         try:
             for item in items:
                 if isinstance(self._reader, SkippingReader):
                     new = self._reader.drain()
                     if new:
                         item[SKIPPED_KEY] = new
-                yield item
+                yield pack(item) if packing else item
         except UserInputError as err:
             if not in_worker:
                 raise
@@ -369,6 +374,7 @@ class StreamLoader:
     def __iter__(self) -> Iterator[dict]:
         self.batches_consumed = self.dataset.resume_offset()
         for item in self._items():
+            item = unpack(item)
             if ERROR_KEY in item:
                 raise item[ERROR_KEY]
             skipped = item.pop(SKIPPED_KEY, None)
@@ -398,11 +404,14 @@ class StreamLoader:
         if self.dataset.num_workers == 0 and not self.dataloader_kwargs:
             return iter(self.dataset)
         kwargs = {"collate_fn": already_collated, **self.dataloader_kwargs}
-        return iter(
-            DataLoader(
-                self.dataset, batch_size=None, num_workers=self.dataset.num_workers, **kwargs
-            )
+        loader = DataLoader(
+            self.dataset, batch_size=None, num_workers=self.dataset.num_workers, **kwargs
         )
+        self.dataset.pack_in_workers = self.dataset.num_workers > 0  # read as workers start
+        try:
+            return iter(loader)
+        finally:
+            self.dataset.pack_in_workers = False
 
     def set_epoch(self, epoch: int) -> None:
         self.dataset.set_epoch(epoch)
@@ -432,6 +441,10 @@ class CellStreamConfig:
     1 for a local store (disk reads are fast; one background pool build suffices) and
     ``REMOTE_FETCH_UNITS`` for a store behind a URL, where each read waits 10-100 ms on the
     network (``latentcell benchmark remote-latency`` measures how many hide that).
+    build_threads: pools decoded and shuffled at once, each on its own thread (decompression,
+    file reads and row gathers release the GIL). None: 2 for a local store read in-process
+    (``num_workers=0``), where it keeps a second core busy; 1 otherwise (DataLoader workers
+    are the parallelism; a remote store's parallelism is ``fetch_units``).
     """
 
     batch_size: int = 256
@@ -445,12 +458,15 @@ class CellStreamConfig:
     numeric_columns: tuple[str, ...] = ()
     on_corrupt: str = "error"
     fetch_units: int | None = None
+    build_threads: int | None = None
 
     def __post_init__(self):
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.fetch_units is not None and self.fetch_units < 1:
             raise ValueError(f"fetch_units must be >= 1, got {self.fetch_units}")
+        if self.build_threads is not None and self.build_threads < 1:
+            raise ValueError(f"build_threads must be >= 1, got {self.build_threads}")
         if self.buffer_units < 1 or (self.buffer_cells is not None and self.buffer_cells < 1):
             raise ValueError("buffer_units and buffer_cells must be >= 1")
         check_stream_options(self)
@@ -472,13 +488,15 @@ class CellStream(ShardedIterable):
         # A row subset (``row_subset.RowSubset``, a split's rows) names its rows by digest.
         self._rows_digest = getattr(self._reader, "rows_digest", None)
         self._unit_sizes = np.asarray(self.meta.unit_sizes, dtype=np.int64)
+        self._unit_starts = np.concatenate([[0], np.cumsum(self._unit_sizes)])  # store rows
         self.pool_cells = self._pool_cells()
         self._slot_cells = self._split_over_slots(self.meta.n_cells, "cell")
         self._slot_out = tail_lengths(self._slot_cells, self.config.batch_size, self.config.tail)
         self._slot_counts = -(-self._slot_out // self.config.batch_size)
-        self.fetch_units = self.config.fetch_units or (
-            REMOTE_FETCH_UNITS if is_url(str(self.meta.path)) else 1
-        )
+        remote = is_url(str(self.meta.path))
+        self.fetch_units = self.config.fetch_units or (REMOTE_FETCH_UNITS if remote else 1)
+        local_in_process = not remote and self.num_workers == 0 and self.fetch_units == 1
+        self.build_threads = self.config.build_threads or (2 if local_in_process else 1)
 
     def unit_order(self, epoch: int | None = None) -> np.ndarray:
         """Units in the order they form the epoch's virtual sequence."""
@@ -517,11 +535,13 @@ class CellStream(ShardedIterable):
         }
 
     def _iter_slot(self, slot: int, start_batch: int) -> Iterator[dict]:
+        keep_freed_memory()  # pools are allocated and freed every few ms (``allocator``)
         order = self.unit_order()
         cells = _SlotCells(
             reader=self._get_reader(),
             unit_order=order,
             unit_vstart=np.concatenate([[0], np.cumsum(self._unit_sizes[order])]),
+            unit_starts=self._unit_starts,
             start=int(self._slot_bounds[slot]),
             n=int(self._slot_cells[slot]),
             pool_cells=self.pool_cells,
@@ -530,6 +550,7 @@ class CellStream(ShardedIterable):
             else None,
             head_cells=int(self._slot_out[slot] - self._slot_cells[slot]),
             fetch_units=self.fetch_units,
+            build_threads=self.build_threads,
         )
         return self._batches(cells, start_batch, int(self._slot_out[slot]))
 
@@ -542,29 +563,6 @@ class CellStream(ShardedIterable):
             yield make_batch(block, self.spec, is_pad=pad)
 
 
-class _Background:
-    """``fn(arg)`` on a daemon thread: decoding the next pool (file reads and decompression
-    release the GIL) overlaps with cutting batches from the current one, using a second core
-    without the inter-process copies of DataLoader workers."""
-
-    def __init__(self, fn: Callable, arg):
-        self.arg, self._value, self._error = arg, None, None
-        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
-        self._thread.start()
-
-    def _run(self, fn: Callable) -> None:
-        try:
-            self._value = fn(self.arg)
-        except BaseException as err:  # re-raised in the consumer by result()
-            self._error = err
-
-    def result(self):
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._value
-
-
 @dataclass
 class _Pool:
     """A pool's cells already in stream order (permuted when building it)."""
@@ -575,11 +573,16 @@ class _Pool:
 class _SlotCells:
     """One slot's stream of cells: reads units, builds shuffled pools, serves position ranges.
 
-    A pool is permuted once when it is built (on the background thread that also decodes
-    it), so a batch is a contiguous row slice of the pool on the consumer's thread.
-    Keeps the last unit read (a unit cut by a pool boundary is read once), the last two pools
-    (a batch may straddle them) and the first ``head_cells`` of the stream (the pad tail
-    repeats them; keeping them avoids re-reading the first pool at the end of the epoch).
+    A pool is permuted once when it is built, on a builder thread that also decodes it, so a
+    batch is a contiguous row slice of the pool on the consumer's thread. ``build_threads``
+    pools are built ahead at once: decompression, file reads and the row gather release the
+    GIL, so a second core does real work without the inter-process copies of DataLoader
+    workers (one builder left the stream bound by one core: 430k cells/s with the CPU busy
+    0.48 s per 0.47 s of wall time, `latentcell benchmark loader`).
+    Keeps the last pools read (a batch may straddle two), units shared by two pools (a unit
+    cut by a pool boundary is read once, ``_SharedUnits``) and the first ``head_cells`` of
+    the stream (the pad tail repeats them; keeping them avoids re-reading the first pool at
+    the end of the epoch).
     """
 
     def __init__(
@@ -593,18 +596,29 @@ class _SlotCells:
         pool_seed: tuple | None,
         head_cells: int,
         fetch_units: int = 1,
+        build_threads: int = 1,
+        unit_starts: np.ndarray | None = None,
     ):
         self.reader = reader
-        self._fetcher = _UnitFetcher(reader, unit_order, fetch_units) if fetch_units > 1 else None
+        self.unit_starts = unit_starts  # first store row of each unit (for ``read_ranges``)
+        fetcher = _UnitFetcher(reader, unit_order, fetch_units) if fetch_units > 1 else None
+        self._fetching = fetcher is not None
+        # the fetcher serves units in sequence order to one caller: one builder with it
+        self.build_threads = 1 if fetcher else build_threads
+        self._units = _SharedUnits(
+            fetcher.get if fetcher else (lambda k: reader.read_unit(int(unit_order[k]))),
+            keep=2 * self.build_threads,
+        )
         self.order = unit_order
         self.vstart = unit_vstart
         self.start, self.n, self.pool_cells = start, n, pool_cells
+        self.n_pools = -(-n // pool_cells) if n else 0
         self.pool_seed = pool_seed
         self.head_cells = min(head_cells, n)
         self.head: CellBlock | None = None
-        self._unit: tuple[int, CellBlock] | None = None
         self._pools: OrderedDict[int, _Pool] = OrderedDict()
-        self._prefetch: _Background | None = None
+        self._building: dict[int, Future] = {}
+        self._builders = ThreadPoolExecutor(self.build_threads, "latentcell-pool")
 
     def positions(self, a: int, b: int) -> CellBlock:
         """Stream positions [a, b); positions >= n wrap to the stream start (padding)."""
@@ -636,52 +650,110 @@ class _SlotCells:
         if index in self._pools:
             self._pools.move_to_end(index)
             return self._pools[index]
-        pool = self._prefetched(index) or self._build_pool(index)
+        pending = self._building.pop(index, None)
+        if pending is None:  # not asked for in order (the start, a resume, the pad tail)
+            self._settle()
+            pool = self._build_pool(index)
+            self._build_ahead(index + 1)
+        else:
+            self._build_ahead(index + 1)
+            pool = pending.result()
         if index == 0 and self.head_cells and self.head is None:
             self.head = pool.cells.slice(0, self.head_cells)
         self._pools[index] = pool
         while len(self._pools) > 2:
             self._pools.popitem(last=False)
-        if (index + 1) * self.pool_cells < self.n:
-            self._prefetch = _Background(self._build_pool, index + 1)
         return pool
 
-    def _prefetched(self, index: int) -> _Pool | None:
-        """The pool the background thread built, if it is ``index``; waits for it to finish.
+    def _settle(self) -> None:
+        """Drop the pools being built ahead: the next build runs on this thread, and a unit
+        fetcher must never have two callers."""
+        for future in self._building.values():
+            if not future.cancel():
+                future.exception()  # wait; its error, if any, belongs to an unused pool
+        self._building.clear()
 
-        At most one pool is built at a time (the caller waits before building another), so
-        the reader and the unit cache are never used by two threads at once.
-        """
-        pending, self._prefetch = self._prefetch, None
-        if pending is None:
-            return None
-        pool = pending.result()
-        return pool if pending.arg == index else None
+    def _build_ahead(self, first: int) -> None:
+        """Keep pools [first, first + build_threads) built or building."""
+        for index in range(first, min(first + self.build_threads, self.n_pools)):
+            if index not in self._building and index not in self._pools:
+                self._building[index] = self._builders.submit(self._build_pool, index)
 
     def _build_pool(self, index: int) -> _Pool:
         v0 = self.start + index * self.pool_cells
         v1 = self.start + min((index + 1) * self.pool_cells, self.n)
         k0 = int(np.searchsorted(self.vstart, v0, side="right")) - 1
         k1 = int(np.searchsorted(self.vstart, v1, side="left"))
-        pieces = []
+        pieces = []  # (sequence position, first row, stop row) inside the unit
         for k in range(k0, k1):
             lo = max(v0, self.vstart[k]) - self.vstart[k]
             hi = min(v1, self.vstart[k + 1]) - self.vstart[k]
             if hi > lo:
-                pieces.append(self._read_unit(k).slice(int(lo), int(hi)))
-        cells = CellBlock.concat(pieces)
+                pieces.append((k, int(lo), int(hi)))
+        cells = self._read_at_once(pieces)
+        if cells is None:
+            cells = CellBlock.concat([self._units.get(k).slice(lo, hi) for k, lo, hi in pieces])
         if self.pool_seed is None:
             return _Pool(cells)
         rng = np.random.default_rng([*self.pool_seed, index])
         return _Pool(cells.take(rng.permutation(cells.n_cells)))
 
-    def _read_unit(self, k: int) -> CellBlock:
-        """The ``k``-th unit of the epoch's sequence (cached: a pool boundary may cut it)."""
-        unit = int(self.order[k])
-        if self._unit is None or self._unit[0] != unit:
-            block = self._fetcher.get(k) if self._fetcher else self.reader.read_unit(unit)
-            self._unit = (unit, block)
-        return self._unit[1]
+    def _read_at_once(self, pieces: list[tuple[int, int, int]]) -> CellBlock | None:
+        """A pool read into one block by a reader that can (one copy of the values fewer
+        than concatenating units): any row ranges (``read_ranges``, the Zarr store) or
+        whole units (``read_units``, WebDataset shards). None otherwise, or for a remote
+        store, whose units come through the read-ahead fetcher."""
+        if self._fetching:
+            return None
+        read_ranges = getattr(self.reader, "read_ranges", None)
+        if read_ranges is not None and self.unit_starts is not None:
+            ranges: list[list[int]] = []
+            for k, lo, hi in pieces:
+                start = int(self.unit_starts[self.order[k]])
+                if ranges and ranges[-1][1] == start + lo:  # adjacent in the store: one range
+                    ranges[-1][1] = start + hi
+                else:
+                    ranges.append([start + lo, start + hi])
+            return read_ranges([(a, b) for a, b in ranges])
+        read_units = getattr(self.reader, "read_units", None)
+        whole = all(lo == 0 and hi == self.vstart[k + 1] - self.vstart[k] for k, lo, hi in pieces)
+        if read_units is not None and whole:
+            return read_units([int(self.order[k]) for k, _, _ in pieces])
+        return None
+
+    def __del__(self):
+        for future in self._building.values():
+            future.cancel()
+        self._builders.shutdown(wait=False, cancel_futures=True)
+
+
+class _SharedUnits:
+    """Units by sequence position, read once however many pool builders ask for them.
+
+    Why: a unit cut by a pool boundary belongs to two pools, which two builder threads may
+    build at the same time; the first to ask reads it, the other waits for that read. The
+    last ``keep`` units are kept (pools ask for units in increasing order).
+    """
+
+    def __init__(self, read: Callable[[int], CellBlock], keep: int):
+        self._read, self._keep = read, max(2, keep)
+        self._lock = threading.Lock()
+        self._units: OrderedDict[int, Future] = OrderedDict()
+
+    def get(self, k: int) -> CellBlock:
+        with self._lock:
+            future = self._units.get(k)
+            owner = future is None
+            if owner:
+                future = self._units[k] = Future()
+                while len(self._units) > self._keep:
+                    self._units.popitem(last=False)
+        if owner:
+            try:
+                future.set_result(self._read(k))
+            except BaseException as err:  # raised in every thread that asked for it
+                future.set_exception(err)
+        return future.result()
 
 
 class _UnitFetcher:

@@ -11,6 +11,8 @@ dtypes, C order) and returns ``None`` for anything else, so the caller falls bac
 
 from __future__ import annotations
 
+import functools
+import math
 import re
 import struct
 
@@ -60,6 +62,21 @@ def _zip64_compressed_size(view, pos: int, xlen: int, has_usize: bool) -> int | 
     return None
 
 
+@functools.lru_cache(maxsize=4096)
+def _header(header: bytes) -> tuple[np.dtype, tuple[int, ...], int] | None:
+    """(dtype, shape, count) of an npy header; cached because the samples of a store repeat
+    most headers (every per-cell array of a full sample), and parsing was half a sample's
+    cost."""
+    match = _NPY_HEADER.match(header)
+    if match is None:
+        return None
+    dtype = np.dtype(match.group(1).decode())
+    if dtype.hasobject:
+        return None
+    shape = tuple(int(s) for s in match.group(2).split(b",") if s.strip())
+    return dtype, shape, math.prod(shape)
+
+
 def _read_npy(view, start: int, size: int) -> np.ndarray | None:
     if bytes(view[start : start + 6]) != b"\x93NUMPY":
         return None
@@ -70,14 +87,10 @@ def _read_npy(view, start: int, size: int) -> np.ndarray | None:
     else:
         (hlen,) = struct.unpack_from("<I", view, start + 8)
         header_start = start + 12
-    match = _NPY_HEADER.match(bytes(view[header_start : header_start + hlen]))
-    if match is None:
+    parsed = _header(bytes(view[header_start : header_start + hlen]))
+    if parsed is None:
         return None
-    dtype = np.dtype(match.group(1).decode())
-    if dtype.hasobject:
-        return None
-    shape = tuple(int(s) for s in match.group(2).split(b",") if s.strip())
-    count = int(np.prod(shape)) if shape else 1
+    dtype, shape, count = parsed
     offset = header_start + hlen
     if offset + count * dtype.itemsize > start + size:
         return None

@@ -22,6 +22,7 @@ from .cell_stream import ShardedIterable, check_stream_options, tail_lengths
 # Tags that keep the random streams of different decisions independent; a sampler numbers
 # its own further streams from 4.
 GROUP_ORDER, SET_POOL, MEMBERS, FILL = 0, 1, 2, 3
+MEMBER_ORDERS_KEPT = 256  # groups whose cell order is kept (a few MB at most)
 
 
 @dataclass(frozen=True)
@@ -193,15 +194,31 @@ class SetEpochs(ShardedIterable):
             seq[a : a + size] = rng.permutation(seq[a : a + size])
         return seq
 
+    def _member_order(self, g: int, epoch: int) -> np.ndarray:
+        """Group ``g``'s cells in the epoch's order, kept for the next sets of the group: an
+        epoch visits a group's sets close together (pools of ``buffer_sets``), and drawing
+        the permutation anew for each set was a tenth of the sampler's time."""
+        cache = self.__dict__.setdefault("_member_orders", OrderedDict())
+        key = (g, epoch)
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+        n = self.group_cells[g].n
+        if self.config.shuffle:
+            order = np.random.default_rng([self.config.seed, epoch, MEMBERS, g]).permutation(n)
+        else:
+            order = np.arange(n)
+        cache[key] = order
+        while len(cache) > MEMBER_ORDERS_KEPT:
+            cache.popitem(last=False)
+        return order
+
     def set_members(self, set_id: int, epoch: int) -> tuple[int, np.ndarray, np.ndarray]:
         """A set's group, and its cells' rows and batch codes, topped up when short."""
         seed, size = self.config.seed, self.config.set_size
         g, j = int(self._set_group[set_id]), int(self._set_j[set_id])
         cells = self.group_cells[g]
-        if self.config.shuffle:
-            members = np.random.default_rng([seed, epoch, MEMBERS, g]).permutation(cells.n)
-        else:
-            members = np.arange(cells.n)
+        members = self._member_order(g, epoch)
         pos = members[j * size : (j + 1) * size]
         if len(pos) < size:
             fill = np.random.default_rng([seed, epoch, FILL, set_id])

@@ -15,6 +15,8 @@ worker processes with the data and reach the main process's ``StreamLoader``.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -52,17 +54,38 @@ class SkippingReader:
         self.meta = reader.meta
         self.skipped: dict[str, str] = {}
         self._new: dict[str, str] = {}
+        self._lock = threading.Lock()  # the cell stream builds pools on several threads
+        # the one-block reads the cell stream prefers, where the wrapped reader has them
+        if hasattr(reader, "read_ranges"):
+            self.read_ranges = self._read_ranges
+        if hasattr(reader, "read_units"):
+            self.read_units = self._read_units
 
     def _record(self, err: CorruptDataError) -> None:
-        if err.path not in self.skipped:
-            problem = f"{err.field}: {err.problem}"
-            self.skipped[err.path] = problem
-            self._new[err.path] = problem
+        with self._lock:
+            if err.path not in self.skipped:
+                problem = f"{err.field}: {err.problem}"
+                self.skipped[err.path] = problem
+                self._new[err.path] = problem
 
     def drain(self) -> dict[str, str]:
         """Damaged files found since the last call: {file: problem}."""
-        new, self._new = self._new, {}
+        with self._lock:
+            new, self._new = self._new, {}
         return new
+
+    def _read_ranges(self, ranges: list[tuple[int, int]]) -> CellBlock:
+        """All ranges at once; if one is damaged, range by range (placeholders for those)."""
+        try:
+            return self.reader.read_ranges(ranges)
+        except CorruptDataError:
+            return CellBlock.concat([self.read_rows(a, b) for a, b in ranges])
+
+    def _read_units(self, units) -> CellBlock:
+        try:
+            return self.reader.read_units(units)
+        except CorruptDataError:
+            return CellBlock.concat([self.read_unit(int(u)) for u in units])
 
     def read_unit(self, unit: int) -> CellBlock:
         try:

@@ -336,6 +336,11 @@ class WebDatasetStoreReader:
         """The whole shard ``unit`` as one block."""
         return CellBlock.concat(list(self.iter_unit_blocks(unit)))
 
+    def read_units(self, units) -> CellBlock:
+        """Whole shards, concatenated in the order given (the cell stream's pools): their
+        samples are joined once, not per shard and again per pool."""
+        return CellBlock.concat([b for u in units for b in self.iter_unit_blocks(int(u))])
+
     def read_rows(self, start: int, stop: int) -> CellBlock:
         """Rows [start, stop): decodes only the samples that hold them."""
         check_row_range(start, stop, self.meta.n_cells)

@@ -179,7 +179,7 @@ class ChunkReader:
 
     def _chunk_into(self, i: int, out: np.ndarray, fetched: dict | None = None) -> None:
         """Decode whole chunk ``i`` straight into ``out`` (saves a copy of every chunk)."""
-        if not self._direct:
+        if not self._direct or out.dtype != self.dtype:
             out[:] = self._chunk(i, fetched)
             return
         raw = self._payload(i, fetched)
@@ -188,19 +188,27 @@ class ChunkReader:
             return
         self._decoded(i, raw, out=out)
 
-    def read(self, start: int, stop: int) -> np.ndarray:
-        """Elements [start, stop) as a new native-endian array (object dtype for strings)."""
+    def read(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Elements [start, stop) as a new native-endian array (object dtype for strings), or
+        written into ``out`` (``stop - start`` values, cast to its dtype) and returned: a
+        reader filling one buffer from several ranges saves a copy of each."""
         if not (0 <= start <= stop <= self.n):
             raise IndexError(f"[{start}, {stop}) outside [0, {self.n})")
+        if out is not None and len(out) != stop - start:
+            raise ValueError(f"out holds {len(out)} values, the range {stop - start}")
         if stop <= start:
-            return np.empty(0, dtype=self.dtype.newbyteorder("="))
+            return np.empty(0, dtype=self.dtype.newbyteorder("=")) if out is None else out
         c = self.chunk
         first, last = start // c, (stop - 1) // c
         fetched = self._fetch(first, last)
         if first == last and (start > first * c or stop < (first + 1) * c):
             part = self._chunk(first, fetched)[start - first * c : stop - first * c]
+            if out is not None:
+                out[:] = part
+                return out
             return part.astype(self.dtype.newbyteorder("="), copy=True)
-        out = np.empty(stop - start, dtype=self.dtype.newbyteorder("="))
+        if out is None:
+            out = np.empty(stop - start, dtype=self.dtype.newbyteorder("="))
         for i in range(first, last + 1):
             lo, hi = max(start, i * c), min(stop, (i + 1) * c)
             if hi - lo == c:

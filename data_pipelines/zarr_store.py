@@ -331,12 +331,15 @@ class _ZarrRange:
         self.array, self.path = array, path
         self.n = int(array.shape[0])
 
-    def read(self, start: int, stop: int) -> np.ndarray:
+    def read(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         try:
-            out = self.array[start:stop]
+            values = self.array[start:stop]
         except Exception as err:  # noqa: BLE001 - a codec or file failure is a damaged array
             raise corrupt(self.path, "chunk", f"cannot read ({type(err).__name__}: {err})") from err
-        return out.astype(object) if out.dtype.kind == "T" else out
+        if out is not None:
+            out[:] = values
+            return out
+        return values.astype(object) if values.dtype.kind == "T" else values
 
 
 class _Opened:
@@ -448,29 +451,56 @@ class ZarrStoreReader:
     def read_rows(self, start: int, stop: int) -> CellBlock:
         """Rows [start, stop) as one block (reads only the chunks that hold them)."""
         check_row_range(start, stop, self.meta.n_cells)
-        o = self._o()
-        indptr = self._per_cell(o, "X/indptr", start, stop + 1)
-        a, b = int(indptr[0]), int(indptr[-1])
-        data = o.readers["X/data"].read(a, b)
-        indices = o.readers["X/indices"].read(a, b).astype(np.int32, copy=False)
-        index_dtype = np.int32 if b - a < 2**31 else np.int64
-        X = sp.csr_matrix(
-            (data, indices, (indptr - a).astype(index_dtype)),
-            shape=(stop - start, self.meta.n_genes),
+        return self.read_ranges([(start, stop)])
+
+    def read_units(self, units) -> CellBlock:
+        """Whole units, concatenated in the order given (the cell stream's pools)."""
+        n = len(self.meta.unit_sizes)
+        if any(not 0 <= int(u) < n for u in units):
+            raise IndexError(f"units {list(units)} outside [0, {n})")
+        c = self.chunk_cells
+        return self.read_ranges(
+            [(int(u) * c, int(u) * c + int(self.meta.unit_sizes[int(u)])) for u in units]
         )
+
+    def read_ranges(self, ranges: list[tuple[int, int]]) -> CellBlock:
+        """Row ranges concatenated into one block, each decoded straight into its place.
+
+        Why not ``CellBlock.concat`` of ``read_rows``: that copies every value a second time;
+        building a pool of 8 units this way spends about 15% less CPU (`benchmark loader`).
+        """
+        o = self._o()
+        indptrs = [self._per_cell(o, "X/indptr", a, b + 1) for a, b in ranges]
+        nnz = [int(p[-1] - p[0]) for p in indptrs]
+        at = np.concatenate([[0], np.cumsum(nnz, dtype=np.int64)])
+        data = np.empty(int(at[-1]), dtype=np.float32)
+        indices = np.empty(int(at[-1]), dtype=np.int32)
+        for p, lo, hi in zip(indptrs, at[:-1], at[1:], strict=True):
+            a, b = int(p[0]), int(p[-1])
+            o.readers["X/data"].read(a, b, out=data[lo:hi])
+            o.readers["X/indices"].read(a, b, out=indices[lo:hi])
+        index_dtype = np.int32 if at[-1] < 2**31 else np.int64
+        indptr = np.concatenate(
+            [[0]] + [p[1:] - p[0] + lo for p, lo in zip(indptrs, at[:-1], strict=True)]
+        ).astype(index_dtype)
+        n_rows = int(sum(b - a for a, b in ranges))
+        X = sp.csr_matrix((n_rows, self.meta.n_genes), dtype=np.float32)
+        X.data, X.indices, X.indptr = data, indices, indptr  # no constructor scan or copy
+
+        def per_cell(name: str) -> np.ndarray:
+            parts = [self._per_cell(o, name, a, b) for a, b in ranges]
+            return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
         names = None
-        if self.names:
-            names = np.asarray(o.readers[f"obs/{NAMES_COLUMN}"].read(start, stop), dtype=str)
+        if self.names:  # never cached: read only when asked for
+            reader = o.readers[f"obs/{NAMES_COLUMN}"]
+            names = np.concatenate([np.asarray(reader.read(a, b), dtype=str) for a, b in ranges])
         return CellBlock(
             X=X,
-            rows=np.arange(start, stop, dtype=np.int64),
-            library_size=self._per_cell(o, "library_size", start, stop),
-            codes={
-                c: self._per_cell(o, f"obs/{c}/codes", start, stop) for c in self.meta.categories
-            },
-            numeric={
-                c: self._per_cell(o, f"obs/{c}", start, stop) for c in self.meta.numeric_columns
-            },
+            rows=np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in ranges]),
+            library_size=per_cell("library_size"),
+            codes={c: per_cell(f"obs/{c}/codes") for c in self.meta.categories},
+            numeric={c: per_cell(f"obs/{c}") for c in self.meta.numeric_columns},
             names=names,
         )
 

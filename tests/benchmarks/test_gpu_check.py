@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-from latentcell.benchmarks.gpu_check import flops_per_cell
+from latentcell.benchmarks.gpu_check import (
+    _overrides,
+    cells_per_step,
+    compute_only,
+    flops_per_cell,
+)
+from latentcell.families import family_named
+from latentcell.families.train import load_family_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -28,6 +36,18 @@ def test_the_script_trains_each_family_and_reports_throughput(small_store, tmp_p
         assert (row["mfu"] is None) == (report["device"] == "cpu")
     assert "| vae |" in (tmp_path / "gc" / "results.md").read_text()
     assert report["store"] == str(small_store)
+    # the compute-only timing a GPU adds (steps on one resident batch), run here on the CPU
+    args = argparse.Namespace(store=str(small_store), out=str(tmp_path / "gc"), steps=2,
+                              no_tracking=True)  # fmt: skip
+    for name in ("vae", "dit", "st"):
+        family = family_named(name)
+        overrides = _overrides(name, args, tmp_path / "gc" / "vae", tiny=True)
+        overrides = [o.replace("/gc/", "/compute/") if o.startswith("run.dir") else o
+                     for o in overrides]  # fmt: skip
+        config = load_family_config(family, None, overrides)
+        timing = compute_only(family, config, steps=2, device="cpu")
+        assert timing["cells_per_step"] == cells_per_step(name, config) > 0
+        assert timing["compute_only_cells_per_s"] > 0 and timing["compute_only_step_ms"] > 0
 
 
 class _Config:
