@@ -55,7 +55,9 @@ def _export(run: str, out: Path) -> Path:
     return out
 
 
-def bench_generation(run: str, bundle: Path, threads: int, steps: int, repeats: int) -> list:
+def bench_generation(
+    run: str, bundle: Path, threads: int, steps: int, repeats: int, guidance: float | None = None
+) -> list:
     from latentcell.export.runtime import Bundle, OnnxGenerator
     from latentcell.inference.generate import CellGenerator
 
@@ -64,7 +66,7 @@ def bench_generation(run: str, bundle: Path, threads: int, steps: int, repeats: 
     ort = OnnxGenerator(Bundle.load(bundle, threads=threads))
     column = next(iter(eager.space.categories), None)
     conditions = {column: eager.space.categories[column][0]} if column else {}
-    guidance = eager.dit.config.diffusion.guidance
+    guidance = eager.dit.config.diffusion.guidance if guidance is None else guidance
     results = []
     for batch in (1, 256):
         rows = eager.condition_rows(batch, conditions)
@@ -110,6 +112,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, nargs="+", default=[None],
+                   help="CFG scales to time (default: the run's own; 1 runs one pass)")  # fmt: skip
     p.add_argument("--out", default=None, help="also write the results as JSON")
 
 
@@ -119,20 +123,22 @@ def run(args: argparse.Namespace) -> int:
         dit_bundle = _export(args.dit_run, Path(tmp) / "dit") if args.dit_run else None
         st_bundle = _export(args.st_run, Path(tmp) / "st") if args.st_run else None
         for threads in args.threads:
-            if dit_bundle:
+            for guidance in args.guidance if dit_bundle else ():
                 results += bench_generation(
-                    args.dit_run, dit_bundle, threads, args.steps, args.repeats
+                    args.dit_run, dit_bundle, threads, args.steps, args.repeats, guidance
                 )
             if st_bundle:
                 results += bench_prediction(args.st_run, st_bundle, threads, args.repeats)
             for r in results[-4:]:
                 print(json.dumps(r), flush=True)
     print(
-        f"\n{'task':<10}{'size':>8}{'threads':>9}{'torch ms':>11}{'ORT ms':>9}{'ORT speedup':>13}"
+        f"\n{'task':<10}{'size':>8}{'CFG':>5}{'threads':>9}{'torch ms':>11}{'ORT ms':>9}"
+        f"{'ORT speedup':>13}"
     )
     for r in results:
         size = r.get("batch", r.get("cells"))
-        print(f"{r['task']:<10}{size:>8}{r['threads']:>9}{r['torch_s'] * 1e3:>11.1f}"
+        cfg = f"{r['guidance']:g}" if "guidance" in r else ""
+        print(f"{r['task']:<10}{size:>8}{cfg:>5}{r['threads']:>9}{r['torch_s'] * 1e3:>11.1f}"
               f"{r['ort_s'] * 1e3:>9.1f}{r['speedup']:>12.2f}x")  # fmt: skip
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))

@@ -40,7 +40,16 @@ from latentcell.inference.trained_runs import (
 )
 from latentcell.models.count_vae import TARGET_SUM, CountVAE
 
-from .graphs import DenoiserGraph, ExportGraph, SetModelGraph, VAEDecoderGraph, VAEEncoderGraph
+from .graphs import (
+    ConditionerGraph,
+    DenoiserBodyGraph,
+    DenoiserGraph,
+    ExportGraph,
+    SetModelGraph,
+    SharedDenoiserBodyGraph,
+    VAEDecoderGraph,
+    VAEEncoderGraph,
+)
 from .onnx_io import DEFAULT_OPSET, TOLERANCE, export_graph, parity
 from .runtime.bundle import FORMAT, FORMAT_VERSION, METADATA, component_props
 
@@ -179,7 +188,15 @@ def plan_dit(run_dir: Path, card: dict, weights: str, **_) -> ExportPlan:
             "library": library,
         },
     }
-    components = {"denoiser": DenoiserGraph(model.dit), **_vae_components(gen.vae)}
+    components = {
+        "denoiser": DenoiserGraph(model.dit),
+        # the same network split where the condition enters: the runtime computes the
+        # conditioning once per distinct (t, condition) of a step (``OnnxGenerator``)
+        "conditioner": ConditionerGraph(model.dit),
+        "denoiser_body": DenoiserBodyGraph(model.dit),
+        "denoiser_shared": SharedDenoiserBodyGraph(model.dit),
+        **_vae_components(gen.vae),
+    }
     return ExportPlan("generation", components, sections, weights_path(run_dir, weights))
 
 

@@ -18,10 +18,20 @@ from latentcell.models.count_vae import CountVAE
 from latentcell.models.dit import DiT
 from latentcell.models.st_model import STModel
 
-__all__ = ["DenoiserGraph", "ExportGraph", "SetModelGraph", "VAEDecoderGraph", "VAEEncoderGraph"]
+__all__ = [
+    "ConditionerGraph",
+    "DenoiserBodyGraph",
+    "DenoiserGraph",
+    "ExportGraph",
+    "SharedDenoiserBodyGraph",
+    "SetModelGraph",
+    "VAEDecoderGraph",
+    "VAEEncoderGraph",
+]
 
 N = Dim("n")  # cells (rows) of a call
 S = Dim("s")  # cells per set
+U = Dim("u")  # distinct conditions of a denoiser call
 
 
 class ExportGraph(nn.Module):
@@ -140,6 +150,71 @@ class DenoiserGraph(ExportGraph):
         codes = null_codes if codes is None else codes
         values = null_values if values is None else values
         return self.dit(x, t, codes, values)
+
+
+class ConditionerGraph(DenoiserGraph):
+    """t (n,) [, codes (n, k)] [, values (n, m)] -> modulation (n, W): every DiT block's adaLN
+    parameters (``DiT.modulations``), the part of the denoiser that sees only the time and
+    the condition. The runtime runs it on the distinct (t, condition) rows of a step."""
+
+    output_names = ("modulation",)
+
+    def __init__(self, dit: DiT) -> None:
+        super().__init__(dit)
+        self.input_names = self.input_names[1:]  # no x
+
+    def example(self):
+        return super().example()[1:]
+
+    def forward(self, t, codes=None, values=None):
+        null_codes, null_values = self.dit.null_condition(t.shape[0], t.device)
+        codes = null_codes if codes is None else codes
+        values = null_values if values is None else values
+        return self.dit.modulations(t, codes, values)
+
+
+class DenoiserBodyGraph(ExportGraph):
+    """x (n, d), modulation (u, W) for u distinct conditions, group (n,) int64 (each row's
+    modulation row) -> the DiT's prediction (n, d); with ``ConditionerGraph`` it computes
+    exactly what ``DenoiserGraph`` does, without repeating the conditioning per row."""
+
+    input_names = ("x", "modulation", "group")
+    output_names = ("prediction",)
+
+    def __init__(self, dit: DiT) -> None:
+        super().__init__()
+        self.dit = dit
+        for block in dit.blocks:
+            block.attn.explicit = True
+
+    def example(self):
+        d = self.dit.config.n_latent
+        return (torch.zeros(2, d), torch.zeros(3, self.dit.modulation_width),
+                torch.tensor([0, 2], dtype=torch.long))  # fmt: skip
+
+    def dims(self) -> dict[str, dict[int, Dim]]:
+        return {"x": {0: N}, "modulation": {0: U}, "group": {0: N}}
+
+    def forward(self, x, modulation, group):
+        return self.dit.forward_modulated(x, modulation[group])
+
+
+class SharedDenoiserBodyGraph(DenoiserBodyGraph):
+    """x (n, d), modulation (1, W) -> prediction (n, d), every row under one condition: the
+    parameters broadcast, nothing is gathered per row (the common request: one condition,
+    and each half of a guided step)."""
+
+    input_names = ("x", "modulation")
+
+    def example(self):
+        d = self.dit.config.n_latent
+        return torch.zeros(2, d), torch.zeros(1, self.dit.modulation_width)
+
+    def dims(self) -> dict[str, dict[int, Dim]]:
+        return {"x": {0: N}, "modulation": {}}
+
+    def forward(self, x, modulation):
+        return self.dit.forward_modulated(x, modulation)
 
 
 class SetModelGraph(ExportGraph):

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .graphs import ExportGraph
+from .graphs import ExportGraph, N
 
 __all__ = ["DEFAULT_OPSET", "MIN_OPSET", "Parity", "export_graph", "parity"]
 
@@ -75,7 +75,7 @@ def _resized(graph: ExportGraph, n: int, s: int, seed: int) -> tuple[torch.Tenso
     dims = graph.dims()
     out = []
     for name, t in zip(graph.input_names, graph.example(), strict=True):
-        shape = [n if i == 0 else (s if dims[name].get(i) is not None else d)
+        shape = [n if dims[name].get(i) is N else (s if dims[name].get(i) is not None else d)
                  for i, d in enumerate(t.shape)]  # fmt: skip
         if t.dtype == torch.bool:
             x = (

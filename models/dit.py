@@ -118,6 +118,17 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
+def norm_modulate(
+    norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    """``modulate(norm(x), shift, scale)``; when one row of parameters serves every row (a
+    sampler's shared condition) they are the LayerNorm's own affine, one fused op in ONNX
+    instead of three (the exported shared denoiser is about 10% faster for it)."""
+    if shift.shape[0] == 1:
+        return F.layer_norm(x, norm.normalized_shape, 1 + scale[0], shift[0], norm.eps)
+    return modulate(norm(x), shift, scale)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention over the latent's tokens.
 
@@ -163,9 +174,13 @@ class DiTBlock(nn.Module):
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c).chunk(6, dim=-1)
-        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
-        return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        return self.modulated(x, self.modulation(c))
+
+    def modulated(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """The block given its adaLN parameters ``m`` (n, 6 * hidden) already computed."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = m.chunk(6, dim=-1)
+        x = x + gate1.unsqueeze(1) * self.attn(norm_modulate(self.norm1, x, shift1, scale1))
+        return x + gate2.unsqueeze(1) * self.mlp(norm_modulate(self.norm2, x, shift2, scale2))
 
 
 class FinalLayer(nn.Module):
@@ -176,8 +191,11 @@ class FinalLayer(nn.Module):
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.modulation(c).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm(x), shift, scale))
+        return self.modulated(x, self.modulation(c))
+
+    def modulated(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        shift, scale = m.chunk(2, dim=-1)
+        return self.linear(norm_modulate(self.norm, x, shift, scale))
 
 
 class DiT(nn.Module):
@@ -231,15 +249,36 @@ class DiT(nn.Module):
         codes: torch.Tensor,
         values: torch.Tensor,
     ) -> torch.Tensor:
+        return self.forward_modulated(x, self.modulations(t, codes, values))
+
+    def modulations(
+        self, t: torch.Tensor, codes: torch.Tensor, values: torch.Tensor
+    ) -> torch.Tensor:
+        """Every block's adaLN parameters and the final layer's, (n, modulation_width).
+
+        They depend on the time and the condition only, never on ``x``: a sampler whose rows
+        share a few conditions computes them once per distinct (t, condition) and gathers
+        (the ONNX runtime does, through the ``conditioner`` and ``denoiser_body`` graphs).
+        """
+        emb = self.t_embed(t)
+        cond = emb + self.c_embed(codes, values, emb)  # each modulation applies SiLU
+        parts = [block.modulation(cond) for block in self.blocks]
+        return torch.cat([*parts, self.final.modulation(cond)], dim=-1)
+
+    @property
+    def modulation_width(self) -> int:
+        return (6 * self.config.depth + 2) * self.config.hidden
+
+    def forward_modulated(self, x: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
+        """The prediction for ``x`` (n, d) given ``modulations(...)`` of its rows."""
         c = self.config
         n, d = x.shape
         dtype = self.x_embed.weight.dtype
         pad = c.n_tokens * c.patch_size - d
         tokens = F.pad(x, (0, pad)) if pad else x
         h = self.x_embed(tokens.reshape(n, c.n_tokens, c.patch_size).to(dtype)) + self.pos_embed
-        emb = self.t_embed(t)
-        cond = emb + self.c_embed(codes, values, emb)  # each modulation applies SiLU
-        for block in self.blocks:
-            h = block(h, cond)
-        out = self.final(h, cond).reshape(n, c.n_tokens * c.patch_size)
-        return out[:, :d].to(x.dtype)
+        width = 6 * c.hidden
+        for i, block in enumerate(self.blocks):
+            h = block.modulated(h, modulation[:, i * width : (i + 1) * width])
+        out = self.final.modulated(h, modulation[:, c.depth * width :])
+        return out.reshape(n, c.n_tokens * c.patch_size)[:, :d].to(x.dtype)

@@ -20,7 +20,8 @@ from latentcell.models.library_size import LibraryModel
 
 from .bundle import Bundle
 from .likelihoods import sample_counts
-from .samplers import ddim, flow, guided
+from .samplers import ddim, ddim_timesteps, flow, guided
+from .split_denoiser import split_denoiser
 
 __all__ = ["GeneratedCells", "OnnxGenerator"]
 
@@ -118,7 +119,11 @@ class OnnxGenerator:
         if noise is None:
             noise = rng.standard_normal((len(rows), self.n_latent)).astype(np.float32)
         cond, null = self._conditions(rows)
-        denoise = guided(self._denoise, cond, null, guidance)
+        split = split_denoiser(self.bundle, cond, null, guidance, len(rows))
+        denoise = split or guided(self._denoise, cond, null, guidance)
+        if split is not None and d["objective"] != "flow":
+            n_train = len(self.alphas)
+            split.prime(ddim_timesteps(n_train, steps).astype(np.float32) / np.float32(n_train))
         if d["objective"] == "flow":
             x = flow(denoise, noise, steps, d["solver"])
         else:
@@ -138,7 +143,7 @@ class OnnxGenerator:
         library, batch = self.library.sample(rows.codes[:, self.lib_columns], rng, z)
         batch = np.where(rows.batch >= 0, rows.batch, batch)
         params = self.decoder_parameters(z, library, batch)
-        return sample_counts(params, library, rng), library, batch
+        return sample_counts(params, library, rng, self.decoder.threads), library, batch
 
     # -- the whole pipeline ---------------------------------------------------------------------
 

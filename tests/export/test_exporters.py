@@ -21,8 +21,28 @@ from .conftest import export
 
 EXPECTED = {
     "vae": ("autoencoder", {"vae_encoder", "vae_decoder"}),
-    "dit": ("generation", {"denoiser", "vae_encoder", "vae_decoder"}),
-    "flow": ("generation", {"denoiser", "vae_encoder", "vae_decoder"}),
+    "dit": (
+        "generation",
+        {
+            "denoiser",
+            "conditioner",
+            "denoiser_shared",
+            "denoiser_body",
+            "vae_encoder",
+            "vae_decoder",
+        },
+    ),
+    "flow": (
+        "generation",
+        {
+            "denoiser",
+            "conditioner",
+            "denoiser_shared",
+            "denoiser_body",
+            "vae_encoder",
+            "vae_decoder",
+        },
+    ),
     "st": ("prediction", {"set_model"}),
 }
 
