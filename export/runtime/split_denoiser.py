@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .bundle import SMALL_ROWS, Bundle
+from .bundle import SMALL_ROWS, Bundle, run_many
 
 GRAPHS = ("conditioner", "denoiser_shared", "denoiser_body")
 Denoiser = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -57,7 +57,7 @@ class SplitDenoiser:
         times = np.asarray(times, dtype=np.float32)
         total = sum(self.sizes)
         feeds = {k: np.concatenate([v] * len(times)) for k, v in self.feeds.items()}
-        out = self.conditioner.run(t=np.repeat(times, total), **feeds)["modulation"]
+        out = self.conditioner.run_one_thread(t=np.repeat(times, total), **feeds)["modulation"]
         for i, t in enumerate(times):
             self._cache[float(t)] = out[i * total : (i + 1) * total]
 
@@ -66,21 +66,29 @@ class SplitDenoiser:
         if cached is not None:
             return cached
         times = np.full(sum(self.sizes), t, dtype=np.float32)
-        return self.conditioner.run(t=times, **self.feeds)["modulation"]
+        return self.conditioner.run_one_thread(t=times, **self.feeds)["modulation"]
 
     def __call__(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
         if len(t) and not (t == t[0]).all():  # samplers give all rows one time per step
             raise ValueError("the split denoiser needs one time per call")
         modulation = self._modulation(float(t[0]) if len(t) else 0.0)
-        outs, at = [], 0
+        threads = self.shared.threads
+        pieces = max(1, threads // len(self.sizes)) if len(x) >= 2 * SMALL_ROWS else 1
+        bounds = np.linspace(0, len(x), pieces + 1).astype(int)
+        calls, at = [], 0
         for size, inverse in zip(self.sizes, self.inverses, strict=True):
             part = modulation[at : at + size]
             at += size
-            if size == 1:
-                out = self.shared.run_split(self.shared.threads, x=x, modulation=part)
-            else:
-                out = self.body.run_split(self.body.threads, x=x, modulation=part, group=inverse)
-            outs.append(out["prediction"])
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+                if size == 1:  # one condition: broadcast, nothing gathered
+                    calls.append((self.shared, {"x": x[a:b], "modulation": part}))
+                else:
+                    calls.append((self.body, {"x": x[a:b], "modulation": part,
+                                              "group": inverse[a:b]}))  # fmt: skip
+        results = [r["prediction"] for r in run_many(calls, threads)]
+        outs = [
+            np.concatenate(results[h * pieces : (h + 1) * pieces]) for h in range(len(self.sizes))
+        ]
         if len(outs) == 1:
             return outs[0]
         conditional, unconditional = outs
