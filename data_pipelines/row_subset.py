@@ -83,6 +83,24 @@ class RowSubset:
         self.meta: StoreMeta = dataclasses.replace(
             base.meta, n_cells=len(rows), unit_sizes=sub_sizes
         )
+        if hasattr(base, "read_ranges"):  # the cell stream reads a pool in one call
+            self.read_ranges = self._read_ranges
+
+    def _read_ranges(self, ranges: list[tuple[int, int]]) -> CellBlock:
+        """View rows [a, b) of each range, concatenated: the base rows spanning each range
+        in one base ``read_ranges`` call, then the selected rows in one gather (reading the
+        pool unit by unit and joining the pieces copied every value once more)."""
+        spans, local, at = [], [], 0
+        for a, b in ranges:
+            if b <= a:
+                continue
+            rows = self.rows[a:b]  # view row i is base row rows[i] (sorted)
+            spans.append((int(rows[0]), int(rows[-1]) + 1))
+            local.append(rows - rows[0] + at)
+            at += int(rows[-1]) + 1 - int(rows[0])
+        block = self.base.read_ranges(spans)
+        index = np.concatenate(local) if local else np.zeros(0, dtype=np.int64)
+        return block if len(index) == block.n_cells else block.take(index)
 
     def read_unit(self, unit: int) -> CellBlock:
         u = int(self.units[unit])

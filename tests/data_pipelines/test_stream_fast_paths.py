@@ -229,3 +229,28 @@ def test_shared_units_read_once_across_threads():
     for _ in range(2):  # every caller sees the read's error
         with pytest.raises(OSError, match="disk"):
             failing.get(0)
+
+
+def test_a_row_subset_reads_pools_in_one_call_with_the_same_cells(stores, monkeypatch):
+    """A train split (``RowSubset``) over the Zarr store: pools come through the base's
+    ``read_ranges`` in one call, and the stream equals the unit-by-unit path."""
+    from latentcell.data_pipelines.row_subset import RowSubset
+
+    rows = np.flatnonzero(np.random.default_rng(5).random(1531) < 0.7)
+    cfg = CellStreamConfig(batch_size=64, buffer_units=3, seed=3)
+
+    def epoch(source) -> list[dict]:
+        stream = CellStream(source, cfg)
+        stream.set_epoch(2)
+        return list(stream.loader())
+
+    fast = RowSubset(open_store(stores["zarr"]), rows)
+    assert hasattr(fast, "read_ranges")
+    slow = RowSubset(open_store(stores["zarr"]), rows)
+    del slow.read_ranges  # as a base without read_ranges: unit by unit
+    got, want = epoch(fast), epoch(slow)
+    _same(got, want)
+    seen = torch.cat([b["row"][~b["is_pad"]] for b in got])
+    assert sorted(seen.tolist()) == rows.tolist()
+    block = fast.read_ranges([(0, 5), (5, 5), (100, 140)])
+    np.testing.assert_array_equal(block.rows, np.concatenate([rows[0:5], rows[100:140]]))
