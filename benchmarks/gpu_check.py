@@ -146,6 +146,10 @@ def run(args: argparse.Namespace) -> int:
     from latentcell.trainer.builtin_data import ensure_builtin_store
     from latentcell.trainer.distributed import resolve_precision
 
+    if args.batch_scale < 1 or args.compute_steps < 0:
+        from latentcell.data_pipelines.errors import UserInputError
+
+        raise UserInputError("--batch-scale must be >= 1 and --compute-steps >= 0")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device, peak = device_peak()

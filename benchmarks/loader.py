@@ -275,21 +275,16 @@ def write_report(out: Path, report: dict) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from latentcell.benchmarks.readers import add_data_arguments
+
     parser.add_argument("--out", required=True, help="folder for results.json and results.md")
-    parser.add_argument("--cells", type=int, default=200_000)
-    parser.add_argument("--genes", type=int, default=2000)
-    parser.add_argument("--perturbations", type=int, default=50)
-    parser.add_argument("--cell-types", type=int, default=4)
-    parser.add_argument("--batches", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=256)
+    add_data_arguments(parser)
     parser.add_argument("--form", choices=("csr", "dense"), default="csr",
                         help="the torch float32 batch every loader delivers")  # fmt: skip
     parser.add_argument("--rounds", type=int, default=3, help="windows per loader")
     parser.add_argument("--seconds", type=float, default=2.0, help="length of one window")
     parser.add_argument("--loaders", default="",
                         help=f"comma-separated subset of: {','.join(loader_names())}")  # fmt: skip
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workdir", help="keep and reuse the data here (default: a temp folder)")
 
 
 def run(args: argparse.Namespace) -> int:

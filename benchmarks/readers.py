@@ -167,16 +167,21 @@ def ratios(results: dict) -> dict:
     }
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The synthetic data ``prepare`` builds (shared with the loader benchmark)."""
     parser.add_argument("--cells", type=int, default=200_000)
     parser.add_argument("--genes", type=int, default=2000)
     parser.add_argument("--perturbations", type=int, default=50)
     parser.add_argument("--cell-types", type=int, default=4)
     parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--seconds", type=float, default=10.0, help="minimum time per reader")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", help="keep and reuse the data here (default: a temp folder)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_data_arguments(parser)
+    parser.add_argument("--seconds", type=float, default=10.0, help="minimum time per reader")
     parser.add_argument("--out", required=True, help="JSON file for the results")
 
 

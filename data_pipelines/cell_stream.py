@@ -438,7 +438,7 @@ class CellStreamConfig:
     on_corrupt: "error" stops at a damaged unit (``CorruptDataError`` naming the file);
     "skip" pads its cells out and reports it (``skipping_reader``).
     fetch_units: units each slot reads ahead concurrently (threads; ``_UnitFetcher``). None:
-    1 for a local store (disk reads are fast; one background pool build suffices) and
+    1 for a local store (disk reads are fast; the pool builders suffice) and
     ``REMOTE_FETCH_UNITS`` for a store behind a URL, where each read waits 10-100 ms on the
     network (``latentcell benchmark remote-latency`` measures how many hide that).
     build_threads: pools decoded and shuffled at once, each on its own thread (decompression,

@@ -117,6 +117,13 @@ class VAEDecoderGraph(ExportGraph):
         return tuple(params[name] for name in self.output_names)
 
 
+def _exportable(dit: DiT) -> DiT:
+    """``dit`` with the transpose-free attention its graphs are exported with."""
+    for block in dit.blocks:
+        block.attn.explicit = True
+    return dit
+
+
 class DenoiserGraph(ExportGraph):
     """x (n, d) scaled latent, t (n,) time in [0, 1] [, codes (n, k) int64 with
     ``n_categories[k]`` as the null] [, values (n, m) standardized, NaN as the null] -> the
@@ -127,9 +134,7 @@ class DenoiserGraph(ExportGraph):
 
     def __init__(self, dit: DiT) -> None:
         super().__init__()
-        self.dit = dit
-        for block in dit.blocks:
-            block.attn.explicit = True
+        self.dit = _exportable(dit)
         c = dit.config
         self.n_codes, self.n_values = len(c.n_categories), c.n_continuous
         self.input_names = (
@@ -146,10 +151,13 @@ class DenoiserGraph(ExportGraph):
         return (torch.zeros(2, self.dit.config.n_latent), torch.full((2,), 0.5), *extra)
 
     def forward(self, x, t, codes=None, values=None):
-        null_codes, null_values = self.dit.null_condition(x.shape[0], x.device)
-        codes = null_codes if codes is None else codes
-        values = null_values if values is None else values
-        return self.dit(x, t, codes, values)
+        return self.dit(x, t, *self.condition(t, codes, values))
+
+    def condition(self, t, codes, values) -> tuple[torch.Tensor, torch.Tensor]:
+        """The inputs a model without that covariate leaves out, as the null condition."""
+        null_codes, null_values = self.dit.null_condition(t.shape[0], t.device)
+        return (null_codes if codes is None else codes,
+                null_values if values is None else values)  # fmt: skip
 
 
 class ConditionerGraph(DenoiserGraph):
@@ -167,10 +175,7 @@ class ConditionerGraph(DenoiserGraph):
         return super().example()[1:]
 
     def forward(self, t, codes=None, values=None):
-        null_codes, null_values = self.dit.null_condition(t.shape[0], t.device)
-        codes = null_codes if codes is None else codes
-        values = null_values if values is None else values
-        return self.dit.modulations(t, codes, values)
+        return self.dit.modulations(t, *self.condition(t, codes, values))
 
 
 class DenoiserBodyGraph(ExportGraph):
@@ -183,9 +188,7 @@ class DenoiserBodyGraph(ExportGraph):
 
     def __init__(self, dit: DiT) -> None:
         super().__init__()
-        self.dit = dit
-        for block in dit.blocks:
-            block.attn.explicit = True
+        self.dit = _exportable(dit)
 
     def example(self):
         d = self.dit.config.n_latent

@@ -149,9 +149,13 @@ class Component:
         ``run_many`` calls, where the main session's pool threads would go on spinning for
         the cores the pieces need (priming a sampler's conditioning on them slowed the 50
         steps after it by 17%)."""
-        return self.run(_rows=0, **inputs)
+        return self._run(self._session_for(0), self._feeds(inputs))
 
-    def run(self, _rows: int | None = None, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+    def run(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+        feeds = self._feeds(inputs)
+        return self._run(self._session_for(len(feeds[self.input_names[0]])), feeds)
+
+    def _feeds(self, inputs: dict) -> dict[str, np.ndarray]:
         missing = [n for n in self.input_names if n not in inputs]
         extra = [n for n in inputs if n not in self.input_names]
         if missing or extra:
@@ -159,14 +163,23 @@ class Component:
                 self.bundle, self.name, f"inputs {sorted(inputs)}",
                 f"pass exactly {list(self.input_names)}",
             )  # fmt: skip
-        feeds = {n: self._check(n, inputs[n]) for n in self.input_names}
-        session = self._session_for(len(feeds[self.input_names[0]]) if _rows is None else _rows)
+        return {n: self._check(n, inputs[n]) for n in self.input_names}
+
+    def _run(self, session, feeds: dict) -> dict[str, np.ndarray]:
         return dict(
             zip(self.output_names, session.run(list(self.output_names), feeds), strict=True)
         )
 
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def thread_pool(workers: int) -> ThreadPoolExecutor:
+    """One pool per size for the whole runtime (ONNX calls side by side, NB draws)."""
+    pool = _POOLS.get(workers)
+    if pool is None:
+        pool = _POOLS[workers] = ThreadPoolExecutor(workers, "latentcell-runtime")
+    return pool
 
 
 def run_many(calls: list[tuple[Component, dict]], threads: int) -> list[dict[str, np.ndarray]]:
@@ -177,9 +190,7 @@ def run_many(calls: list[tuple[Component, dict]], threads: int) -> list[dict[str
     on two intra-op threads, and a guided step's two halves side by side save a dispatch."""
     if threads < 2 or len(calls) < 2:
         return [component.run_one_thread(**inputs) for component, inputs in calls]
-    pool = _POOLS.get(threads)
-    if pool is None:
-        pool = _POOLS[threads] = ThreadPoolExecutor(threads - 1, "latentcell-onnx")
+    pool = thread_pool(threads - 1)
     rest = [pool.submit(lambda c=c, i=i: c.run_one_thread(**i)) for c, i in calls[1:]]
     first = calls[0][0].run_one_thread(**calls[0][1])
     return [first] + [future.result() for future in rest]

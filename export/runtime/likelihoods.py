@@ -8,11 +8,11 @@ from numpy's generator, so they match torch's in distribution, not cell for cell
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 
 from latentcell.models.expression import TARGET_SUM
+
+from .bundle import thread_pool
 
 __all__ = ["mean_log1p", "sample_counts"]
 
@@ -20,7 +20,6 @@ _TINY = np.finfo(np.float32).tiny
 
 
 NB_ROWS = 64  # rows per independent stream of NB draws (``_nb_counts``)
-_POOLS: dict[int, ThreadPoolExecutor] = {}
 
 
 def sample_counts(
@@ -61,8 +60,7 @@ def _nb_counts(mu, theta, rng: np.random.Generator, threads: int) -> np.ndarray:
         out[a:b] = streams[i].poisson(streams[i].gamma(t, m / t))
 
     if threads > 1 and len(streams) > 1:
-        pool = _POOLS.setdefault(threads, ThreadPoolExecutor(threads, "latentcell-nb"))
-        list(pool.map(block, range(len(streams))))
+        list(thread_pool(threads).map(block, range(len(streams))))
     else:
         for i in range(len(streams)):
             block(i)

@@ -19,30 +19,12 @@ from latentcell.export.runtime.bundle import PROPS_KEY, embedded_metadata
 
 from .conftest import export
 
+GENERATION = {"denoiser", "conditioner", "denoiser_shared", "denoiser_body", "vae_encoder",
+              "vae_decoder"}  # fmt: skip
 EXPECTED = {
     "vae": ("autoencoder", {"vae_encoder", "vae_decoder"}),
-    "dit": (
-        "generation",
-        {
-            "denoiser",
-            "conditioner",
-            "denoiser_shared",
-            "denoiser_body",
-            "vae_encoder",
-            "vae_decoder",
-        },
-    ),
-    "flow": (
-        "generation",
-        {
-            "denoiser",
-            "conditioner",
-            "denoiser_shared",
-            "denoiser_body",
-            "vae_encoder",
-            "vae_decoder",
-        },
-    ),
+    "dit": ("generation", GENERATION),
+    "flow": ("generation", GENERATION),
     "st": ("prediction", {"set_model"}),
 }
 
