@@ -18,6 +18,11 @@ BENCHMARKS = {
         "the perturbation leaderboard: every family and baseline under one split and one "
         "evaluator, mean ± sd over seeds, beside the cell-mean baseline and the ceiling",
     ),
+    "uncertainty": (
+        "latentcell.benchmarks.uncertainty",
+        "calibrated uncertainty: variance R² and coverage of the real mean by the spread of "
+        "repeated predictions, per family and baseline, beside a calibrated real reference",
+    ),
     "latent-shift-pairing": (
         "latentcell.benchmarks.latent_shift_pairing",
         "random vs optimal-transport pairing of control and perturbed cells for latent shift",

@@ -7,8 +7,9 @@ one table.
 
 Without ``--data``: the synthetic held-out cell type task (``perturbation_task``). Each
 family (``families.registry``; ``--models``) is trained on the split's training cells once per
-seed (``train.seed``), predicts the test perturbations from the task's control cells (every
-mode of a family with several, e.g. ``cvae-b`` and ``cvae-a``), and is evaluated like every
+seed (``train.seed``; a family's ``variants`` too, e.g. ``latent-delta-absolute``), predicts
+the test perturbations from the task's control cells (every mode of a family with several,
+e.g. ``cvae-b`` and ``cvae-a``), and is evaluated like every
 other entry; each baseline is fitted on the same training cells and evaluated with the same
 seeds (the seed draws the control cells a prediction starts from). The table adds cell-eval's
 training-mean baseline and its real-vs-real ceiling. Writes ``leaderboard.json``,
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from latentcell.data_pipelines.errors import DataValidationError
 
-from .perturbation_task import COMMAND
+from .perturbation_task import COMMAND, check_task_flags
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,41 +72,32 @@ def _choices(args) -> tuple[list, list[str]]:
     if args.seeds < 1 or args.cells_per_perturbation < 1:
         raise DataValidationError(COMMAND, "--seeds/--cells-per-perturbation", "must be >= 1",
                                   "pass positive numbers")  # fmt: skip
-    allowed = names + (["vae"] if "latent" in baselines else [])  # vae: the scGen baseline's
-    for entry in args.overrides:
-        family, sep, rest = entry.partition(":")
-        if not sep or family not in allowed or "=" not in rest:
-            raise DataValidationError(COMMAND, "--set", f"got {entry!r}",
-                                      f"pass FAMILY:KEY=VALUE with FAMILY in {allowed}")  # fmt: skip
-    if bool(args.data) != bool(args.split):
-        raise DataValidationError(COMMAND, "--data/--split", "give both or neither",
-                                  "pass --data STORE --split SPLIT.toml, or neither for the "
-                                  "synthetic task")  # fmt: skip
-    return [FAMILIES[n] for n in names], baselines
+    families = [FAMILIES[n] for n in names]
+    check_task_flags(COMMAND, args, families, with_vae="latent" in baselines)
+    return families, baselines
 
 
 def run(args: argparse.Namespace) -> int:
-    from .perturbation_entries import baseline_predictor
+    from .perturbation_entries import baseline_predictor, family_variants, latent_vae
     from .perturbation_report import figure, log_mlflow, markdown, verdict, write_board
-    from .perturbation_task import load_task, synthetic_task
+    from .perturbation_task import open_task
 
     t0 = time.perf_counter()
     families, baselines = _choices(args)
     out = Path(args.out).absolute()
-    if args.data:  # a bad store or split fails before --out exists
-        task = load_task(Path(args.data).absolute(), Path(args.split).absolute())
-        out.mkdir(parents=True, exist_ok=True)
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        task = load_task(*synthetic_task(out, 0, args.cell_type))
+    task = open_task(out, args.data, args.split, args.cell_type)
     args.tracking_uri = args.tracking_uri or f"sqlite:///{out / 'mlflow.db'}"
     seeds = list(range(args.seeds))
     print(f"leaderboard: {task.description}; {len(task.perturbations)} test perturbations, "
           f"{task.real.n_obs} real cells; seeds {seeds}", flush=True)  # fmt: skip
     rows, runs = [], {}
+    needs_vae = "latent" in baselines or any(f.vae for f in families)
+    vae = None
+    if needs_vae:
+        vae = latent_vae(task, out, args.overrides, args.reuse, args.tracking_uri)
     for family in families:
-        rows += _family_rows(family, task, out, seeds, args, runs)
-    vae = _latent_vae(task, out, args) if "latent" in baselines else None
+        for label, overrides in family_variants(family, vae):
+            rows += _family_rows(family, label, overrides, task, out, seeds, args, runs)
     for name in baselines:
         predictor = baseline_predictor(name, task, vae)
         rows.append(_entry(name, "baseline", lambda seed, p=predictor: p, task, out, seeds, args))
@@ -129,24 +121,25 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _family_rows(family, task, out: Path, seeds: list[int], args, runs: dict) -> list[dict]:
-    """Train one run per seed; one row per prediction mode."""
+def _family_rows(family, label: str, overrides, task, out: Path, seeds: list[int], args,
+                 runs: dict) -> list[dict]:  # fmt: skip
+    """Train one run per seed of the family (or of one of its variants, ``label``, whose
+    ``--set`` ``overrides`` come before the user's); one row per prediction mode."""
     from .perturbation_entries import family_predictor, train_entry
 
+    user = [*overrides, *args.overrides]
     trained = {}
     for seed in seeds:
-        run = out / "runs" / family.name / f"seed{seed}"
+        run = out / "runs" / label / f"seed{seed}"
         t = time.perf_counter()
-        summary = train_entry(
-            family, task, run, seed, args.overrides, args.reuse, args.tracking_uri
-        )
-        print(f"trained {family.name} seed {seed} ({time.perf_counter() - t:.0f} s)", flush=True)
+        summary = train_entry(family, task, run, seed, user, args.reuse, args.tracking_uri)
+        print(f"trained {label} seed {seed} ({time.perf_counter() - t:.0f} s)", flush=True)
         trained[seed] = run
-        runs.setdefault(family.name, {})[seed] = {"run_dir": str(run), **summary}
+        runs.setdefault(label, {})[seed] = {"run_dir": str(run), **summary}
     modes = family.modes or (None,)
     rows = []
     for mode in modes:
-        name = family.name if len(modes) == 1 else f"{family.name}-{mode}"
+        name = label if len(modes) == 1 else f"{label}-{mode}"
         rows.append(_entry(
             name, "family", lambda seed, m=mode: family_predictor(family, trained[seed], m),
             task, out, seeds, args,
@@ -190,14 +183,3 @@ def _reference_rows(rows: list[dict]) -> list[dict]:
         {"entry": CELL_MEAN, "kind": "reference", "table": aggregate([entry_metrics(first, "baseline")])},
         {"entry": CEILING, "kind": "reference", "table": aggregate([ceiling_metrics(first)])},
     ]  # fmt: skip
-
-
-def _latent_vae(task, out: Path, args) -> Path:
-    """The count VAE of the scGen baseline, on the split's training cells only."""
-    from latentcell.families import family_named
-
-    from .perturbation_entries import train_entry
-
-    run = out / "runs" / "vae_for_latent_baseline"
-    train_entry(family_named("vae"), task, run, 0, args.overrides, args.reuse, args.tracking_uri)
-    return run

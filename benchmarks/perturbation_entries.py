@@ -52,6 +52,32 @@ def train_entry(
     return summary
 
 
+VAE_RUN = "vae_for_latent_baseline"  # under <out>/runs: the VAE of the latent baseline and
+# of the families that work in a VAE's latent space (``Family.vae``)
+
+
+def latent_vae(task: Task, out: Path, user: list[str], reuse: bool, tracking_uri: str) -> Path:
+    """The count VAE of the scGen baseline and of the ``Family.vae`` families, trained on the
+    split's training cells only (``--set vae:KEY=VALUE`` applies)."""
+    from latentcell.families import family_named
+
+    run = out / "runs" / VAE_RUN
+    train_entry(family_named("vae"), task, run, 0, user, reuse, tracking_uri)
+    return run
+
+
+def family_variants(family, vae: Path | None) -> list[tuple[str, tuple[str, ...]]]:
+    """(entry label, ``--set`` overrides) of the family's default and each of its
+    ``variants`` (e.g. ``latent-delta`` and ``latent-delta-absolute``), ``vae.run`` added for
+    a family that works in a VAE's latent space."""
+    out = []
+    for variant, overrides in ((None, ()), *family.variants):
+        label = family.name if variant is None else f"{family.name}-{variant}"
+        extra = (f"vae.run={vae}",) if family.vae else ()
+        out.append((label, tuple(f"{family.name}:{o}" for o in (*overrides, *extra))))
+    return out
+
+
 def _reset_accelerate() -> None:
     """Several trainings in one process: a fresh Accelerate state for each."""
     from accelerate.state import AcceleratorState, GradientState

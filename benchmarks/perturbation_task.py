@@ -71,6 +71,35 @@ def synthetic_task(out: Path, seed: int, cell_type: str | None) -> tuple[Path, P
     return store, split
 
 
+def check_task_flags(command: str, args, families, with_vae: bool = False) -> None:
+    """``--set FAMILY:KEY=VALUE`` names a chosen family (or ``vae``, the count VAE trained for
+    the latent baseline or a ``Family.vae`` family), and ``--data``/``--split`` come together:
+    one error line each, before any work."""
+    allowed = [f.name for f in families]
+    if with_vae or any(f.vae for f in families):
+        allowed.append("vae")
+    for entry in args.overrides:
+        family, sep, rest = entry.partition(":")
+        if not sep or family not in allowed or "=" not in rest:
+            raise DataValidationError(command, "--set", f"got {entry!r}",
+                                      f"pass FAMILY:KEY=VALUE with FAMILY in {allowed}")  # fmt: skip
+    if bool(args.data) != bool(args.split):
+        raise DataValidationError(command, "--data/--split", "give both or neither",
+                                  "pass --data STORE --split SPLIT.toml, or neither for the "
+                                  "synthetic task")  # fmt: skip
+
+
+def open_task(out: Path, data: str | None, split: str | None, cell_type: str | None = None):
+    """The task of a benchmark command and its ``--out`` folder: ``--data``/``--split``'s (a
+    bad store or split fails before ``out`` exists), else the synthetic one built in ``out``."""
+    if data:
+        task = load_task(Path(data).absolute(), Path(split).absolute())
+        out.mkdir(parents=True, exist_ok=True)
+        return task
+    out.mkdir(parents=True, exist_ok=True)
+    return load_task(*synthetic_task(out, 0, cell_type))
+
+
 def load_task(store: Path, split_file: Path) -> Task:
     from latentcell.data_pipelines.perturbation_splits import assign_split, load_split_config
     from latentcell.data_pipelines.split_files import open_count_store, read_cells

@@ -13,7 +13,11 @@ A family declares, in one place:
 - ``exporter``: ``(run_dir, card, weights, **options) -> export.exporters.ExportPlan``;
 - ``modes``: its ``predict --mode`` choices (the first is the default);
 - ``fallbacks``: its predictor accepts ``--unseen generic`` / ``--unseen-cell-type unknown``
-  (parameters learned for labels it has not seen; ST's dropout options).
+  (parameters learned for labels it has not seen; ST's dropout options);
+- ``variants``: further configurations the leaderboard trains and ranks beside the default,
+  as (name, ``--set`` overrides) (latent-delta's absolute target);
+- ``vae``: it trains in a count VAE's latent space (``vae.run``); the leaderboard passes the
+  VAE it trains on the split's training cells.
 
 References are ``"module:attribute"`` strings, resolved only when used: the table imports
 nothing heavy (``latentcell --help`` stays fast) and any layer may read it without importing
@@ -50,6 +54,8 @@ class Family:
     exporter: str | None = None
     modes: tuple[str, ...] = ()
     fallbacks: bool = False
+    variants: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    vae: bool = False
 
     @property
     def predicts_perturbations(self) -> bool:
@@ -104,6 +110,17 @@ FAMILIES: dict[str, Family] = {
             "latentcell.models.latent_shift.LatentShiftRun",
             train=f"{_T}.latent_shift_stage:train_latent_shift",
             predictor=f"{_I}.latent_shift_predictor:load_predictor",
+        ),
+        Family(
+            "latent-delta", "perturbation latent diffusion (seeds 000/001): a shift in the VAE "
+            "latent, its mean predicted and its distribution sampled by a conditional DiT",
+            f"{_T}.latent_delta_stage:LatentDeltaRunConfig",
+            "latentcell.models.latent_delta.LatentDelta",
+            stage=f"{_T}.latent_delta_stage:LatentDeltaStage",
+            predictor=f"{_I}.latent_delta_predictor:load_predictor",
+            exporter="latentcell.export.latent_delta_export:plan_latent_delta",
+            modes=("sampled", "deterministic"),
+            variants=(("absolute", ("model.target=absolute",)),), vae=True,
         ),
     )
 }  # fmt: skip

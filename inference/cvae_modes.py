@@ -77,10 +77,7 @@ class CVAEPredictorBase:
     def run_labels(self):
         from latentcell.inference.predict import RunLabels
 
-        s = self.settings
-        control = s["control_label"]
-        trained = tuple(x for x in s["trained"] if x != control)
-        return RunLabels(s["columns"]["perturbation"], control, s["columns"]["cell_type"], trained)
+        return RunLabels.from_settings(self.settings)
 
     def is_trained(self, label: str) -> bool:
         return label in self.labels and label in self.settings["trained"]

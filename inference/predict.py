@@ -84,12 +84,15 @@ class Predictor(Protocol):
 class PredictOptions:
     """How ``predict --run`` loads a family's predictor. ``mode``: the family's prediction
     mode (``Family.modes``; None = its default); the ``unseen`` options are ST's fallbacks
-    for labels without trained parameters (other families refuse such labels)."""
+    for labels without trained parameters (other families refuse such labels); ``steps`` and
+    ``guidance``: a sampling mode's DDIM steps and guidance scale (None = the run's)."""
 
     weights: str = "auto"
     unseen: str = "error"
     unseen_cell_type: str = "error"
     mode: str | None = None
+    steps: int | None = None
+    guidance: float | None = None
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,14 @@ class RunLabels:
     control_label: str
     cell_type_col: str | None
     perturbations: tuple[str, ...]  # the trained perturbations, the control excluded
+
+    @classmethod
+    def from_settings(cls, settings: dict) -> RunLabels:
+        """From a predictor's settings dict (``columns``, ``control_label``, ``trained``: the
+        cvae and latent-delta families' shared keys)."""
+        control, columns = settings["control_label"], settings["columns"]
+        trained = tuple(x for x in settings["trained"] if x != control)
+        return cls(columns["perturbation"], control, columns["cell_type"], trained)
 
 
 class RunPredictor(Predictor, Protocol):

@@ -83,6 +83,15 @@ class VAEBridge:
         counts = self.vae.sample(torch.as_tensor(np.asarray(z, dtype=np.float32)), lib, generator=g)
         return log1p_normalize(counts.numpy(), np.asarray(library))
 
+    def check_genes(self, n_genes: int, store) -> VAEBridge:
+        """Itself, if it was trained on ``n_genes`` genes (the store's), else one error line."""
+        if self.n_genes != n_genes:
+            raise DataValidationError(
+                store, "n_genes", f"the store has {n_genes} genes, the VAE {self.n_genes}",
+                "pass the VAE trained on this store's genes (vae.run)",
+            )  # fmt: skip
+        return self
+
     def encode_numpy(self, log1p: np.ndarray) -> np.ndarray:
         return self.encode(torch.from_numpy(np.asarray(log1p, dtype=np.float32))).numpy()
 

@@ -1,7 +1,8 @@
 """``latentcell predict``: perturbed populations from real control cells, written as h5ad.
 
     latentcell predict --run DIR --controls CTRL.h5ad --perturbations all|A,B
-                       --cells-per-perturbation N --out PRED.h5ad
+                       --cells-per-perturbation N [--mode M] [--steps N] [--guidance W]
+                       --out PRED.h5ad
     latentcell predict --baseline mean|control|additive|linear [--target-effect] --train TRAIN.h5ad
                        --controls CTRL.h5ad --perturbations A,B ... --out PRED.h5ad
     latentcell predict --baseline mean --split SPLIT.toml --store STORE --controls CTRL.h5ad ...
@@ -44,6 +45,11 @@ def add_predict_command(sub: argparse._SubParsersAction) -> None:
         + "; ".join(f"{n}: {'|'.join(FAMILIES[n].modes)}" for n in families if FAMILIES[n].modes)
         + "; default: the first)",
     )  # fmt: skip
+    p.add_argument("--steps", type=int, default=None,
+                   help="--mode sampled only: sampler steps (default: the run's)")  # fmt: skip
+    p.add_argument("--guidance", type=float, default=None,
+                   help="--mode sampled only: classifier-free guidance on the perturbation "
+                   "(1 = none; default: the run's)")  # fmt: skip
     p.add_argument(
         "--baseline",
         help=f"{' | '.join(BASELINES)} (needs --split and --store, or --train)",
@@ -111,11 +117,13 @@ def _predictor(args, controls):
             predictor, labels.pert_col, labels.control_label, labels.cell_type_col,
             list(labels.perturbations),
         )  # fmt: skip
-    if args.mode:
-        raise DataValidationError(
-            "latentcell predict", "--mode", "a prediction mode belongs to a trained run",
-            "drop --mode, or pass --run DIR",
-        )  # fmt: skip
+    for flag, value in (("--mode", args.mode), ("--steps", args.steps),
+                        ("--guidance", args.guidance)):  # fmt: skip
+        if value is not None:
+            raise DataValidationError(
+                "latentcell predict", flag, "a prediction mode belongs to a trained run",
+                f"drop {flag}, or pass --run DIR",
+            )  # fmt: skip
     from latentcell.evaluation.perturbation_baselines import fit_baseline
 
     train, source, roles = _training_cells(args)
@@ -142,7 +150,7 @@ def load_run_predictor(args):
     if not family.predicts_perturbations:
         raise DataValidationError(
             args.run, "class", f"a {family.name} run does not predict perturbations",
-            "pass a run of a perturbation family: latentcell train st|cvae|latent-shift",
+            "pass a run of a perturbation family: latentcell train st|cvae|latent-shift|latent-delta",
         )  # fmt: skip
     if args.mode is not None and args.mode not in family.modes:
         choices = "|".join(family.modes) if family.modes else "no --mode"
@@ -150,7 +158,17 @@ def load_run_predictor(args):
             args.run, "--mode", f"the {family.name} family has no mode {args.mode!r}",
             f"use {choices}",
         )  # fmt: skip
-    options = PredictOptions(args.weights, args.unseen, args.unseen_cell_type, args.mode)
+    sampling = [
+        f for f, v in (("--steps", args.steps), ("--guidance", args.guidance)) if v is not None
+    ]
+    if sampling and "sampled" not in family.modes:
+        raise DataValidationError(
+            args.run, "/".join(sampling), f"the {family.name} family does not sample latents",
+            "drop them (they are for latent-delta runs in --mode sampled)",
+        )  # fmt: skip
+    options = PredictOptions(
+        args.weights, args.unseen, args.unseen_cell_type, args.mode, args.steps, args.guidance
+    )
     return family.load("predictor")(args.run, options)
 
 

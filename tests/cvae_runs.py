@@ -21,9 +21,14 @@ def reset_accelerate() -> None:
 
 
 def train_cvae(*overrides: str) -> int:
+    return train_family("cvae", *overrides)
+
+
+def train_family(family: str, *overrides: str) -> int:
+    """``latentcell train FAMILY --set ...`` in this process, quiet and untracked."""
     from latentcell.launch.cli import main
 
-    argv = ["train", "cvae"]
+    argv = ["train", family]
     for item in (*QUIET, *overrides):
         argv += ["--set", str(item)]
     try:

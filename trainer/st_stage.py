@@ -169,13 +169,8 @@ class STStage(CountStoreStage):
         if self._bridge is None:
             if not self.config.vae.run:
                 raise ConfigError("model.space=latent needs vae.run (a trained count VAE)")
-            self._bridge = VAEBridge(self.config.vae.run, self.config.vae.weights)
-            if self._bridge.n_genes != self.meta.n_genes:
-                raise DataValidationError(
-                    self.store, "n_genes",
-                    f"the store has {self.meta.n_genes} genes, the VAE {self._bridge.n_genes}",
-                    "pass the VAE trained on this store's genes (vae.run)",
-                )  # fmt: skip
+            bridge = VAEBridge(self.config.vae.run, self.config.vae.weights)
+            self._bridge = bridge.check_genes(self.meta.n_genes, self.store)
         return self._bridge
 
     def prepare_data(self, is_main_process: bool) -> None:

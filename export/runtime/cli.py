@@ -4,7 +4,8 @@
              --out GEN.h5ad
     predict  --bundle DIR --controls CTRL.h5ad --perturbations A,B|all
              [--cells-per-perturbation N --unseen error|generic --unseen-cell-type error|unknown
-              --mode b|a (cvae bundles) --seed S] --out PRED.h5ad
+              --mode b|a (cvae bundles) | sampled|deterministic [--steps K --guidance W]
+              (latent-delta bundles) --seed S] --out PRED.h5ad
     serve    --bundle DIR [--host 127.0.0.1 --port 8000 --max-body-bytes N --read-timeout S
              --concurrency N --queue N --max-connections N --workers N]
 
@@ -50,8 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cells-per-perturbation", type=int, default=100)
     p.add_argument("--unseen", default="error", choices=("error", "generic"))
     p.add_argument("--unseen-cell-type", default="error", choices=("error", "unknown"))
-    p.add_argument("--mode", default=None, choices=("b", "a"),
-                   help="cvae bundles: b re-decodes each control, a decodes prior draws")  # fmt: skip
+    p.add_argument("--mode", default=None, choices=("b", "a", "sampled", "deterministic"),
+                   help="cvae bundles: b re-decodes each control, a decodes prior draws; "
+                   "latent-delta bundles: sampled (default) or deterministic")  # fmt: skip
+    p.add_argument("--steps", type=int, default=None,
+                   help="latent-delta bundles, --mode sampled: sampler steps")  # fmt: skip
+    p.add_argument("--guidance", type=float, default=None,
+                   help="latent-delta bundles, --mode sampled: guidance on the perturbation")  # fmt: skip
     p.add_argument("--pert-col", default=None, help="perturbation column (default: the run's)")
     p.add_argument("--cell-type-col", default=None, help="cell type column (default: the run's)")
     p.add_argument("--seed", type=int, default=0)
@@ -111,13 +117,24 @@ def run_predict(args) -> int:
 
     start = time.perf_counter()
     bundle = Bundle.load(args.bundle)
+    sampling = [f for f, v in (("--steps", args.steps), ("--guidance", args.guidance))
+                if v is not None]  # fmt: skip
+    if sampling and bundle.kind != "latent-delta":
+        raise DataValidationError(args.bundle, "/".join(sampling), f"a {bundle.kind} bundle "
+                                  "does not sample latents", "drop them (they are for "
+                                  "latent-delta bundles)")  # fmt: skip
     if bundle.kind == "cvae":  # the conditional VAE (seed 003): its own predictor and modes
         from .cvae_predict import cvae_predictor
 
         predictor, settings = cvae_predictor(bundle, args)
+    elif bundle.kind == "latent-delta":  # perturbation latent diffusion (seeds 000/001)
+        from .latent_delta_predict import latent_delta_predictor
+
+        predictor, settings = latent_delta_predictor(bundle, args)
     elif args.mode is not None:
         raise DataValidationError(args.bundle, "--mode", f"a {bundle.kind} bundle has no "
-                                  "prediction modes", "drop --mode (it is for cvae bundles)")  # fmt: skip
+                                  "prediction modes", "drop --mode (it is for cvae and "
+                                  "latent-delta bundles)")  # fmt: skip
     else:
         predictor = OnnxSetPredictor(bundle, args.unseen, args.unseen_cell_type)
         settings = predictor.settings

@@ -11,10 +11,12 @@ import pytest
 
 from latentcell.launch.cli import main
 
-FAMILIES = "st,cvae,latent-shift"
+FAMILIES = "st,cvae,latent-shift,latent-delta"
 TINY = [
     "st:train.max_steps=4", "st:data.set_size=16", "cvae:train.max_steps=4",
-    "latent-shift:train.max_steps=4",
+    "latent-shift:train.max_steps=4", "vae:train.max_steps=4", "latent-delta:train.max_steps=4",
+    "latent-delta:model.hidden=16", "latent-delta:model.depth=1", "latent-delta:model.heads=1",
+    "latent-delta:model.sample_steps=4",
 ]  # fmt: skip
 
 
@@ -45,6 +47,13 @@ def test_leaderboard_trains_predicts_and_tabulates(task, tmp_path):
     board = json.loads((out / "leaderboard.json").read_text())
     rows = {r["entry"]: r for r in board["rows"]}
     assert {"st", "cvae-b", "cvae-a", "latent-shift", "mean", "control"} <= set(rows)
+    # a family's variants are trained and ranked beside it, each mode its own row
+    assert {f"latent-delta{v}-{m}" for v in ("", "-absolute")
+            for m in ("sampled", "deterministic")} <= set(rows)  # fmt: skip
+    absolute = json.loads((out / "runs" / "latent-delta-absolute" / "seed0" / "final"
+                           / "model_config.json").read_text())  # fmt: skip
+    assert absolute["config"]["target"] == "absolute"
+    assert absolute["vae"]["vae_run"] == str(out / "runs" / "vae_for_latent_baseline")
     assert "cell-mean (cell-eval)" in rows and "real vs real (ceiling)" in rows
     for name in ("st", "cvae-b", "latent-shift", "mean"):
         row = rows[name]
@@ -59,7 +68,7 @@ def test_leaderboard_trains_predicts_and_tabulates(task, tmp_path):
     ceiling = rows["real vs real (ceiling)"]["table"]
     assert ceiling["pds"]["mean"] > rows["control"]["table"]["pds"]["mean"]
     # each family trained once per seed, with that seed
-    for family in FAMILIES.split(","):
+    for family in [*FAMILIES.split(","), "latent-delta-absolute"]:
         assert set(board["runs"][family]) == {"0", "1"}
     text = (out / "leaderboard.md").read_text()
     assert "| st |" in text and "± " in text

@@ -7,9 +7,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
-import subprocess
-import sys
 import warnings
 
 import anndata as ad
@@ -24,8 +21,7 @@ from latentcell.inference.cvae_predictor import CVAEPredictor
 from latentcell.inference.predict import log1p_normalize
 from latentcell.trainer.st_stage import split_source_rows
 from tests.cvae_runs import trained_cvae
-
-BLOCKER = 'raise ImportError("torch is blocked: the runtime must not import it")\n'
+from tests.no_torch import blocked_env, runtime
 
 
 @pytest.fixture(scope="module")
@@ -84,15 +80,7 @@ def test_onnx_predictions_match_torch(cvae, mode):
 
 @pytest.fixture(scope="module")
 def no_torch(tmp_path_factory):
-    root = tmp_path_factory.mktemp("no_torch_cvae")
-    (root / "torch").mkdir()
-    (root / "torch" / "__init__.py").write_text(BLOCKER)
-    return dict(os.environ, PYTHONPATH=str(root))
-
-
-def _runtime(env, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "latentcell.export.runtime", *map(str, args)],
-                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    return blocked_env(tmp_path_factory.mktemp("no_torch_cvae"))
 
 
 def test_runtime_predict_without_torch(cvae, no_torch, tmp_path):
@@ -100,7 +88,7 @@ def test_runtime_predict_without_torch(cvae, no_torch, tmp_path):
             "--cells-per-perturbation", 6)  # fmt: skip
     for mode in ("a", "b"):
         out = tmp_path / f"{mode}.h5ad"
-        done = _runtime(
+        done = runtime(
             no_torch, *args, "--mode", mode, "--perturbations", "all", "--out", out, "--json"
         )
         assert done.returncode == 0, done.stderr
@@ -111,7 +99,7 @@ def test_runtime_predict_without_torch(cvae, no_torch, tmp_path):
         )  # x 2 cell types
     for extra in (("--perturbations", cvae.held[0]), ("--perturbations", "all", "--unseen",
                                                       "generic")):  # fmt: skip
-        refused = _runtime(no_torch, *args, *extra, "--out", tmp_path / "no.h5ad")
+        refused = runtime(no_torch, *args, *extra, "--out", tmp_path / "no.h5ad")
         assert refused.returncode == 2 and refused.stderr.startswith("error:"), refused.stderr
         assert len(refused.stderr.strip().splitlines()) == 1
         assert not (tmp_path / "no.h5ad").exists()

@@ -30,7 +30,7 @@ def _keys(d: dict, prefix: str = "") -> set[str]:
     return out
 
 
-@pytest.mark.parametrize("name", ["vae", "dit", "st", "cvae", "latent-shift"])
+@pytest.mark.parametrize("name", ["vae", "dit", "st", "cvae", "latent-shift", "latent-delta"])
 def test_full_config_lists_every_key(name):
     config_cls = FAMILIES[name].config_class()
     written = _keys(tomllib.loads((CONFIGS / f"{name}.toml").read_text()))
