@@ -33,6 +33,8 @@ import numpy as np
 from latentcell.data_pipelines.errors import DataValidationError
 from latentcell.models.expression import TARGET_SUM, log1p_normalize
 
+from .run_inputs import checked_controls
+
 __all__ = ["MODES", "CVAEPredictorBase", "cvae_settings"]
 
 MODES = ("b", "a")  # the first is the default (families.registry's "cvae" modes)
@@ -140,12 +142,7 @@ class CVAEPredictorBase:
         rng: np.random.Generator | None = None,
     ) -> np.ndarray:
         """Predicted log1p expression (n, G) for log1p controls (n, G) of one cell type."""
-        control = np.asarray(control, dtype=np.float32)
-        if control.ndim != 2 or control.shape[1] != len(self.genes):
-            raise DataValidationError(
-                self.source, "controls", f"shape {control.shape}",
-                f"pass (cells, {len(self.genes)}) log1p expression on the run's genes in order",
-            )  # fmt: skip
+        control = checked_controls(control, self.genes, self.source)
         target = self._codes(perturbation, cell_type, len(control))  # refuses before any work
         z = self.latent(control, cell_type, rng)
         if library is None or rng is None:

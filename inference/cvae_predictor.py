@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from latentcell.data_pipelines.errors import DataValidationError
 from latentcell.models.cvae import MODEL_CLASS, ConditionalVAE
 
 from .cvae_modes import MODES, CVAEPredictorBase, cvae_settings
+from .run_inputs import refuse_fallbacks
 from .trained_runs import load_count_model
 
 __all__ = ["MODES", "CVAEPredictor", "load_cvae", "load_predictor"]
@@ -60,13 +60,7 @@ def load_predictor(run_dir: str | Path, options) -> CVAEPredictor:
     ``predict.PredictOptions`` (``mode`` "b" | "a", None = "b"; ``weights``). The ``unseen``
     fallbacks are ST's: a CVAE learns no generic perturbation or unknown cell type, so it
     refuses them rather than ignore them."""
-    for flag, value in (
-        ("--unseen", options.unseen),
-        ("--unseen-cell-type", options.unseen_cell_type),
-    ):
-        if value != "error":
-            raise DataValidationError(
-                run_dir, flag, f"a cvae run has no {value!r} fallback (it learns no generic "
-                "perturbation or unknown cell type)", f"drop {flag}; predict trained labels",
-            )  # fmt: skip
+    refuse_fallbacks(run_dir, options, "a cvae run",
+                     "it learns no generic perturbation or unknown cell type",
+                     "; predict trained labels")  # fmt: skip
     return CVAEPredictor(run_dir, options.mode, options.weights)

@@ -28,6 +28,8 @@ import numpy as np
 from latentcell.data_pipelines.errors import DataValidationError
 from latentcell.models.expression import TARGET_SUM, log1p_normalize
 
+from .run_inputs import checked_controls
+
 __all__ = ["MODES", "LatentDeltaPredictorBase", "latent_delta_settings"]
 
 MODES = ("sampled", "deterministic")  # the first is the default (families.registry)
@@ -134,12 +136,7 @@ class LatentDeltaPredictorBase:
 
     def predict(self, control, perturbation, cell_type, library=None, rng=None) -> np.ndarray:
         """Predicted log1p expression (n, G) for log1p controls (n, G) of one cell type."""
-        control = np.asarray(control, dtype=np.float32)
-        if control.ndim != 2 or control.shape[1] != len(self.genes):
-            raise DataValidationError(
-                self.source, "controls", f"shape {control.shape}",
-                f"pass (cells, {len(self.genes)}) log1p expression on the run's genes in order",
-            )  # fmt: skip
+        control = checked_controls(control, self.genes, self.source)
         z = self.latent(control, perturbation, rng)
         if library is None or rng is None:
             return self._decode_mean(z)

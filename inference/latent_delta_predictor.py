@@ -20,6 +20,7 @@ from latentcell.models.latent_delta import MODEL_CLASS, LatentDelta, LatentDelta
 
 from .latent_delta_modes import MODES, LatentDeltaPredictorBase, latent_delta_settings
 from .run_cards import _DAMAGED_FIX, load_model_card
+from .run_inputs import refuse_fallbacks
 from .trained_runs import load_weights, weights_path
 
 __all__ = ["MODES", "LatentDeltaPredictor", "load_latent_delta", "load_predictor", "run_vae"]
@@ -104,12 +105,7 @@ def load_predictor(run_dir: str | Path, options) -> LatentDeltaPredictor:
     """The latent-delta family's predictor (``families.registry``); ``options`` is a
     ``predict.PredictOptions`` (mode, weights, steps, guidance). ST's ``--unseen`` fallbacks
     do not exist here (no generic perturbation is learnt): refused."""
-    for flag, value in (("--unseen", options.unseen),
-                        ("--unseen-cell-type", options.unseen_cell_type)):  # fmt: skip
-        if value != "error":
-            raise DataValidationError(
-                run_dir, flag, f"a latent-delta run has no {value!r} fallback (it learns no "
-                "generic perturbation; any cell type's controls work)", f"drop {flag}",
-            )  # fmt: skip
+    refuse_fallbacks(run_dir, options, "a latent-delta run",
+                     "it learns no generic perturbation; any cell type's controls work")  # fmt: skip
     return LatentDeltaPredictor(run_dir, options.mode, options.weights, options.steps,
                                 options.guidance)  # fmt: skip

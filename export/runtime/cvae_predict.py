@@ -12,6 +12,7 @@ import numpy as np
 
 from latentcell.data_pipelines.errors import DataValidationError
 from latentcell.inference.cvae_modes import CVAEPredictorBase
+from latentcell.inference.run_inputs import refuse_fallbacks
 from latentcell.models.expression import TARGET_SUM
 
 from .likelihoods import mean_log1p, sample_counts
@@ -50,12 +51,8 @@ def cvae_predictor(bundle, args) -> tuple[OnnxCVAEPredictor, dict]:
     """The runtime ``predict`` command's predictor for a "cvae" bundle (``args.mode``) and its
     column defaults (control_label, pert_col, cell_type_col). ST's ``--unseen`` fallbacks
     do not exist here (no generic perturbation or unknown cell type is learnt): refused."""
-    for flag, value in (("--unseen", args.unseen), ("--unseen-cell-type", args.unseen_cell_type)):
-        if value != "error":
-            raise DataValidationError(
-                bundle.path, flag, f"a cvae bundle has no {value!r} fallback (it learns no "
-                "generic perturbation or unknown cell type)", f"drop {flag}",
-            )  # fmt: skip
+    refuse_fallbacks(bundle.path, args, "a cvae bundle",
+                     "it learns no generic perturbation or unknown cell type")  # fmt: skip
     predictor = OnnxCVAEPredictor(bundle, args.mode)
     s = predictor.settings
     columns = {"control_label": s["control_label"], "pert_col": s["columns"]["perturbation"],

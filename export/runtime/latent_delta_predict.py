@@ -13,6 +13,7 @@ import numpy as np
 
 from latentcell.data_pipelines.errors import DataValidationError
 from latentcell.inference.latent_delta_modes import LatentDeltaPredictorBase
+from latentcell.inference.run_inputs import refuse_fallbacks
 from latentcell.models.expression import TARGET_SUM
 
 from .likelihoods import mean_log1p, sample_counts
@@ -79,12 +80,8 @@ class OnnxLatentDeltaPredictor(LatentDeltaPredictorBase):
 def latent_delta_predictor(bundle, args) -> tuple[OnnxLatentDeltaPredictor, dict]:
     """The runtime ``predict`` command's predictor for a "latent-delta" bundle and its column
     defaults; ST's ``--unseen`` fallbacks do not exist here: refused."""
-    for flag, value in (("--unseen", args.unseen), ("--unseen-cell-type", args.unseen_cell_type)):
-        if value != "error":
-            raise DataValidationError(
-                bundle.path, flag, f"a latent-delta bundle has no {value!r} fallback (it learns "
-                "no generic perturbation; any cell type's controls work)", f"drop {flag}",
-            )  # fmt: skip
+    refuse_fallbacks(bundle.path, args, "a latent-delta bundle",
+                     "it learns no generic perturbation; any cell type's controls work")  # fmt: skip
     predictor = OnnxLatentDeltaPredictor(bundle, args.mode, args.steps, args.guidance)
     s = predictor.settings
     columns = {"control_label": s["control_label"], "pert_col": s["columns"]["perturbation"],
