@@ -48,6 +48,11 @@ BENCHMARKS = {
         "latentcell.benchmarks.st_throughput",
         "ST training throughput, beside Arc's STATE when it is installed",
     ),
+    "masked-diffusion-throughput": (
+        "latentcell.benchmarks.masked_diffusion_throughput",
+        "masked-diffusion training cells/s per tokenization beside ST, and sampling cells/s "
+        "against the number of steps",
+    ),
     "readers": (
         "latentcell.benchmarks.readers",
         "read throughput of the Zarr and WebDataset stores against h5ad readers",

@@ -317,7 +317,7 @@ def export_run(
         for name, graph in plan.components.items():
             path = build.tmp / f"{name}.onnx"
             export_graph(graph, path, component_props(metadata, name), opset)
-            measured = parity(graph, path)
+            measured = parity(graph, path, graph.parity_sizes)
             if measured.max_rel_error > TOLERANCE:
                 raise DataValidationError(
                     run_dir, name, f"onnxruntime differs from torch by {measured.max_rel_error:.2e}"

@@ -36,10 +36,12 @@ U = Dim("u")  # distinct conditions of a denoiser call
 
 class ExportGraph(nn.Module):
     """``input_names`` / ``output_names`` in call order; ``example()`` inputs; ``dims()``
-    the dynamic dimensions per input (``torch.export`` dynamic_shapes)."""
+    the dynamic dimensions per input (``torch.export`` dynamic_shapes); ``parity_sizes``
+    the rows of the export's parity calls (``onnx_io.parity``)."""
 
     input_names: tuple[str, ...] = ()
     output_names: tuple[str, ...] = ()
+    parity_sizes: tuple[int, ...] = (1, 3, 64)
 
     def example(self) -> tuple[torch.Tensor, ...]:
         raise NotImplementedError

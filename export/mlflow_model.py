@@ -83,8 +83,8 @@ def _conditions(metadata: dict) -> dict[str, int | str]:
         space = metadata["generation"]["conditions"]
         out: dict[str, int | str] = {k: len(v) for k, v in space["categories"].items()}
         return out | {c: "continuous" for c in space.get("continuous", [])}
-    section = (metadata.get("prediction") or metadata.get("cvae")
-               or metadata.get("latent_delta") or {})  # fmt: skip
+    section = (metadata.get("prediction") or metadata.get("cvae") or metadata.get("latent_delta")
+               or metadata.get("masked_diffusion") or {})  # fmt: skip
     out = {"perturbation": len(section["labels"])} if section.get("labels") else {}
     return out | ({"cell_type": len(section["cell_types"])} if section.get("cell_types") else {})
 

@@ -16,6 +16,7 @@ A family declares, in one place:
   (parameters learned for labels it has not seen; ST's dropout options);
 - ``variants``: further configurations the leaderboard trains and ranks beside the default,
   as (name, ``--set`` overrides) (latent-delta's absolute target);
+- ``sampling``: its predictor takes ``--steps`` / ``--guidance`` (an iterative sampler);
 - ``vae``: it trains in a count VAE's latent space (``vae.run``); the leaderboard passes the
   VAE it trains on the split's training cells.
 
@@ -56,6 +57,7 @@ class Family:
     fallbacks: bool = False
     variants: tuple[tuple[str, tuple[str, ...]], ...] = ()
     vae: bool = False
+    sampling: bool = False
 
     @property
     def predicts_perturbations(self) -> bool:
@@ -120,7 +122,24 @@ FAMILIES: dict[str, Family] = {
             predictor=f"{_I}.latent_delta_predictor:load_predictor",
             exporter="latentcell.export.latent_delta_export:plan_latent_delta",
             modes=("sampled", "deterministic"),
-            variants=(("absolute", ("model.target=absolute",)),), vae=True,
+            variants=(("absolute", ("model.target=absolute",)),), vae=True, sampling=True,
+        ),
+        Family(
+            "masked-diffusion-pretrain", "discrete-diffusion pretraining on observational "
+            "sets (seed 002): half of a group set generated from the other half",
+            f"{_T}.masked_diffusion_stage:MaskedDiffusionPretrainRunConfig",
+            "latentcell.models.masked_diffusion.MaskedDiffusionPretrain",
+            stage=f"{_T}.masked_diffusion_stage:MaskedDiffusionPretrainStage",
+        ),
+        Family(
+            "masked-diffusion", "conditional discrete diffusion (seed 002): binned genes "
+            "unmasked by confidence, given a control set and the perturbation",
+            f"{_T}.masked_diffusion_stage:MaskedDiffusionRunConfig",
+            "latentcell.models.masked_diffusion.MaskedDiffusion",
+            stage=f"{_T}.masked_diffusion_stage:MaskedDiffusionStage",
+            predictor=f"{_I}.masked_diffusion_predictor:load_predictor",
+            exporter="latentcell.export.masked_diffusion_export:plan_masked_diffusion",
+            variants=(("uniform", ("masking.adaptive=0",)),), sampling=True,
         ),
     )
 }  # fmt: skip

@@ -33,7 +33,7 @@ import numpy as np
 from latentcell.data_pipelines.errors import DataValidationError
 from latentcell.models.expression import TARGET_SUM, log1p_normalize
 
-from .run_inputs import checked_controls
+from .run_inputs import TrainedLabels, checked_controls
 
 __all__ = ["MODES", "CVAEPredictorBase", "cvae_settings"]
 
@@ -59,10 +59,14 @@ def cvae_settings(card: dict) -> dict:
     }
 
 
-class CVAEPredictorBase:
+class CVAEPredictorBase(TrainedLabels):
     """Labels, codes and modes; a subclass runs the networks: ``_encode(counts, library,
     codes) -> z mean``, ``_decode_mean(z, codes) -> mean log1p (n, G)`` and
     ``_decode_sample(z, library, codes, rng) -> counts (n, G)`` drawn from the likelihood."""
+
+    lacks = "the CVAE has no trained condition for it"
+    control_is_label = True
+    train_fix = ", or train a cvae run whose split trains on it"
 
     def __init__(self, settings: dict, genes: list[str], mode: str | None, source) -> None:
         mode = MODES[0] if mode is None else mode
@@ -74,28 +78,6 @@ class CVAEPredictorBase:
         self.name = f"cvae-{mode}"
         self.labels = list(settings["labels"])
         self.cell_types = list(settings["cell_types"])  # []: it ignores the controls' types
-
-    @property
-    def run_labels(self):
-        from latentcell.inference.predict import RunLabels
-
-        return RunLabels.from_settings(self.settings)
-
-    def is_trained(self, label: str) -> bool:
-        return label in self.labels and label in self.settings["trained"]
-
-    def _label_code(self, label: str) -> int:
-        if self.is_trained(label):
-            return self.labels.index(label)
-        why = ("not in the run's perturbation vocabulary" if label not in self.labels
-               else "no training cell carried it (the run's split held it out)")  # fmt: skip
-        trained = [x for x in self.settings["trained"] if x != self.settings["control_label"]]
-        raise DataValidationError(
-            self.source, f"perturbation {label!r}",
-            f"{why}, so the CVAE has no trained condition for it",
-            f"predict one of the run's trained perturbations ({', '.join(trained[:8])}"
-            f"{', ...' if len(trained) > 8 else ''}), or train a cvae run whose split trains on it",
-        )  # fmt: skip
 
     def _codes(self, label: str, cell_type: str, n: int) -> dict[str, np.ndarray]:
         """{role: (n,) int64 code} of every condition of the run."""

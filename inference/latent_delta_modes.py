@@ -28,7 +28,7 @@ import numpy as np
 from latentcell.data_pipelines.errors import DataValidationError
 from latentcell.models.expression import TARGET_SUM, log1p_normalize
 
-from .run_inputs import checked_controls
+from .run_inputs import TrainedLabels, checked_controls
 
 __all__ = ["MODES", "LatentDeltaPredictorBase", "latent_delta_settings"]
 
@@ -52,11 +52,13 @@ def latent_delta_settings(card: dict) -> dict:
     }
 
 
-class LatentDeltaPredictorBase:
+class LatentDeltaPredictorBase(TrainedLabels):
     """Labels, modes and the prediction recipe; a subclass runs the networks:
     ``_encode(counts, library) -> z mean``, ``_predict_mean(z_c, codes) -> x``,
     ``_sample(z_c, codes, noise, steps, guidance) -> x`` (both x in the VAE's units),
     ``_decode_mean(z) -> mean log1p`` and ``_decode_sample(z, library, rng) -> counts``."""
+
+    carried_by = "training pair"
 
     def __init__(self, settings: dict, genes, mode, source, steps=None, guidance=None) -> None:
         mode = MODES[0] if mode is None else mode
@@ -80,30 +82,6 @@ class LatentDeltaPredictorBase:
         self.name = f"latent-{settings['target']}-{mode}"
         self.labels = list(settings["labels"])
         self.cell_types: list[str] = []  # z_c carries the cell type: any controls will do
-
-    @property
-    def run_labels(self):
-        from latentcell.inference.predict import RunLabels
-
-        return RunLabels.from_settings(self.settings)
-
-    def is_trained(self, label: str) -> bool:
-        return label in self.settings["trained"] and label != self.settings["control_label"]
-
-    def _label_code(self, label: str) -> int:
-        if self.is_trained(label):
-            return self.labels.index(label)
-        s = self.settings
-        why = ("the control label is not a perturbation" if label == s["control_label"]
-               else "not in the run's perturbation vocabulary" if label not in self.labels
-               else "no training pair carried it (the run's split held it out)")  # fmt: skip
-        trained = [x for x in s["trained"] if x != s["control_label"]]
-        raise DataValidationError(
-            self.source, f"perturbation {label!r}",
-            f"{why}, so the model has no trained embedding for it",
-            f"predict one of the run's trained perturbations ({', '.join(trained[:8])}"
-            f"{', ...' if len(trained) > 8 else ''})",
-        )  # fmt: skip
 
     def _encode(self, counts, library) -> np.ndarray:
         raise NotImplementedError

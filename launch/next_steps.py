@@ -17,8 +17,9 @@ __all__ = ["after_export", "after_generate", "after_predict", "after_train", "fi
 
 CLI = "latentcell"
 RUNTIME = "python -m latentcell.export.runtime"
-PERTURBATION_FAMILIES = ("st", "cvae", "latent-shift")
 SERVED_PREDICTIONS = ("prediction",)  # bundle kinds the HTTP service predicts with
+RUNTIME_PREDICTIONS = ("cvae", "latent-delta", "masked-diffusion")  # runtime `predict` only
+FINE_TUNED_BY = {"st-pretrain": "st", "masked-diffusion-pretrain": "masked-diffusion"}
 
 
 def _q(path) -> str:
@@ -54,19 +55,23 @@ def after_train(family: str, summary: Mapping) -> list[str]:
     if summary.get("final_weights"):
         lines.append(f"  weights: {summary['final_weights']}")
     lines += _mlflow_line(summary.get("mlflow_tracking_uri"))
+    from latentcell.families import FAMILIES
+
     bundle = f"{str(run).rstrip('/')}_bundle"
+    entry = FAMILIES.get(family)
     if family == "vae":
         lines.append(f"next: {CLI} train dit --set vae.run={_q(run)}")
     elif family == "dit":
         lines.append(f"next: {CLI} generate --run {_q(run)} --n 100 --out generated.h5ad")
-    elif family == "st-pretrain":
-        lines.append(f"next: {CLI} train st --set init.run={_q(run)} --set data.path=STORE")
-    elif family in PERTURBATION_FAMILIES:
+    elif family in FINE_TUNED_BY:
+        lines.append(f"next: {CLI} train {FINE_TUNED_BY[family]} --set init.run={_q(run)} "
+                     "--set data.path=STORE")  # fmt: skip
+    elif entry is not None and entry.predicts_perturbations:
         lines.append(
             f"next: {CLI} predict --run {_q(run)} --controls CONTROLS.h5ad "
             "--perturbations all --cells-per-perturbation 100 --out predicted.h5ad"
         )
-    if family != "latent-shift":  # the one family without an ONNX export
+    if entry is None or entry.exporter is not None:
         lines.append(f"  or: {CLI} export --run {_q(run)} --out {_q(bundle)}")
     return lines
 
@@ -89,7 +94,7 @@ def after_export(summary: Mapping) -> list[str]:
     kind = summary["kind"]
     if kind == "generation":
         lines.append(f"next: {RUNTIME} generate --bundle {_q(out)} --n 100 --out generated.h5ad")
-    elif kind in SERVED_PREDICTIONS + ("cvae",):
+    elif kind in SERVED_PREDICTIONS + RUNTIME_PREDICTIONS:
         lines.append(
             f"next: {RUNTIME} predict --bundle {_q(out)} --controls CONTROLS.h5ad "
             "--perturbations all --out predicted.h5ad"

@@ -143,14 +143,14 @@ def _predictor(args, controls):
 
 def load_run_predictor(args):
     """The predictor of ``--run``'s family (``families.registry``), in ``--mode``."""
-    from latentcell.families import family_of_run
+    from latentcell.families import FAMILIES, family_of_run
     from latentcell.inference.predict import PredictOptions
 
     family = family_of_run(args.run)
     if not family.predicts_perturbations:
         raise DataValidationError(
             args.run, "class", f"a {family.name} run does not predict perturbations",
-            "pass a run of a perturbation family: latentcell train st|cvae|latent-shift|latent-delta",
+            "pass a run of a perturbation family: latentcell train st|cvae|latent-shift|latent-delta|masked-diffusion",
         )  # fmt: skip
     if args.mode is not None and args.mode not in family.modes:
         choices = "|".join(family.modes) if family.modes else "no --mode"
@@ -161,10 +161,11 @@ def load_run_predictor(args):
     sampling = [
         f for f, v in (("--steps", args.steps), ("--guidance", args.guidance)) if v is not None
     ]
-    if sampling and "sampled" not in family.modes:
+    if sampling and not family.sampling:
+        samplers = "|".join(f.name for f in FAMILIES.values() if f.sampling)
         raise DataValidationError(
-            args.run, "/".join(sampling), f"the {family.name} family does not sample latents",
-            "drop them (they are for latent-delta runs in --mode sampled)",
+            args.run, "/".join(sampling), f"the {family.name} family has no iterative sampler",
+            f"drop them (they are for runs of {samplers})",
         )  # fmt: skip
     options = PredictOptions(
         args.weights, args.unseen, args.unseen_cell_type, args.mode, args.steps, args.guidance

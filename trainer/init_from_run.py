@@ -236,7 +236,10 @@ def load_from_run(
     report = InitReport(run_dir=str(run.absolute()), weights=path.name)
     own = model.state_dict()
     new_axes, old_axes, derived, matches = {}, {}, set(), {}
-    if isinstance(model, STModel):  # other modules: by name and shape only
+    if not isinstance(model, STModel) and hasattr(model, "VOCABULARY_AXES"):
+        new_axes, derived, matches = _declared_model_axes(model, card, run, genes, report)
+        old_axes = new_axes
+    elif isinstance(model, STModel):  # other modules: by name and shape only
         theirs = _run_config(card, run)
         new_axes, derived = declared_axes(model.config)
         old_axes, _ = declared_axes(theirs)
@@ -275,6 +278,37 @@ def load_from_run(
         )  # fmt: skip
     model.load_state_dict(chosen, strict=False)
     return report
+
+
+def _declared_model_axes(model: nn.Module, card: dict, run: Path, genes, report: InitReport):
+    """Axes, derived tensors and vocabulary matches of a non-ST model that declares
+    ``VOCABULARY_AXES`` (gene "features" and "perturbation" labels, keyed by the cards'
+    ``genes`` and ``config.perturbation_labels``) and ``INIT_CLASSES`` (the run classes it
+    starts from: their tensors share its names)."""
+    if card.get("class") not in getattr(model, "INIT_CLASSES", ()):
+        raise DataValidationError(
+            run / "final" / "model_config.json", "class",
+            f"a {card.get('class')} run cannot start this model",
+            f"init.run takes a run of {' or '.join(model.INIT_CLASSES)}",
+        )  # fmt: skip
+    axes: dict[str, dict[int, str]] = {}
+    for name, axis, vocabulary in model.VOCABULARY_AXES:
+        axes.setdefault(name, {})[axis] = vocabulary
+    theirs = {FEATURES: card.get("genes"),
+              "perturbation": (card.get("config") or {}).get("perturbation_labels")}  # fmt: skip
+    mine = {FEATURES: None if genes is None else [str(g) for g in genes],
+            "perturbation": list(model.config.perturbation_labels)}  # fmt: skip
+    matches = {}
+    for role in (FEATURES, "perturbation"):
+        if mine[role] is not None and theirs[role] is not None:
+            matches[role] = _match(mine[role], list(theirs[role]))
+    if FEATURES in matches:
+        report.genes = matches[FEATURES].summary(mine[FEATURES], theirs[FEATURES])
+        _check_overlap(report.genes, run, mine[FEATURES], theirs[FEATURES])
+    if "perturbation" in matches:
+        summary = matches["perturbation"].summary(mine["perturbation"], theirs["perturbation"])
+        report.labels["perturbation"] = {k: summary[k] for k in _COUNTS}
+    return axes, set(getattr(model, "DERIVED_TENSORS", ())), matches
 
 
 def load_matching(

@@ -55,7 +55,7 @@ METADATA = "metadata.json"
 PROPS_KEY = "latentcell.metadata"
 COMPONENT_KEY = "latentcell.component"
 COMPONENTS = ("vae_encoder", "vae_decoder", "denoiser", "conditioner", "denoiser_shared",
-              "denoiser_body", "set_model", "delta_predictor")  # fmt: skip
+              "denoiser_body", "set_model", "delta_predictor", "control_encoder")  # fmt: skip
 _DTYPES = {"float32": np.float32, "int64": np.int64, "bool": np.bool_}
 
 

@@ -5,7 +5,8 @@
     predict  --bundle DIR --controls CTRL.h5ad --perturbations A,B|all
              [--cells-per-perturbation N --unseen error|generic --unseen-cell-type error|unknown
               --mode b|a (cvae bundles) | sampled|deterministic [--steps K --guidance W]
-              (latent-delta bundles) --seed S] --out PRED.h5ad
+              (latent-delta bundles) | [--steps K --guidance W] (masked-diffusion bundles)
+              --seed S] --out PRED.h5ad
     serve    --bundle DIR [--host 127.0.0.1 --port 8000 --max-body-bytes N --read-timeout S
              --concurrency N --queue N --max-connections N --workers N]
 
@@ -55,9 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cvae bundles: b re-decodes each control, a decodes prior draws; "
                    "latent-delta bundles: sampled (default) or deterministic")  # fmt: skip
     p.add_argument("--steps", type=int, default=None,
-                   help="latent-delta bundles, --mode sampled: sampler steps")  # fmt: skip
+                   help="sampler steps (latent-delta bundles in --mode sampled, "
+                   "masked-diffusion bundles)")  # fmt: skip
     p.add_argument("--guidance", type=float, default=None,
-                   help="latent-delta bundles, --mode sampled: guidance on the perturbation")  # fmt: skip
+                   help="guidance on the perturbation (latent-delta bundles in --mode sampled, "
+                   "masked-diffusion bundles)")  # fmt: skip
     p.add_argument("--pert-col", default=None, help="perturbation column (default: the run's)")
     p.add_argument("--cell-type-col", default=None, help="cell type column (default: the run's)")
     p.add_argument("--seed", type=int, default=0)
@@ -119,10 +122,10 @@ def run_predict(args) -> int:
     bundle = Bundle.load(args.bundle)
     sampling = [f for f, v in (("--steps", args.steps), ("--guidance", args.guidance))
                 if v is not None]  # fmt: skip
-    if sampling and bundle.kind != "latent-delta":
+    if sampling and bundle.kind not in ("latent-delta", "masked-diffusion"):
         raise DataValidationError(args.bundle, "/".join(sampling), f"a {bundle.kind} bundle "
-                                  "does not sample latents", "drop them (they are for "
-                                  "latent-delta bundles)")  # fmt: skip
+                                  "has no iterative sampler", "drop them (they are for "
+                                  "latent-delta and masked-diffusion bundles)")  # fmt: skip
     if bundle.kind == "cvae":  # the conditional VAE (seed 003): its own predictor and modes
         from .cvae_predict import cvae_predictor
 
@@ -135,6 +138,10 @@ def run_predict(args) -> int:
         raise DataValidationError(args.bundle, "--mode", f"a {bundle.kind} bundle has no "
                                   "prediction modes", "drop --mode (it is for cvae and "
                                   "latent-delta bundles)")  # fmt: skip
+    elif bundle.kind == "masked-diffusion":  # conditional discrete diffusion (seed 002)
+        from .masked_diffusion_predict import masked_diffusion_predictor
+
+        predictor, settings = masked_diffusion_predictor(bundle, args)
     else:
         predictor = OnnxSetPredictor(bundle, args.unseen, args.unseen_cell_type)
         settings = predictor.settings

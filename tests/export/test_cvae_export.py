@@ -4,10 +4,7 @@ the bundle's graphs and "cvae" section, its predictions against torch's, and the
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import warnings
 
 import anndata as ad
 import numpy as np
@@ -19,25 +16,15 @@ from latentcell.export.runtime import Bundle
 from latentcell.export.runtime.cvae_predict import OnnxCVAEPredictor
 from latentcell.inference.cvae_predictor import CVAEPredictor
 from latentcell.inference.predict import log1p_normalize
-from latentcell.trainer.st_stage import split_source_rows
 from tests.cvae_runs import trained_cvae
+from tests.export.exported_runs import exported
 from tests.no_torch import blocked_env, runtime
 
 
 @pytest.fixture(scope="module")
 def cvae(tmp_path_factory):
-    from latentcell.export.exporters import export_run
-
     root = tmp_path_factory.mktemp("cvae_export")
-    run = trained_cvae(root, "model.batch_conditioning=true", "train.max_steps=60")
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        run.meta = export_run(run.run, root / "bundle")
-    run.bundle = root / "bundle"
-    test = run.cells[split_source_rows(run.run, run.store)["test"]].copy()
-    test.write_h5ad(root / "test.h5ad")
-    run.test = test
-    return run
+    return exported(trained_cvae(root, "model.batch_conditioning=true", "train.max_steps=60"), root)
 
 
 def test_the_bundle_holds_both_conditional_graphs_and_the_cvae_section(cvae):

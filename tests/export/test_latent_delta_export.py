@@ -4,10 +4,7 @@ the runtime's ``predict --mode sampled|deterministic`` where importing torch fai
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import warnings
 
 import anndata as ad
 import numpy as np
@@ -18,25 +15,15 @@ from latentcell.export.runtime import Bundle
 from latentcell.export.runtime.latent_delta_predict import OnnxLatentDeltaPredictor
 from latentcell.inference.latent_delta_predictor import LatentDeltaPredictor
 from latentcell.inference.predict import _dense, log1p_normalize
-from latentcell.trainer.st_stage import split_source_rows
+from tests.export.exported_runs import exported
 from tests.latent_delta_runs import trained_latent_delta
 from tests.no_torch import blocked_env, runtime
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from latentcell.export.exporters import export_run
-
     root = tmp_path_factory.mktemp("latent_delta_export")
-    run = trained_latent_delta(root, steps=60)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        run.meta = export_run(run.run, root / "bundle")
-    run.bundle = root / "bundle"
-    test = run.cells[split_source_rows(run.run, run.store)["test"]].copy()
-    test.write_h5ad(root / "test.h5ad")
-    run.test = test
-    return run
+    return exported(trained_latent_delta(root, steps=60), root)
 
 
 def test_the_bundle_holds_the_four_graphs_and_the_section(run):

@@ -30,7 +30,19 @@ def _keys(d: dict, prefix: str = "") -> set[str]:
     return out
 
 
-@pytest.mark.parametrize("name", ["vae", "dit", "st", "cvae", "latent-shift", "latent-delta"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "vae",
+        "dit",
+        "st",
+        "cvae",
+        "latent-shift",
+        "latent-delta",
+        "masked-diffusion",
+        "masked-diffusion-pretrain",
+    ],
+)
 def test_full_config_lists_every_key(name):
     config_cls = FAMILIES[name].config_class()
     written = _keys(tomllib.loads((CONFIGS / f"{name}.toml").read_text()))
