@@ -50,12 +50,12 @@ class ControlEncoderGraph(ExportGraph):
 
 
 class MaskedDenoiserGraph(ExportGraph):
-    """tokens (n, s, G) int64 bins (``n_bins`` = MASK), memory (n, c, hidden) float32 (the
-    control encoder's), perturbation (n,) int64 (``null_code`` = none) -> logits (n, s, G,
-    n_bins) float32. The memory's set size is its own dimension: a set's controls and its
+    """tokens (n, s, G) int64 bins (``n_bins`` = MASK), control_bins (n, s, G) int64 (cell
+    i's paired control's bins), memory (n, c, hidden) float32 (the control encoder's),
+    perturbation (n,) int64 (``null_code`` = none) -> logits (n, s, G, n_bins) float32. The memory's set size is its own dimension: a set's controls and its
     generated cells need not be as many."""
 
-    input_names = ("tokens", "memory", "perturbation")
+    input_names = ("tokens", "control_bins", "memory", "perturbation")
     output_names = ("logits",)
     # 2 sets of 2 cells, then 1 set of 19 (``onnx_io.parity`` picks the set sizes): a cell
     # is G tokens, so the default 64 sets of 36 cells would attend over 2,304 sequences of
@@ -71,13 +71,15 @@ class MaskedDenoiserGraph(ExportGraph):
         c = self.model.config
         # s=3 and c=4 differ, so torch.export does not tie the two set dimensions together
         tokens = torch.full((2, 3, c.n_genes), c.n_bins, dtype=torch.long)
-        return (tokens, torch.zeros(2, 4, c.hidden), torch.zeros(2, dtype=torch.long))
+        control_bins = torch.zeros(2, 3, c.n_genes, dtype=torch.long)
+        return (tokens, control_bins, torch.zeros(2, 4, c.hidden), torch.zeros(2, dtype=torch.long))
 
     def dims(self):
-        return {"tokens": {0: N, 1: S}, "memory": {0: N, 1: C}, "perturbation": {0: N}}
+        return {"tokens": {0: N, 1: S}, "control_bins": {0: N, 1: S}, "memory": {0: N, 1: C},
+                "perturbation": {0: N}}  # fmt: skip
 
-    def forward(self, tokens, memory, perturbation):
-        return self.model.logits(tokens, memory, perturbation)
+    def forward(self, tokens, control_bins, memory, perturbation):
+        return self.model.logits(tokens, control_bins, memory, perturbation)
 
 
 def plan_masked_diffusion(run_dir: Path, card: dict, weights: str, **_) -> ExportPlan:

@@ -66,10 +66,9 @@ class ModelSampler(MaskedDiffusionPredictorBase):
         return self.model.encode_controls(torch.from_numpy(control)).numpy()
 
     @torch.no_grad()
-    def _logits(self, tokens, memory, codes) -> np.ndarray:
-        out = self.model.logits(torch.from_numpy(tokens), torch.from_numpy(memory),
-                                torch.from_numpy(codes))  # fmt: skip
-        return out.numpy()
+    def _logits(self, tokens, control_bins, memory, codes) -> np.ndarray:
+        arrays = (tokens, control_bins, memory, codes)
+        return self.model.logits(*(torch.from_numpy(a) for a in arrays)).numpy()
 
 
 class MaskedDiffusionPredictor(ModelSampler):

@@ -35,7 +35,7 @@ from __future__ import annotations
 import numpy as np
 
 from latentcell.data_pipelines.errors import DataValidationError
-from latentcell.models.expression_bins import values_from_bins
+from latentcell.models.expression_bins import bin_values, values_from_bins
 
 from .run_inputs import TrainedLabels, checked_controls
 
@@ -92,7 +92,7 @@ def unmask(log_probs, shape, n_bins: int, steps: int, rng: np.random.Generator) 
 class MaskedDiffusionPredictorBase(TrainedLabels):
     """Labels and the sampling recipe; a subclass runs the networks:
     ``_encode_controls(control (B, S, G)) -> memory (B, S, H)`` and
-    ``_logits(tokens (B, S, G), memory, codes (B,)) -> (B, S, G, K)``."""
+    ``_logits(tokens (B, S, G), control_bins (B, S, G), memory, codes (B,)) -> (B, S, G, K)``."""
 
     carried_by = "training set"
     lacks = "the model has no trained embedding or magnitude for it"
@@ -113,7 +113,7 @@ class MaskedDiffusionPredictorBase(TrainedLabels):
     def _encode_controls(self, control: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
-    def _logits(self, tokens: np.ndarray, memory: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    def _logits(self, tokens, control_bins, memory, codes) -> np.ndarray:
         raise NotImplementedError
 
     def _sets(self, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -128,6 +128,7 @@ class MaskedDiffusionPredictorBase(TrainedLabels):
     def sample_bins(self, control_sets: np.ndarray, code: int, rng) -> np.ndarray:
         """Bins (B, S, G) of cells generated from control sets (B, S, G) under ``code``."""
         memory = self._encode_controls(control_sets)
+        paired = bin_values(control_sets, self.edges)  # cell i reads control i
         b = len(control_sets)
         cond = np.full(b, code, np.int64)
         null = np.full(b, self.settings["null_code"], np.int64)
@@ -135,9 +136,9 @@ class MaskedDiffusionPredictorBase(TrainedLabels):
 
         def log_probs(tokens: np.ndarray) -> np.ndarray:
             if w == 1.0:
-                return _log_softmax(self._logits(tokens, memory, cond))
-            both = self._logits(np.concatenate([tokens, tokens]),
-                                np.concatenate([memory, memory]), np.concatenate([cond, null]))  # fmt: skip
+                return _log_softmax(self._logits(tokens, paired, memory, cond))
+            both = self._logits(*(np.concatenate([a, a]) for a in (tokens, paired, memory)),
+                                np.concatenate([cond, null]))  # fmt: skip
             lc, ln = _log_softmax(both[:b]), _log_softmax(both[b:])
             return _log_softmax(ln + w * (lc - ln))
 

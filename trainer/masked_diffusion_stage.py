@@ -409,7 +409,8 @@ class MaskedDiffusionPretrainStage(STPretrainStage):
 class DenoiserServing(nn.Module):
     """The MLflow serving form, one denoising step on one float array ``(B, S, 1 + 2G)``: the
     perturbation code in column 0 (the first cell's; ``null_code`` = none), the control
-    cells' log1p expression, then the generated cells' current bins (``n_bins`` = MASK) ->
+    cells' log1p expression (cell i's paired control in row i), then the generated cells'
+    current bins (``n_bins`` = MASK) ->
     bin log-probabilities (B, S, G, K). Whole-cell sampling is ``latentcell predict --run``
     or the ONNX bundle."""
 
@@ -419,6 +420,8 @@ class DenoiserServing(nn.Module):
 
     def forward(self, packed: torch.Tensor) -> torch.Tensor:
         g = self.model.config.n_genes
-        memory = self.model.encode_controls(packed[:, :, 1 : 1 + g])
-        logits = self.model.logits(packed[:, :, 1 + g :].long(), memory, packed[:, 0, 0].long())
+        control = packed[:, :, 1 : 1 + g]
+        memory = self.model.encode_controls(control)
+        tokens, codes = packed[:, :, 1 + g :].long(), packed[:, 0, 0].long()
+        logits = self.model.logits(tokens, self.model.tokenize(control), memory, codes)
         return torch.log_softmax(logits, dim=-1)

@@ -37,8 +37,9 @@ class OnnxMaskedDiffusionPredictor(MaskedDiffusionPredictorBase):
     def _encode_controls(self, control: np.ndarray) -> np.ndarray:
         return self.encoder.run(control=control.astype(np.float32, copy=False))["memory"]
 
-    def _logits(self, tokens, memory, codes) -> np.ndarray:
+    def _logits(self, tokens, control_bins, memory, codes) -> np.ndarray:
         return self.denoiser.run(tokens=tokens.astype(np.int64, copy=False),
+                                 control_bins=control_bins.astype(np.int64, copy=False),
                                  memory=memory.astype(np.float32, copy=False),
                                  perturbation=codes.astype(np.int64, copy=False))["logits"]  # fmt: skip
 

@@ -35,9 +35,10 @@ def test_the_bundle_holds_the_two_graphs_and_the_section(run):
     assert set(components) == {"control_encoder", "denoiser"}
     assert components["control_encoder"]["inputs"]["control"]["shape"] == ["n", "s", 60]
     inputs = components["denoiser"]["inputs"]
-    assert list(inputs) == ["tokens", "memory", "perturbation"]
-    assert [inputs[k]["dtype"] for k in inputs] == ["int64", "float32", "int64"]
-    assert [inputs[k]["shape"] for k in inputs] == [["n", "s", 60], ["n", "c", 32], ["n"]]
+    assert list(inputs) == ["tokens", "control_bins", "memory", "perturbation"]
+    assert [inputs[k]["dtype"] for k in inputs] == ["int64", "int64", "float32", "int64"]
+    assert [inputs[k]["shape"] for k in inputs] == [
+        ["n", "s", 60], ["n", "s", 60], ["n", "c", 32], ["n"]]  # fmt: skip
     assert components["denoiser"]["outputs"] == ["logits"]
     assert max(c["parity"]["max_rel_error"] for c in components.values()) < TOLERANCE
     card = json.loads((run.run / "final" / "model_config.json").read_text())
@@ -48,7 +49,8 @@ def test_the_bundle_holds_the_two_graphs_and_the_section(run):
 
 
 def test_onnx_logits_match_torch(run):
-    """Random bins (MASK included), sets of 5 generated cells over 7 controls, every code."""
+    """Random bins (MASK included) and paired-control bins, sets of 5 generated cells over 7
+    controls, every code."""
     torch_side = MaskedDiffusionPredictor(run.run)
     bundle = Bundle.load(run.bundle)
     model, n_bins = torch_side.model, run.meta["masked_diffusion"]["n_bins"]
@@ -56,13 +58,15 @@ def test_onnx_logits_match_torch(run):
     codes = np.arange(model.config.null_code + 1, dtype=np.int64)  # the null code too
     control = np.log1p(rng.poisson(2.0, (len(codes), 7, 60))).astype(np.float32)
     tokens = rng.integers(0, n_bins + 1, (len(codes), 5, 60))
+    paired = rng.integers(0, n_bins, (len(codes), 5, 60))
     memory = bundle["control_encoder"].run(control=control)["memory"]
     with torch.no_grad():
         expected_memory = model.encode_controls(torch.from_numpy(control)).numpy()
-        expected = model.logits(torch.from_numpy(tokens), torch.from_numpy(expected_memory),
-                                torch.from_numpy(codes)).numpy()  # fmt: skip
+        arrays = (tokens, paired, expected_memory, codes)
+        expected = model.logits(*(torch.from_numpy(a) for a in arrays)).numpy()
     np.testing.assert_allclose(memory, expected_memory, atol=1e-4, rtol=1e-4)
-    got = bundle["denoiser"].run(tokens=tokens, memory=memory, perturbation=codes)["logits"]
+    got = bundle["denoiser"].run(tokens=tokens, control_bins=paired, memory=memory,
+                                 perturbation=codes)["logits"]  # fmt: skip
     assert got.shape == (len(codes), 5, 60, n_bins)
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
 

