@@ -85,6 +85,21 @@ BENCHMARKS = {
         "VAE, DiT and ST training cells/s and model FLOPs utilization on this machine's GPU "
         "(the CPU fallback without one)",
     ),
+    "multiomics": (
+        "latentcell.benchmarks.multiomics",
+        "RNA <-> protein translation on held-out cells (k-fold over cells): the multiomics "
+        "family beside ridge regression (and totalVI when scvi-tools is installed)",
+    ),
+    "trajectory": (
+        "latentcell.benchmarks.trajectory",
+        "the DiT conditioned on continuous time at held-out time bins (interior and last) "
+        "beside interpolation / persistence of the neighbouring bins and the ceiling",
+    ),
+    "spatial": (
+        "latentcell.benchmarks.spatial",
+        "spatial generation and super-resolution at held-out spots: a DiT conditioned on "
+        "spot coordinates beside the k-nearest-spot average (k-fold over spots)",
+    ),
     "onnx-runtime": (
         "latentcell.benchmarks.onnx_runtime",
         "torch eager against the onnxruntime runtime on the same trained runs",

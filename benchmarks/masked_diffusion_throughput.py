@@ -2,7 +2,7 @@
 
     latentcell benchmark masked-diffusion-throughput [--genes 299,2000] [--patch-sizes 1,4,16]
         [--hidden 128] [--depth 4] [--heads 4] [--set-size 32] [--sets 4]
-        [--sample-steps 1,4,16,64] [--repeats 2] [--threads 2] [--out DIR]
+        [--sample-steps 1,4,16,64] [--sample-patch-sizes 16] [--repeats 2] [--threads 2] [--out DIR]
 
 Training: one step = forward, backward and an AdamW step (``trainer.optim.build_optimizer``)
 on a batch of ``sets`` random (control set, perturbed set) pairs of ``set_size`` cells, for
@@ -48,6 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set-size", type=int, default=32)
     p.add_argument("--sets", type=int, default=4, help="sets per training step")
     p.add_argument("--sample-steps", default="1,4,16,64", help="sampler steps to time")
+    p.add_argument("--sample-patch-sizes", default="16", help="tokenizations to sample with")
     p.add_argument("--sample-cells", type=int, default=256, help="cells generated per timing")
     p.add_argument("--steps", type=int, default=3, help="training steps per timed window")
     p.add_argument("--windows", type=int, default=3)
@@ -128,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
     gene_counts = [int(g) for g in args.genes.split(",")]
     patches = [int(p) for p in args.patch_sizes.split(",")]
     steps_list = [int(s) for s in args.sample_steps.split(",")]
-    results = {"args": vars(args), "load_before": os.getloadavg()[0], "training": [],
+    settings = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, type(None)))}
+    results = {"args": settings, "load_before": os.getloadavg()[0], "training": [],
                "sampling": []}  # fmt: skip
     for genes in gene_counts:
         gen = torch.Generator().manual_seed(0)
@@ -151,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
             results["training"].append(row)
             print(f"train  genes={genes:5d} {name:24s} {rate:9.1f} cells/s  "
                   f"{rate / st_rate:6.3f}x ST")  # fmt: skip
-        for p in patches:
+        for p in (int(x) for x in args.sample_patch_sizes.split(",")):
             model = _masked_diffusion(args, genes, p)
             control = _expression(1, args.sample_cells, genes, gen)[0].numpy()
             for steps in steps_list:

@@ -10,6 +10,8 @@ A family declares, in one place:
   how ``predict --run`` and ``export`` find the family of a finished run;
 - ``predictor``: ``(run_dir, PredictOptions) -> RunPredictor`` (``inference.predict``),
   control cells + perturbation labels -> predicted cells, for perturbation families;
+- ``translator``: ``(run_dir, weights) -> Translator`` (``inference.multiomics_translator``),
+  cells measured in one modality -> the other (``predict --run RUN --cells F --to ...``);
 - ``exporter``: ``(run_dir, card, weights, **options) -> export.exporters.ExportPlan``;
 - ``modes``: its ``predict --mode`` choices (the first is the default);
 - ``fallbacks``: its predictor accepts ``--unseen generic`` / ``--unseen-cell-type unknown``
@@ -52,6 +54,7 @@ class Family:
     stage: str | None = None
     train: str | None = None
     predictor: str | None = None
+    translator: str | None = None
     exporter: str | None = None
     modes: tuple[str, ...] = ()
     fallbacks: bool = False
@@ -140,6 +143,14 @@ FAMILIES: dict[str, Family] = {
             predictor=f"{_I}.masked_diffusion_predictor:load_predictor",
             exporter="latentcell.export.masked_diffusion_export:plan_masked_diffusion",
             variants=(("uniform", ("masking.adaptive=0",)),), sampling=True,
+        ),
+        Family(
+            "multiomics", "joint RNA + protein VAE (seed 001): one latent from either "
+            "modality, RNA -> protein and protein -> RNA translation",
+            f"{_T}.multiomics_stage:MultiomicsRunConfig", "latentcell.models.multiomics.MultiomicsVAE",
+            stage=f"{_T}.multiomics_stage:MultiomicsStage",
+            translator=f"{_I}.multiomics_translator:load_translator",
+            exporter="latentcell.export.multiomics_export:plan_multiomics",
         ),
     )
 }  # fmt: skip

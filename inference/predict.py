@@ -132,21 +132,27 @@ class PopulationRequest:
     seed: int = 0
 
 
-def _gene_columns(controls: ad.AnnData, names: GeneNames, source: str) -> list[int]:
+CONTROLS_FIX = "pass controls measured on the training store's genes (Ensembl ids or symbols)"
+
+
+def _gene_columns(
+    controls: ad.AnnData, names: GeneNames, source: str, fix: str = CONTROLS_FIX
+) -> list[int]:
     """Column of each model gene in the controls: by var_names, else an id or symbol column,
     each name matched to the model's keys, ids and symbols (``gene_names``)."""
     var = controls.var
     candidates = [("var_names", [str(g) for g in var.index])]
     candidates += [(f"var/{c}", [str(g) for g in var[c]])
                    for c in (*GENE_ID_FIELDS, *GENE_SYMBOL_FIELDS) if c in var]  # fmt: skip
-    fix = "pass controls measured on the training store's genes (Ensembl ids or symbols)"
     return names.first_match(candidates, source, fix)
 
 
-def _gene_matrix(adata: ad.AnnData, genes: list[str], source: str) -> list[int]:
+def _gene_matrix(
+    adata: ad.AnnData, genes: list[str], source: str, fix: str = CONTROLS_FIX
+) -> list[int]:
     """Columns of ``genes`` (names without ids or symbols beside them) in ``adata``: how the
     baselines (``evaluation/perturbation_baselines.py``) read their training files."""
-    return _gene_columns(adata, GeneNames.from_card(genes), source)
+    return _gene_columns(adata, GeneNames.from_card(genes), source, fix)
 
 
 def _dense(x) -> np.ndarray:

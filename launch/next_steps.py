@@ -13,7 +13,14 @@ import json
 import shlex
 from collections.abc import Mapping
 
-__all__ = ["after_export", "after_generate", "after_predict", "after_train", "finish"]
+__all__ = [
+    "after_export",
+    "after_generate",
+    "after_predict",
+    "after_train",
+    "after_translate",
+    "finish",
+]
 
 CLI = "latentcell"
 RUNTIME = "python -m latentcell.export.runtime"
@@ -66,6 +73,9 @@ def after_train(family: str, summary: Mapping) -> list[str]:
     elif family in FINE_TUNED_BY:
         lines.append(f"next: {CLI} train {FINE_TUNED_BY[family]} --set init.run={_q(run)} "
                      "--set data.path=STORE")  # fmt: skip
+    elif entry is not None and entry.translator:
+        lines.append(f"next: {CLI} predict --run {_q(run)} --cells CELLS.h5ad --to protein "
+                     "--out translated.h5ad")  # fmt: skip
     elif entry is not None and entry.predicts_perturbations:
         lines.append(
             f"next: {CLI} predict --run {_q(run)} --controls CONTROLS.h5ad "
@@ -99,6 +109,9 @@ def after_export(summary: Mapping) -> list[str]:
             f"next: {RUNTIME} predict --bundle {_q(out)} --controls CONTROLS.h5ad "
             "--perturbations all --out predicted.h5ad"
         )
+    elif kind == "multiomics":
+        lines.append(f"next: {RUNTIME} translate --bundle {_q(out)} --cells CELLS.h5ad "
+                     "--to protein --out translated.h5ad")  # fmt: skip
     else:  # an autoencoder or a pretrained set model: graphs for the user's own code
         lines.append(f"next: load {_q(out)}/*.onnx in an onnxruntime session "
                      "(metadata.json names every input and output)")  # fmt: skip
@@ -125,4 +138,14 @@ def after_predict(summary: Mapping) -> list[str]:
         f"wrote {what} to {out}",
         f"next: {CLI} evaluate perturbation --pred {_q(out)} --real REAL.h5ad "
         "--train TRAIN.h5ad --out evaluation/",
+    ]
+
+
+def after_translate(summary: Mapping) -> list[str]:
+    out, to, where = summary["out"], summary["to"], summary["field"]
+    return [
+        f"wrote {summary['n_cells']:,} cells with {summary['n_features']:,} predicted "
+        f"{'protein' if to == 'protein' else 'RNA'} features ({where}) to {out}",
+        f"next: compare with measured cells, or {CLI} benchmark multiomics --data CELLS.h5ad "
+        "--out DIR for held-out accuracy beside ridge regression",
     ]

@@ -6,6 +6,7 @@
     latentcell predict --baseline mean|control|additive|linear [--target-effect] --train TRAIN.h5ad
                        --controls CTRL.h5ad --perturbations A,B ... --out PRED.h5ad
     latentcell predict --baseline mean --split SPLIT.toml --store STORE --controls CTRL.h5ad ...
+    latentcell predict --run MULTIOMICS_RUN --cells CELLS.h5ad --to protein|rna --out OUT.h5ad
 
 The file holds the real control cells and N predicted cells per perturbation (and cell type
 of the controls), in the controls file's gene order: ready for ``latentcell evaluate
@@ -17,6 +18,9 @@ train rows from the store (the rows ``train st`` trains on with that ``split.fil
 training file to cut by hand), ``--train`` a file (e.g. ``train.h5ad`` of ``latentcell data
 split``). Column options default to the run's roles (``--run``), the store's (``--split``), or
 those ``data split`` recorded in the training file, before the VCC names.
+
+With ``--to``, a run of a translating family (multiomics) translates cells measured in one
+modality into the other instead (``launch/translate.py``).
 """
 
 from __future__ import annotations
@@ -32,13 +36,17 @@ def add_predict_command(sub: argparse._SubParsersAction) -> None:
     from latentcell.families import BASELINES, FAMILIES
 
     families = [name for name, f in FAMILIES.items() if f.predicts_perturbations]
+    translating = [name for name, f in FAMILIES.items() if f.translator]
     p = sub.add_parser(
-        "predict", help="predict perturbed cells from controls (a trained run or a baseline)",
+        "predict", help="predict perturbed cells from controls (a trained run or a baseline), "
+        "or translate cells between modalities (--to)",
         description="Predict perturbed cells from control cells, with a finished run of a "
         f"perturbation family ({', '.join(families)}) or a baseline fitted on training cells "
-        f"({', '.join(BASELINES)}).",
+        f"({', '.join(BASELINES)}). With --cells and --to, translate cells measured in one "
+        f"modality into the other with a run of {', '.join(translating)}.",
     )  # fmt: skip
-    p.add_argument("--run", help=f"run.dir of `latentcell train FAMILY` ({', '.join(families)})")
+    p.add_argument("--run", help="run.dir of `latentcell train FAMILY` "
+                   f"({', '.join(families + translating)})")  # fmt: skip
     p.add_argument(
         "--mode", default=None,
         help="--run only: the family's prediction mode ("
@@ -70,9 +78,19 @@ def add_predict_command(sub: argparse._SubParsersAction) -> None:
         help="--baseline only: scale each perturbed gene's own expression by the factor its "
         "measured training targets show (the prior of the ST model's model.target_effect)",
     )  # fmt: skip
-    p.add_argument("--controls", required=True, help="h5ad holding the control cells (counts)")
-    p.add_argument("--perturbations", required=True, help="'all' or comma-separated labels")
-    p.add_argument("--cells-per-perturbation", type=int, required=True)
+    p.add_argument("--controls", help="h5ad holding the control cells (counts; required to "
+                   "predict perturbations)")  # fmt: skip
+    p.add_argument("--perturbations", help="'all' or comma-separated labels (required to "
+                   "predict perturbations)")  # fmt: skip
+    p.add_argument("--cells-per-perturbation", type=int, help="predicted cells per "
+                   "perturbation and cell type (required to predict perturbations)")  # fmt: skip
+    p.add_argument("--to", choices=("protein", "rna"), default=None,
+                   help=f"translate --cells into this modality with a --run of "
+                   f"{', '.join(translating)} (instead of predicting perturbations)")  # fmt: skip
+    p.add_argument("--cells", default=None, help="--to only: h5ad of the cells to translate "
+                   "(RNA counts in X for --to protein; protein counts in obsm for --to rna)")  # fmt: skip
+    p.add_argument("--protein-key", default=None, help="--to only: the obsm key of the "
+                   "protein counts (default: the run's, e.g. protein_counts)")  # fmt: skip
     defaults = "(default: the run's, the store's, or those `data split` recorded in --train)"
     p.add_argument("--pert-col", default=None, help=f"perturbation column {defaults}")
     p.add_argument("--control-label", default=None, help=f"control label {defaults}")
@@ -147,6 +165,12 @@ def load_run_predictor(args):
     from latentcell.inference.predict import PredictOptions
 
     family = family_of_run(args.run)
+    if family.translator is not None:
+        raise DataValidationError(
+            args.run, "class", f"a {family.name} run translates between modalities, it does "
+            "not predict perturbations", "pass --cells IN.h5ad --to protein|rna --out OUT.h5ad "
+            "(without --controls, --perturbations, --cells-per-perturbation)",
+        )  # fmt: skip
     if not family.predicts_perturbations:
         raise DataValidationError(
             args.run, "class", f"a {family.name} run does not predict perturbations",
@@ -173,11 +197,32 @@ def load_run_predictor(args):
     return family.load("predictor")(args.run, options)
 
 
+def _require_population_flags(args: argparse.Namespace) -> None:
+    """The flags perturbation prediction needs (argparse does not require them: translation,
+    ``--to``, goes without them)."""
+    from latentcell.launch.translate import refuse_translation_flags
+
+    refuse_translation_flags(args)
+    for flag, value in (("--controls", args.controls), ("--perturbations", args.perturbations),
+                        ("--cells-per-perturbation", args.cells_per_perturbation)):  # fmt: skip
+        if value is None:
+            raise DataValidationError(
+                "latentcell predict", flag, "required to predict perturbations",
+                f"pass {flag} (or --to protein|rna --cells IN.h5ad to translate with a "
+                "multiomics run)",
+            )  # fmt: skip
+
+
 def run_predict(args: argparse.Namespace) -> int:
     from latentcell.data_pipelines.read_h5ad import read_h5ad
     from latentcell.inference.generate import write_h5ad_atomic
     from latentcell.inference.predict import PopulationRequest, predict_population
 
+    if args.to is not None:
+        from latentcell.launch.translate import run_translate
+
+        return run_translate(args)
+    _require_population_flags(args)
     start = time.perf_counter()
     controls = read_h5ad(args.controls, "--controls")
     predictor, pert_col, control, cell_type_col, labels = _predictor(args, controls)

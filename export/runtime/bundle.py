@@ -55,7 +55,8 @@ METADATA = "metadata.json"
 PROPS_KEY = "latentcell.metadata"
 COMPONENT_KEY = "latentcell.component"
 COMPONENTS = ("vae_encoder", "vae_decoder", "denoiser", "conditioner", "denoiser_shared",
-              "denoiser_body", "set_model", "delta_predictor", "control_encoder")  # fmt: skip
+              "denoiser_body", "set_model", "delta_predictor", "control_encoder",
+              "rna_encoder", "protein_encoder", "rna_decoder", "protein_decoder")  # fmt: skip
 _DTYPES = {"float32": np.float32, "int64": np.int64, "bool": np.bool_}
 
 

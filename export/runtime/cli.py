@@ -1,4 +1,5 @@
-"""``python -m latentcell.export.runtime generate|predict|serve``: the torch-free commands.
+"""``python -m latentcell.export.runtime generate|predict|translate|serve``: the torch-free
+commands.
 
     generate --bundle DIR --n N [--condition k=v ...] [--steps K --guidance S --seed S]
              --out GEN.h5ad
@@ -7,6 +8,8 @@
               --mode b|a (cvae bundles) | sampled|deterministic [--steps K --guidance W]
               (latent-delta bundles) | [--steps K --guidance W] (masked-diffusion bundles)
               --seed S] --out PRED.h5ad
+    translate --bundle DIR --cells CELLS.h5ad --to protein|rna [--protein-key KEY]
+             --out OUT.h5ad   (multiomics bundles; the file ``latentcell predict --to`` writes)
     serve    --bundle DIR [--host 127.0.0.1 --port 8000 --max-body-bytes N --read-timeout S
              --concurrency N --queue N --max-connections N --workers N]
 
@@ -67,6 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .h5ad (written atomically)")
     p.add_argument("--json", action="store_true", help="print one JSON summary line")
     p.set_defaults(func=run_predict)
+    t = sub.add_parser("translate", help="translate cells between RNA and protein with a "
+                       "multiomics bundle (h5ad)")  # fmt: skip
+    t.add_argument("--bundle", required=True)
+    t.add_argument("--cells", required=True, help="h5ad: RNA counts in X (--to protein) or "
+                   "protein counts in obsm (--to rna)")  # fmt: skip
+    t.add_argument("--to", required=True, choices=("protein", "rna"))
+    t.add_argument("--protein-key", default=None,
+                   help="obsm key of the protein counts (default: the run's)")  # fmt: skip
+    t.add_argument("--out", required=True, help="output .h5ad (written atomically)")
+    t.add_argument("--json", action="store_true", help="print one JSON summary line")
+    t.set_defaults(func=run_translate)
     s = sub.add_parser("serve", help="serve generate/predict as JSON over HTTP (uvicorn)")
     s.add_argument("--bundle", required=True)
     s.add_argument("--host", default="127.0.0.1", help="bind address (default: local only)")
@@ -166,6 +180,23 @@ def run_predict(args) -> int:
                "fallbacks": pred.uns["latentcell"].get("fallbacks", {})}  # fmt: skip
     _finish(args, summary, f"wrote {pred.n_obs:,} predicted cells for {len(wanted)} "
             f"perturbations to {args.out}")  # fmt: skip
+    return 0
+
+
+def run_translate(args) -> int:
+    from latentcell.data_pipelines.atomic import write_h5ad_atomic
+    from latentcell.data_pipelines.read_h5ad import read_h5ad
+
+    from .translate import OnnxTranslator
+
+    start = time.perf_counter()
+    translator = OnnxTranslator(Bundle.load(args.bundle))
+    cells = read_h5ad(args.cells, "--cells")
+    out = translator.translate_file(cells, args.to, args.cells, args.protein_key)
+    write_h5ad_atomic(out, args.out)
+    summary = {"out": args.out, "to": args.to, "n_cells": out.n_obs,
+               "seconds": round(time.perf_counter() - start, 2)}  # fmt: skip
+    _finish(args, summary, f"wrote {out.n_obs:,} cells translated to {args.to} to {args.out}")
     return 0
 
 

@@ -8,7 +8,7 @@ import pytest
 from latentcell.data_pipelines.errors import DataValidationError
 from latentcell.families import BASELINES, FAMILIES, family_of_card
 
-REFERENCES = ("config", "stage", "train", "predictor", "exporter")
+REFERENCES = ("config", "stage", "train", "predictor", "translator", "exporter")
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))

@@ -41,6 +41,7 @@ def _keys(d: dict, prefix: str = "") -> set[str]:
         "latent-delta",
         "masked-diffusion",
         "masked-diffusion-pretrain",
+        "multiomics",
     ],
 )
 def test_full_config_lists_every_key(name):

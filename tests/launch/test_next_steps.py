@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from latentcell.launch.next_steps import after_export, after_predict, after_train
+from latentcell.launch.next_steps import after_export, after_predict, after_train, after_translate
 
 
 def _train(family: str) -> str:
@@ -21,7 +21,8 @@ def _train(family: str) -> str:
      ("st", "latentcell predict --run runs/x"),
      ("cvae", "latentcell predict --run runs/x"),
      ("latent-shift", "latentcell predict --run runs/x"),
-     ("st-pretrain", "latentcell train st --set init.run=runs/x")],
+     ("st-pretrain", "latentcell train st --set init.run=runs/x"),
+     ("multiomics", "latentcell predict --run runs/x --cells CELLS.h5ad --to protein")],
 )  # fmt: skip
 def test_train_names_the_next_command(family, expected):
     text = _train(family)
@@ -34,7 +35,8 @@ def test_train_names_the_next_command(family, expected):
 @pytest.mark.parametrize(
     ("kind", "command", "serves"),
     [("generation", "generate", True), ("prediction", "predict", True),
-     ("cvae", "predict", False), ("autoencoder", None, False), ("pretraining", None, False)],
+     ("cvae", "predict", False), ("multiomics", "translate", False),
+     ("autoencoder", None, False), ("pretraining", None, False)],
 )  # fmt: skip
 def test_export_points_at_what_the_bundle_can_do(kind, command, serves):
     summary = {"out": "b", "kind": kind, "max_rel_error": {"g": 1e-7}, "seconds": 1.0,
@@ -45,6 +47,14 @@ def test_export_points_at_what_the_bundle_can_do(kind, command, serves):
     else:
         assert "onnxruntime session" in text
     assert ("serve --bundle b" in text) == serves
+
+
+def test_translate_says_where_the_prediction_went():
+    summary = {"out": "t.h5ad", "to": "protein", "n_cells": 100, "n_features": 49,
+               "field": "obsm['protein_counts']"}  # fmt: skip
+    text = "\n".join(after_translate(summary))
+    assert "wrote 100 cells with 49 predicted protein features (obsm['protein_counts'])" in text
+    assert "latentcell benchmark multiomics" in text
 
 
 def test_predict_quotes_paths_it_suggests():
