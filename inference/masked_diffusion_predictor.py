@@ -51,6 +51,7 @@ def model_settings(model: MaskedDiffusion, set_size: int, control_label: str) ->
         "columns": {"perturbation": "target_gene", "cell_type": "cell_type", "batch": None},
         "n_bins": c.n_bins, "edges": model.edges.tolist(), "set_size": set_size,
         "null_code": c.null_code, "sample_steps": c.sample_steps, "guidance": c.guidance,
+        "order": c.sample_order,
     }  # fmt: skip
 
 

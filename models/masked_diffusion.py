@@ -81,6 +81,7 @@ __all__ = [
 
 MODEL_CLASS = "latentcell.models.masked_diffusion.MaskedDiffusion"
 PRETRAIN_CLASS = "latentcell.models.masked_diffusion.MaskedDiffusionPretrain"
+SAMPLE_ORDERS = ("confidence", "random")  # which masked genes the sampler opens first
 _T_MIN = 1e-3  # t is kept in [T_MIN, 1 - T_MIN]: the ELBO weight is ~1/t near 0
 
 
@@ -91,7 +92,9 @@ class MaskedDiffusionShape:
     n_bins: K (bin 0 = zero, K-1 quantile bins); patch_size: genes per token (1 = one token
     per gene); control_depth: self-attention blocks over the control set; cond_dropout:
     share of training sets given the null condition; sample_steps / guidance: the sampler's
-    defaults (``predict --steps/--guidance`` override them)."""
+    defaults (``predict --steps/--guidance`` override them); sample_order: the sampler opens
+    the most confident genes first ("confidence") or a uniformly random subset ("random", the
+    order training's masks are drawn in; ``inference/masked_diffusion_sampling.py``)."""
 
     n_bins: int = 16
     patch_size: int = 16
@@ -104,8 +107,11 @@ class MaskedDiffusionShape:
     cond_dropout: float = 0.1
     sample_steps: int = 16
     guidance: float = 1.0
+    sample_order: str = "confidence"
 
     def __post_init__(self) -> None:
+        if self.sample_order not in SAMPLE_ORDERS:
+            raise ValueError(f"sample_order must be one of {SAMPLE_ORDERS}")
         if self.n_bins < 3:
             raise ValueError(f"n_bins must be >= 3, got {self.n_bins}")
         if min(self.patch_size, self.hidden, self.depth, self.heads, self.sample_steps) < 1:

@@ -166,3 +166,23 @@ def test_guidance_zero_is_the_null_condition(learned):
         share[w] = (a_on.mean(), b_on.mean())
     assert share[1.0][0] > 0.9
     assert min(share[0.0]) > 0.05 and sum(share[0.0]) > 0.85
+
+
+def test_random_order_opens_a_uniform_subset():
+    """``order="random"``: the genes opened first are a uniform draw, whatever their
+    confidence, and the kept bins still follow each gene's distribution."""
+    probs = np.array([[0.97, 0.01, 0.01, 0.01]] * 3 + [[0.25, 0.25, 0.25, 0.25]] * 3)
+    first = []
+
+    def log_probs(tokens):
+        if not first:
+            first.append(None)
+        elif len(first) == 1:
+            first.append((tokens < 4).mean(0))  # share of cells with each gene open
+        return np.broadcast_to(np.log(probs), (*tokens.shape, 4)).copy()
+
+    bins = unmask(log_probs, (4000, 6), 4, 3, np.random.default_rng(0), order="random")
+    assert np.allclose(first[1], 1 / 3, atol=0.03)  # 2 of 6 genes open after step 1
+    for g in range(6):
+        freq = np.bincount(bins[:, g], minlength=4) / len(bins)
+        assert np.abs(freq - probs[g]).max() < 0.03
