@@ -76,13 +76,14 @@ def test_the_schedule_and_its_elbo_weight():
 
 
 def test_adaptive_weights_set_each_genes_mask_rate():
+    torch.manual_seed(0)
     model = _model().train()
     weights = torch.tensor([0.25, 1.0, 4.0] + [1.0] * 7)
     model.set_statistics(torch.linspace(0, 1, 5), weights, torch.zeros(3))
-    t = torch.full((2000, 1, 1), 0.3)
+    t = torch.full((40_000, 1, 1), 0.3)  # sd of a rate: about 0.0023
     rate = model.draw_masks(t, 10).float().mean((0, 1))
     expected = 1 - 0.7**weights
-    assert torch.allclose(rate, expected, atol=0.02)
+    assert torch.allclose(rate, expected, atol=0.012)
 
 
 def test_unmasking_samples_the_distributions_and_opens_confident_genes_first():
