@@ -85,8 +85,8 @@ def run(args: argparse.Namespace) -> int:
     )
 
     t0 = time.perf_counter()
-    train_seeds = _seeds(args.train_seeds, "--train-seeds")  # flags first: before any work
-    sampling_seeds = _seeds(args.sampling_seeds, "--sampling-seeds")
+    train_seeds = parse_seeds(args.train_seeds, "--train-seeds")  # flags first: before any work
+    sampling_seeds = parse_seeds(args.sampling_seeds, "--sampling-seeds")
     if not 0.0 < args.heldout_fraction < 1.0:
         raise DataValidationError(
             COMMAND, "--heldout-fraction", f"got {args.heldout_fraction}", "pass a value in (0, 1)"
@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _seeds(text: str, flag: str) -> list[int]:
+def parse_seeds(text: str, flag: str) -> list[int]:
     try:
         seeds = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:

@@ -58,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """The CLI turns any failure into one line (``data_pipelines.errors.run_cli``)."""
-    from latentcell.benchmarks.generation import _seeds
+    from latentcell.benchmarks.generation import parse_seeds
     from latentcell.benchmarks.generation_steps import train_models
     from latentcell.benchmarks.trajectory_report import write_report
     from latentcell.benchmarks.trajectory_steps import (
@@ -69,8 +69,8 @@ def run(args: argparse.Namespace) -> int:
     )
 
     t0 = time.perf_counter()
-    train_seeds = _seeds(args.train_seeds, "--train-seeds")  # flags first: before any work
-    sampling_seeds = _seeds(args.sampling_seeds, "--sampling-seeds")
+    train_seeds = parse_seeds(args.train_seeds, "--train-seeds")  # flags first: before any work
+    sampling_seeds = parse_seeds(args.sampling_seeds, "--sampling-seeds")
     if args.bins < 4:
         raise DataValidationError(COMMAND, "--bins", f"got {args.bins}", "pass --bins >= 4")
     bins = load_time_cells(args.data, args.time_col, args.bins)
